@@ -1,0 +1,1 @@
+"""Meta-kernels (imported as ``xytune.kernels``): fixed-tile primitives for dynamic shapes."""

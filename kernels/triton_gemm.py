@@ -1,0 +1,68 @@
+"""A tiled Triton GEMM ``y = x @ w.T`` with a masked (virtually padded) M/N/K tail.
+
+The tile sizes are the profiler's config space (BLOCK_M/N/K, num_warps,
+num_stages). Out-of-range rows are masked rather than copied into a padded
+buffer, which is the property SmoothGEMM relies on for its tail segment.
+Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemm_kernel(
+        x_ptr, w_ptr, y_ptr, M, N, K,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+                        mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+                        mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
+            acc += tl.dot(x, w)
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def triton_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
+                BLOCK_M: int = 64, BLOCK_N: int = 64, BLOCK_K: int = 32,
+                num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """``x[M, K] @ w[N, K].T`` into ``out[M, N]`` (allocated when not given)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed (pip install 'xytune[cuda]').")
+    M, K = x.shape
+    N, K2 = w.shape
+    if K != K2:
+        raise ValueError(f"inner dimensions differ: x has K={K}, w has K={K2}")
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    _gemm_kernel[grid](
+        x, w, out, M, N, K,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out

@@ -1,0 +1,1 @@
+"""Serving runtime (imported as ``xytune.runtime``): model, KV cache, scheduler, engine, server."""

@@ -1,0 +1,97 @@
+"""The CLI end to end, as a user runs it: real subprocesses, real files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import resampled
+from xytune.table import KEY_COLUMNS, CostTable, read_table, write_table
+
+SMALL = ["--buckets", "1,2,8", "--targets", "qkv,o", "--dtypes", "float32", "--budget-ms", "1", "--no-progress"]
+
+
+def xytune(*args, check=None, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "xytune.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+    if check is not None:
+        assert proc.returncode == check, proc.stdout + proc.stderr
+    return proc
+
+
+def test_profile_show_plot_compare_end_to_end(tmp_path):
+    table = tmp_path / "cpu.parquet"
+    xytune("profile", "--device", "cpu", "--threads", "1", "-o", table, *SMALL, check=0)
+    rows = read_table(table).rows
+    assert len(rows) == 2 * 3 * 3 and not rows.duplicated(KEY_COLUMNS).any()
+
+    shown = json.loads(xytune("show", table, "--format", "json", check=0).stdout)
+    assert shown["complete"] and shown["counts"]["rows"] == 18
+    assert shown["fingerprint"]["threads"] == 1
+    assert {(b["target"], b["m"]) for b in shown["best"]} == {(t, m) for t in ("qkv", "o") for m in (1, 2, 8)}
+    assert "Best per bucket" in xytune("show", table, check=0).stdout
+
+    png = tmp_path / "plot.png"
+    xytune("plot", table, "-o", png, check=0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    report = tmp_path / "report.md"
+    xytune("compare", table, table, "--report", report, check=0)
+    assert "PASS" in report.read_text()
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    for args, needle in [
+        (["profile", "--device", "tpu"], "Unknown device"),
+        (["profile", "--device", "cuda"], "CUDA"),
+        (["profile", "--device", "npu"], "torch_npu"),
+        (["profile", "--model", "no-such-model"], "Unknown model"),
+        (["profile", "--dtypes", "float8", "-o", tmp_path / "x.parquet"], "Unknown dtype"),
+        (["profile", "--search", "random", "-o", tmp_path / "x.parquet"], "--search"),
+        (["show", tmp_path / "missing.parquet"], "does not exist"),
+        (["compare", tmp_path / "a.parquet", tmp_path / "b.parquet"], "does not exist"),
+    ]:
+        proc = xytune(*args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert needle in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+
+
+def test_compare_exit_codes(tmp_path, synthetic_table):
+    base, new, other = tmp_path / "base.parquet", tmp_path / "new.parquet", tmp_path / "other.parquet"
+    write_table(base, resampled(synthetic_table, noise=0.02, seed=1))
+    write_table(new, resampled(synthetic_table, scale_rows=[4, 9], factor=1.25, noise=0.02, seed=2))
+    report = tmp_path / "summary.md"
+    proc = xytune("compare", base, new, "--report", report, check=1)
+    assert "FAIL" in proc.stdout and report.read_text().count("| gemm |") == 2
+    xytune("compare", base, new, "--threshold", "0.5", check=0)
+    geometry = {**synthetic_table.meta["geometry"], "tp": 3}
+    write_table(other, CostTable(synthetic_table.rows, {**synthetic_table.meta, "geometry": geometry}))
+    assert "different models" in xytune("compare", base, other, check=2).stderr
+
+
+def test_sigterm_leaves_a_partial_table_that_resume_finishes(tmp_path):
+    table = tmp_path / "t.parquet"
+    args = ["profile", "-o", table, "--buckets", ",".join(map(str, range(1, 33))), "--targets", "qkv,o,down",
+            "--dtypes", "float32", "--budget-ms", "20", "--no-progress", "--threads", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "xytune.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not table.exists() and time.time() < deadline:  # the first checkpoint (0 rows) follows the peaks
+        time.sleep(0.1)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    partial = read_table(table)
+    assert not partial.complete and 0 < len(partial.rows) < 32 * 3 * 3
+
+    xytune(*args, "--resume", check=0)
+    final = read_table(table)
+    assert final.complete and len(final.rows) == 32 * 3 * 3
+    assert not final.rows.duplicated(KEY_COLUMNS).any()

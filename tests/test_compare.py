@@ -1,0 +1,45 @@
+import pytest
+
+from conftest import resampled
+from xytune.compare import CompareError, compare_tables, markdown_report
+from xytune.table import CostTable
+
+
+def test_injected_20_percent_regression_is_found(synthetic_table):
+    base = resampled(synthetic_table, noise=0.02, seed=1)
+    slowed = [3, 17, 40]
+    new = resampled(synthetic_table, scale_rows=slowed, factor=1.2, noise=0.02, seed=2)
+    c = compare_tables(base, new, threshold=0.10)
+    key = ["target", "m", "primitive"]
+    expected = set(map(tuple, new.rows.loc[slowed, key].itertuples(index=False)))
+    assert set(map(tuple, c.regressions[key].itertuples(index=False))) == expected
+    assert c.regressions["ratio"].between(1.1, 1.35).all()
+    report = markdown_report(c, "base.parquet", "new.parquet")
+    assert "FAIL" in report and "Regressions (worst first)" in report
+    assert report.count("| gemm |") == len(slowed)
+
+
+def test_noise_within_threshold_is_ignored(synthetic_table):
+    base = resampled(synthetic_table, noise=0.03, seed=1)
+    new = resampled(synthetic_table, scale_rows=list(range(0, 90, 7)), factor=1.05, noise=0.03, seed=2)
+    c = compare_tables(base, new, threshold=0.10)
+    assert c.regressions.empty
+    assert "PASS" in markdown_report(c, "a", "b")
+
+
+def test_significance_gate_ignores_one_noisy_outlier(synthetic_table):
+    base = resampled(synthetic_table, noise=0.02, seed=1)
+    new = resampled(synthetic_table, noise=0.02, seed=2)
+    # One huge sample on a row moves its mean, not its median or its rank test.
+    new.rows.at[5, "samples_s"] = new.rows.at[5, "samples_s"][:-1] + [10.0]
+    assert compare_tables(base, new).regressions.empty
+
+
+def test_different_geometry_or_ops_cannot_be_compared(synthetic_table):
+    other = CostTable(synthetic_table.rows.copy(), {**synthetic_table.meta,
+                                                    "geometry": {**synthetic_table.meta["geometry"], "tp": 2}})
+    with pytest.raises(CompareError, match="different models"):
+        compare_tables(synthetic_table, other)
+    ops = CostTable(synthetic_table.rows.assign(op="attention"), dict(synthetic_table.meta))
+    with pytest.raises(CompareError, match="different ops"):
+        compare_tables(synthetic_table, ops)

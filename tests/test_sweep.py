@@ -1,0 +1,93 @@
+import pytest
+
+from xytune.geometry import PRESETS
+from xytune.sweep import Sweep, SweepError, SweepSettings, m_buckets, quick_buckets
+from xytune.table import KEY_COLUMNS, read_table
+from xytune.timing import TimingPolicy
+
+TINY = TimingPolicy(warmup=1, budget_s=0.0, min_samples=3, max_samples=3)
+
+
+def tiny_settings(**kw):
+    return SweepSettings(dtypes=["float32"], buckets=[1, 3, 8], targets=["qkv", "o"], timing=TINY, **kw)
+
+
+def test_m_buckets_dense_then_widening():
+    b = m_buckets(4096)
+    assert b[:16] == list(range(1, 17))
+    assert b[-1] == 4096 and b == sorted(set(b))
+    assert {20, 24, 28, 32, 40, 3584} <= set(b)
+    assert len(b) < 60
+    assert m_buckets(10) == list(range(1, 11))
+    assert quick_buckets(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+    with pytest.raises(SweepError):
+        m_buckets(0)
+
+
+def test_small_sweep_writes_complete_table(tmp_path, cpu_device):
+    out = tmp_path / "t.parquet"
+    table = Sweep(cpu_device, PRESETS["smollm2-135m"], tiny_settings(), out).run(progress=False)
+    back = read_table(out)
+    assert back.complete
+    # 2 targets x 3 buckets x (3 CPU primitives, no configs)
+    assert len(back.rows) == len(table.rows) == 18
+    assert (back.rows["n_samples"] == 3).all()
+    assert back.rows["samples_s"].map(len).eq(3).all()
+    assert (back.rows["median_s"] > 0).all()
+    assert set(back.meta["peaks"]["gemm_flops"]) == {"float32"}
+    assert (back.rows["achieved_flops"] == back.rows["flops"] / back.rows["median_s"]).all()
+
+
+def test_existing_table_is_not_overwritten_without_a_flag(tmp_path, cpu_device):
+    out = tmp_path / "t.parquet"
+    out.write_bytes(b"precious")
+    with pytest.raises(SweepError, match="--resume"):
+        Sweep(cpu_device, PRESETS["smollm2-135m"], tiny_settings(), out)
+    assert out.read_bytes() == b"precious"
+
+
+def test_interrupted_sweep_resumes_without_duplicates(tmp_path, cpu_device, monkeypatch):
+    out = tmp_path / "t.parquet"
+    geometry = PRESETS["smollm2-135m"]
+    sweep = Sweep(cpu_device, geometry, tiny_settings(checkpoint_every_s=0.0), out)
+    real_time, calls = Sweep._time, {"n": 0}
+
+    def flaky(self, group, config):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real_time(self, group, config)
+
+    monkeypatch.setattr(Sweep, "_time", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(progress=False)
+    partial = read_table(out)
+    assert not partial.complete and len(partial.rows) == 7
+    monkeypatch.setattr(Sweep, "_time", real_time)
+
+    resumed = Sweep(cpu_device, geometry, tiny_settings(), out, resume=True)
+    timed = []
+    monkeypatch.setattr(Sweep, "_time", lambda self, g, c: timed.append(1) or real_time(self, g, c))
+    resumed.run(progress=False)
+    final = read_table(out)
+    assert final.complete and len(final.rows) == 18 and len(timed) == 11
+    assert not final.rows.duplicated(KEY_COLUMNS).any()
+    # The rows measured before the interruption are kept as they were.
+    before = partial.rows.set_index(KEY_COLUMNS)["median_s"]
+    after = final.rows.set_index(KEY_COLUMNS)["median_s"]
+    assert (after.loc[before.index] == before).all()
+
+
+def test_resume_refuses_another_model(tmp_path, cpu_device):
+    out = tmp_path / "t.parquet"
+    Sweep(cpu_device, PRESETS["smollm2-135m"], tiny_settings(), out).run(progress=False)
+    with pytest.raises(SweepError, match="profiles smollm2-135m"):
+        Sweep(cpu_device, PRESETS["llama-3.1-8b"], tiny_settings(), out, resume=True)
+
+
+def test_bad_settings_are_refused(tmp_path, cpu_device):
+    g = PRESETS["smollm2-135m"]
+    with pytest.raises(SweepError, match="Unknown GEMM target"):
+        Sweep(cpu_device, g, SweepSettings(dtypes=["float32"], buckets=[1], targets=["nope"]), tmp_path / "a")
+    with pytest.raises(SweepError, match="--trials"):
+        Sweep(cpu_device, g, SweepSettings(dtypes=["float32"], buckets=[1], trials=0), tmp_path / "a")

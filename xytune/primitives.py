@@ -1,0 +1,214 @@
+"""The primitive registry: every timed kernel variant, its config space and its work.
+
+A primitive is something the runtime can call for an op (``gemm`` today;
+Meta-Attention tiles and SmoothGEMM segments register here too). The profiler
+sweeps ``(shape x primitive x dtype x config)`` and the cost model answers
+which primitive and config to use. ``make`` builds a ready-to-time closure with
+its inputs already allocated, so only the kernel is timed.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from xytune.devices import Device
+
+Shape = dict[str, int]
+Config = dict[str, Any]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Primitive:
+    name: str
+    op: str
+    backends: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    make: Callable[[Shape, Config, str, Device], Callable[[], Any]]
+    work: Callable[[Shape, str], tuple[float, float]]  # (flops, bytes moved)
+    space: dict[str, tuple] = field(default_factory=dict)
+    invalid: Callable[[Shape, Config, str, Device], str | None] = lambda s, c, d, dev: None
+    available: Callable[[], bool] = lambda: True
+
+    def space_size(self) -> int:
+        return math.prod(len(v) for v in self.space.values()) if self.space else 1
+
+    def grid(self) -> list[Config]:
+        """Every config of the space, in a stable order ({} for a primitive with no knobs)."""
+        keys = list(self.space)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.space[k] for k in keys))]
+
+
+REGISTRY: dict[str, Primitive] = {}
+
+
+def register(primitive: Primitive) -> Primitive:
+    if primitive.name in REGISTRY:
+        raise ValueError(f"primitive {primitive.name!r} is registered twice")
+    REGISTRY[primitive.name] = primitive
+    return primitive
+
+
+def unregister(name: str) -> None:
+    REGISTRY.pop(name, None)
+
+
+def primitives_for(op: str, backend: str, dtype: str) -> list[Primitive]:
+    return [
+        p for p in REGISTRY.values()
+        if p.op == op and backend in p.backends and dtype in p.dtypes and p.available()
+    ]
+
+
+# ---------------------------------------------------------------- GEMM ----
+
+def gemm_work(shape: Shape, dtype: str) -> tuple[float, float]:
+    m, n, k = shape["m"], shape["n"], shape["k"]
+    return 2.0 * m * n * k, float(ELEM_BYTES[dtype] * (m * k + n * k + m * n))
+
+
+@functools.lru_cache(maxsize=6)
+def _random_matrix(rows: int, cols: int, dtype: str, device: str, transposed: bool = False) -> torch.Tensor:
+    """Seeded operands, cached so a sweep over M does not regenerate a large weight per point."""
+    gen = torch.Generator(device="cpu").manual_seed(rows * 7919 + cols)
+    t = torch.randn(rows, cols, generator=gen).div_(math.sqrt(cols)).to(device, DTYPES[dtype])
+    return t.t().contiguous() if transposed else t
+
+
+def _gemm_operands(shape: Shape, dtype: str, device: Device, transposed_weight: bool = False):
+    dev = str(device.torch_device)
+    x = _random_matrix(shape["m"], shape["k"], dtype, dev)
+    return x, _random_matrix(shape["n"], shape["k"], dtype, dev, transposed_weight)
+
+
+def _make_matmul_out(shape, config, dtype, device):
+    x, w = _gemm_operands(shape, dtype, device)
+    out = torch.empty(shape["m"], shape["n"], dtype=x.dtype, device=x.device)
+    return lambda: torch.matmul(x, w.t(), out=out)
+
+
+def _make_linear_functional(shape, config, dtype, device):
+    x, w = _gemm_operands(shape, dtype, device)
+    return lambda: torch.nn.functional.linear(x, w)
+
+
+def _make_matmul_pretransposed(shape, config, dtype, device):
+    x, wt = _gemm_operands(shape, dtype, device, transposed_weight=True)
+    out = torch.empty(shape["m"], shape["n"], dtype=x.dtype, device=x.device)
+    return lambda: torch.matmul(x, wt, out=out)
+
+
+register(Primitive(
+    name="torch.linear",
+    op="gemm",
+    backends=("cpu", "cuda", "npu"),
+    dtypes=("float32", "bfloat16", "float16"),
+    make=_make_linear_functional,
+    work=gemm_work,
+))
+register(Primitive(
+    name="torch.matmul_out",
+    op="gemm",
+    backends=("cpu", "cuda"),
+    dtypes=("float32", "bfloat16", "float16"),
+    make=_make_matmul_out,
+    work=gemm_work,
+))
+register(Primitive(
+    name="torch.matmul_pretransposed",
+    op="gemm",
+    backends=("cpu", "cuda"),
+    dtypes=("float32", "bfloat16", "float16"),
+    make=_make_matmul_pretransposed,
+    work=gemm_work,
+))
+
+
+# -- Triton tiled GEMM (CUDA) --
+
+def _triton_available() -> bool:
+    from xytune.kernels.triton_gemm import triton_available
+
+    return triton_available()
+
+
+def shared_memory_bytes(device: Device) -> int:
+    if device.backend == "cuda":
+        props = torch.cuda.get_device_properties(device.index)
+        return int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
+    return 96 * 1024  # interpreter / other: a conservative figure
+
+
+def triton_gemm_invalid(shape: Shape, config: Config, dtype: str, device: Device) -> str | None:
+    """Why a tile config cannot or should not run for this shape (None when it is fine)."""
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    smem = (bm * bk + bk * bn) * ELEM_BYTES[dtype] * config["num_stages"]
+    if smem > shared_memory_bytes(device):
+        return f"needs {smem} B of shared memory"
+    if bm > 16 and bm >= 2 * shape["m"]:
+        return "BLOCK_M is over twice M: mostly padding"
+    if bk > 16 and bk > shape["k"]:
+        return "BLOCK_K exceeds K"
+    if bm * bn < config["num_warps"] * 32 * 4:
+        return "too few tile elements per thread"
+    return None
+
+
+def _make_triton_gemm(shape, config, dtype, device):
+    from xytune.kernels.triton_gemm import triton_gemm
+
+    x, w = _gemm_operands(shape, dtype, device)
+    out = torch.empty(shape["m"], shape["n"], dtype=x.dtype, device=x.device)
+    return lambda: triton_gemm(x, w, out, **config)
+
+
+register(Primitive(
+    name="triton.tiled_gemm",
+    op="gemm",
+    backends=("cuda",),
+    dtypes=("float16", "bfloat16", "float32"),
+    make=_make_triton_gemm,
+    work=gemm_work,
+    space={
+        "BLOCK_M": (16, 32, 64, 128),
+        "BLOCK_N": (32, 64, 128, 256),
+        "BLOCK_K": (32, 64, 128),
+        "num_warps": (2, 4, 8),
+        "num_stages": (2, 3, 4, 5),
+    },
+    invalid=triton_gemm_invalid,
+    available=_triton_available,
+))
+
+
+# -- Ascend NPU: torch_npu matmul with the weight in ND or FRACTAL_NZ layout --
+
+NPU_FORMAT_ND, NPU_FORMAT_FRACTAL_NZ = 2, 29
+
+
+def _make_npu_matmul(shape, config, dtype, device):
+    import torch_npu
+
+    x, wt = _gemm_operands(shape, dtype, device, transposed_weight=True)
+    if config["weight_format"] == "NZ":
+        wt = torch_npu.npu_format_cast(wt, NPU_FORMAT_FRACTAL_NZ)
+    return lambda: torch.matmul(x, wt)
+
+
+register(Primitive(
+    name="npu.matmul",
+    op="gemm",
+    backends=("npu",),
+    dtypes=("float16", "bfloat16", "float32"),
+    make=_make_npu_matmul,
+    work=gemm_work,
+    space={"weight_format": ("ND", "NZ")},
+))

@@ -1,0 +1,351 @@
+"""The offline sweep: shape buckets x primitives x dtypes x configs -> timed rows.
+
+Small config spaces are searched exhaustively; large ones with Optuna (TPE,
+a budget of timed trials per shape), invalid configs pruned before they are
+timed. The table is checkpointed atomically as rows arrive, so an interrupted
+sweep leaves a valid partial table and ``resume`` skips every finished row.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pandas as pd
+
+from xytune.devices import Device, fingerprint_mismatches
+from xytune.geometry import ModelGeometry
+from xytune.peaks import measure_peaks, roofline_fraction
+from xytune.primitives import Config, Primitive, Shape, primitives_for
+from xytune.table import CostTable, TableError, canonical_json, empty_rows, new_meta, read_table, write_table
+from xytune.timing import DEFAULT_TIMING, QUICK_TIMING, TimingPolicy, measure, summarize
+
+GRID_LIMIT = 64  # spaces up to this size are searched exhaustively under --search auto
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start (bad settings, a table that cannot be resumed)."""
+
+
+def m_buckets(max_tokens: int, dense_until: int = 16, per_octave: int = 4) -> list[int]:
+    """Token counts to profile: every M up to ``dense_until``, then ``per_octave`` steps per doubling."""
+    if max_tokens < 1:
+        raise SweepError(f"--max-tokens must be at least 1, got {max_tokens}.")
+    buckets = list(range(1, min(dense_until, max_tokens) + 1))
+    lo = dense_until
+    while lo < max_tokens:
+        step = max(1, lo // per_octave)
+        buckets.extend(range(lo + step, 2 * lo + 1, step))
+        lo *= 2
+    out = sorted({b for b in buckets if b <= max_tokens} | {max_tokens})
+    return out
+
+
+def quick_buckets(max_tokens: int) -> list[int]:
+    """Powers of two up to ``max_tokens`` (and ``max_tokens`` itself): a coarse, fast sweep."""
+    if max_tokens < 1:
+        raise SweepError(f"--max-tokens must be at least 1, got {max_tokens}.")
+    out, m = [], 1
+    while m < max_tokens:
+        out.append(m)
+        m *= 2
+    return out + [max_tokens]
+
+
+@dataclass
+class SweepSettings:
+    dtypes: list[str]
+    buckets: list[int]
+    max_seqs: int = 256  # lm_head only sees the sampled tokens, at most one per sequence
+    targets: list[str] | None = None  # GEMM names; None = all
+    search: str = "auto"  # auto | grid | optuna
+    trials: int = 24
+    storage: str | None = None
+    seed: int = 0
+    timing: TimingPolicy = field(default_factory=lambda: DEFAULT_TIMING)
+    checkpoint_every_s: float = 5.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["timing"] = asdict(self.timing)
+        return d
+
+    @classmethod
+    def quick(cls, dtypes: list[str], max_tokens: int = 4096, **kw) -> "SweepSettings":
+        return cls(dtypes=dtypes, buckets=quick_buckets(max_tokens), timing=QUICK_TIMING, **kw)
+
+
+@dataclass(frozen=True)
+class ShapeGroup:
+    """One shape of one op for one primitive and dtype: the unit a search runs over."""
+
+    op: str
+    target: str
+    shape: tuple  # sorted (key, value) pairs, hashable
+    primitive: Primitive
+    dtype: str
+
+    @property
+    def shape_dict(self) -> Shape:
+        return dict(self.shape)
+
+    @property
+    def study_name(self) -> str:
+        return f"{self.op}/{self.target}/{canonical_json(self.shape_dict)}/{self.primitive.name}/{self.dtype}"
+
+
+def plan_groups(geometry: ModelGeometry, settings: SweepSettings, backend: str) -> list[ShapeGroup]:
+    """Every (target GEMM, M bucket, dtype, primitive) to profile, in cache-friendly order."""
+    groups = []
+    gemms = geometry.gemms()
+    if settings.targets:
+        unknown = set(settings.targets) - {g.name for g in gemms}
+        if unknown:
+            raise SweepError(f"Unknown GEMM target(s) {sorted(unknown)}; choose from {[g.name for g in gemms]}.")
+        gemms = [g for g in gemms if g.name in settings.targets]
+    for g in gemms:
+        for dtype in settings.dtypes:
+            prims = primitives_for("gemm", backend, dtype)
+            if not prims:
+                raise SweepError(f"No GEMM primitive for {dtype} on {backend}.")
+            ms = settings.buckets if g.name != "lm_head" else [m for m in settings.buckets if m <= settings.max_seqs]
+            for m in ms:
+                shape = tuple(sorted({"m": m, "n": g.n, "k": g.k}.items()))
+                groups.extend(ShapeGroup("gemm", g.name, shape, p, dtype) for p in prims)
+    return groups
+
+
+def use_optuna(primitive: Primitive, search: str) -> bool:
+    if search not in ("auto", "grid", "optuna"):
+        raise SweepError(f"--search must be auto, grid or optuna, not {search!r}.")
+    if not primitive.space:
+        return False
+    return search == "optuna" or (search == "auto" and primitive.space_size() > GRID_LIMIT)
+
+
+def valid_grid(group: ShapeGroup, device: Device) -> list[Config]:
+    p = group.primitive
+    return [c for c in p.grid() if p.invalid(group.shape_dict, c, group.dtype, device) is None]
+
+
+def optuna_search(
+    primitive: Primitive,
+    shape: Shape,
+    dtype: str,
+    device: Device,
+    objective: Callable[[Config], float],
+    trials: int,
+    *,
+    done: dict[str, float] | None = None,
+    study_name: str = "xytune",
+    storage=None,
+    seed: int = 0,
+    trial_attrs: Callable[[], dict] = lambda: {},
+):
+    """Run TPE over ``primitive.space`` until ``trials`` configs have been timed.
+
+    ``objective`` is called once per new valid config and returns seconds.
+    Invalid configs are pruned without being timed; configs already in
+    ``done`` (canonical JSON -> seconds) are answered from it, so a resumed or
+    shared study never times a config twice. ``trial_attrs`` adds user
+    attributes to each newly timed trial (the sweep stores its row there, so
+    workers sharing a storage see each other's rows). Returns the study.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    done = dict(done or {})
+    study = optuna.create_study(
+        study_name=study_name, storage=storage, load_if_exists=True, direction="minimize",
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, trials // 3))),
+    )
+    for t in study.trials:  # configs other workers (or an earlier run) already timed
+        if t.state == optuna.trial.TrialState.COMPLETE and "config" in t.user_attrs:
+            done.setdefault(t.user_attrs["config"], t.value)
+    valid_total = sum(1 for c in primitive.grid() if primitive.invalid(shape, c, dtype, device) is None)
+    target = min(trials, valid_total)
+
+    def run_trial(trial) -> float:
+        config = {k: trial.suggest_categorical(k, list(v)) for k, v in primitive.space.items()}
+        reason = primitive.invalid(shape, config, dtype, device)
+        if reason is not None:
+            trial.set_user_attr("pruned", reason)
+            raise optuna.TrialPruned(reason)
+        key = canonical_json(config)
+        trial.set_user_attr("config", key)
+        if key in done:
+            return done[key]
+        seconds = objective(config)
+        done[key] = seconds
+        for name, value in trial_attrs().items():
+            trial.set_user_attr(name, value)
+        return seconds
+
+    attempts = 0
+    while len(done) < target and attempts < 20 * max(trials, 1):
+        attempts += 1
+        study.optimize(run_trial, n_trials=1)
+    if len(done) < target:  # TPE kept proposing pruned or repeated configs: fill from the grid
+        for config in primitive.grid():
+            if len(done) >= target:
+                break
+            key = canonical_json(config)
+            if key not in done and primitive.invalid(shape, config, dtype, device) is None:
+                done[key] = objective(config)
+    return study
+
+
+class Sweep:
+    """Runs a planned sweep into a cost table at ``out``, checkpointing as it goes."""
+
+    def __init__(self, device: Device, geometry: ModelGeometry, settings: SweepSettings, out: str | Path,
+                 resume: bool = False, overwrite: bool = False):
+        self.device, self.geometry, self.settings, self.out = device, geometry, settings, Path(out)
+        self.groups = plan_groups(geometry, settings, device.backend)
+        for g in {id(g.primitive): g for g in self.groups}.values():
+            use_optuna(g.primitive, settings.search)  # validates --search early
+        if settings.trials < 1:
+            raise SweepError(f"--trials must be at least 1, got {settings.trials}.")
+        self.table = self._start_table(resume, overwrite)
+        self.done = self.table.keys()
+        self.pending: list[dict] = []
+        self.last_row: dict = {}
+        self._last_write = time.monotonic()
+
+    def _start_table(self, resume: bool, overwrite: bool) -> CostTable:
+        if self.out.exists() and not (resume or overwrite):
+            raise SweepError(f"{self.out} exists; pass --resume to continue it or --overwrite to replace it.")
+        if self.out.exists() and resume:
+            try:
+                table = read_table(self.out)
+            except TableError as exc:
+                raise SweepError(f"Cannot resume: {exc}") from None
+            fatal, _ = fingerprint_mismatches(table.meta["fingerprint"], self.device.fingerprint())
+            if fatal:
+                raise SweepError(f"Cannot resume {self.out}: it was measured on another device ({fatal[0]}).")
+            if table.meta["geometry"] != self.geometry.to_dict():
+                raise SweepError(f"Cannot resume {self.out}: it profiles {table.meta['geometry']['name']}, "
+                                 f"not {self.geometry.name}.")
+            table.meta["complete"] = False
+            table.meta["sweep"] = self.settings.to_dict()
+            return table
+        return CostTable(empty_rows(), {})  # meta filled in by run() once peaks are measured
+
+    # -- rows ------------------------------------------------------------
+
+    def _row(self, group: ShapeGroup, config: Config, samples: list[float]) -> dict:
+        shape = group.shape_dict
+        flops, nbytes = group.primitive.work(shape, group.dtype)
+        stats = summarize(samples)
+        return {
+            "op": group.op, "target": group.target,
+            "m": shape.get("m", -1), "n": shape.get("n", -1), "k": shape.get("k", -1),
+            "shape": canonical_json(shape), "primitive": group.primitive.name, "dtype": group.dtype,
+            "config": canonical_json(config), "samples_s": samples,
+            "n_samples": stats.pop("n"), **stats, "flops": flops, "bytes": nbytes,
+            **roofline_fraction(flops, nbytes, stats["median_s"], group.dtype, self.table.meta["peaks"]),
+        }
+
+    def _key(self, group: ShapeGroup, config: Config) -> tuple:
+        return (group.op, group.target, canonical_json(group.shape_dict), group.primitive.name, group.dtype,
+                canonical_json(config))
+
+    def _time(self, group: ShapeGroup, config: Config) -> float:
+        fn = group.primitive.make(group.shape_dict, config, group.dtype, self.device)
+        samples = measure(fn, self.device, self.settings.timing)
+        row = self._row(group, config, samples)
+        self.last_row = row
+        self.pending.append(row)
+        self.done.add(self._key(group, config))
+        if time.monotonic() - self._last_write >= self.settings.checkpoint_every_s:
+            self.checkpoint()
+        return row["median_s"]
+
+    def checkpoint(self, complete: bool = False) -> None:
+        if self.pending:
+            frames = [f for f in (self.table.rows, pd.DataFrame(self.pending)) if len(f)]
+            self.table.rows = pd.concat(frames, ignore_index=True)
+            self.pending = []
+        self.table.meta["complete"] = complete
+        write_table(self.out, self.table)
+        self._last_write = time.monotonic()
+
+    # -- running -----------------------------------------------------------
+
+    def group_work(self, group: ShapeGroup) -> int:
+        """How many timed configs a group contributes (the progress bar's unit)."""
+        if use_optuna(group.primitive, self.settings.search):
+            return min(self.settings.trials, len(valid_grid(group, self.device)))
+        return len(valid_grid(group, self.device))
+
+    def _group_rows(self, group: ShapeGroup) -> pd.DataFrame:
+        op, target, shape, prim, dtype, _ = self._key(group, {})
+        r = self.table.rows
+        return r[(r["op"] == op) & (r["target"] == target) & (r["shape"] == shape)
+                 & (r["primitive"] == prim) & (r["dtype"] == dtype)]
+
+    def _adopt_shared_rows(self, study) -> None:
+        """Add rows that other workers of a shared Optuna study timed (the table is the record)."""
+        for t in study.trials:
+            row = t.user_attrs.get("row")
+            if row is not None:
+                key = tuple(row[c] for c in ("op", "target", "shape", "primitive", "dtype", "config"))
+                if key not in self.done:
+                    self.pending.append(row)
+                    self.done.add(key)
+
+    def run_group(self, group: ShapeGroup, advance: Callable[[int], None] = lambda n: None) -> None:
+        if use_optuna(group.primitive, self.settings.search):
+            existing = self._group_rows(group)
+            done = dict(zip(existing["config"], existing["median_s"]))
+
+            def objective(config):
+                seconds = self._time(group, config)
+                advance(1)
+                return seconds
+
+            advance(min(len(done), self.group_work(group)))
+            study = optuna_search(group.primitive, group.shape_dict, group.dtype, self.device, objective,
+                                  self.settings.trials, done=done, study_name=group.study_name,
+                                  storage=self.settings.storage, seed=self.settings.seed,
+                                  trial_attrs=lambda: {"row": self.last_row})
+            self._adopt_shared_rows(study)
+            return
+        for config in valid_grid(group, self.device):
+            if self._key(group, config) not in self.done:
+                self._time(group, config)
+            advance(1)
+
+    def run(self, progress: bool = True) -> CostTable:
+        """Measure peaks (fresh tables only), then every group; returns the completed table."""
+        if not self.table.meta:
+            peaks = measure_peaks(self.device, self.settings.dtypes)
+            self.table.meta = new_meta(self.device.fingerprint(), self.geometry.to_dict(), peaks,
+                                       self.settings.to_dict())
+            self.checkpoint()
+        try:
+            self._run_groups(self.groups, progress)
+        except BaseException:
+            self.checkpoint(complete=False)  # Ctrl-C / SIGTERM / error: keep what was measured
+            raise
+        self.checkpoint(complete=True)
+        return self.table
+
+    def _run_groups(self, groups: Iterable[ShapeGroup], progress: bool) -> None:
+        if not progress:
+            for g in groups:
+                self.run_group(g)
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        total = sum(self.group_work(g) for g in self.groups)
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+        with Progress(*columns, transient=False) as bar:
+            task = bar.add_task("profiling", total=total)
+            for g in groups:
+                bar.update(task, description=f"{g.target} M={g.shape_dict.get('m')} {g.primitive.name} {g.dtype}")
+                self.run_group(g, advance=lambda n: bar.advance(task, n))

@@ -1,0 +1,145 @@
+"""The cost table: a Parquet file, one row per (op, shape, primitive, dtype, config).
+
+Table-level facts (schema version, device fingerprint, model geometry,
+measured peaks, sweep settings, whether the sweep completed) live in the
+Parquet schema metadata under one key, so the file is self-describing and any
+Parquet reader still sees plain columns. Writes are atomic: a temp file in the
+same folder, fsynced, then renamed over the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from xytune import __version__
+
+SCHEMA_VERSION = 1
+META_KEY = b"xytune.meta"
+
+KEY_COLUMNS = ["op", "target", "shape", "primitive", "dtype", "config"]
+
+ARROW_SCHEMA = pa.schema([
+    ("op", pa.string()),
+    ("target", pa.string()),
+    ("m", pa.int64()),
+    ("n", pa.int64()),
+    ("k", pa.int64()),
+    ("shape", pa.string()),
+    ("primitive", pa.string()),
+    ("dtype", pa.string()),
+    ("config", pa.string()),
+    ("samples_s", pa.list_(pa.float64())),
+    ("n_samples", pa.int64()),
+    ("median_s", pa.float64()),
+    ("p20_s", pa.float64()),
+    ("p80_s", pa.float64()),
+    ("mean_s", pa.float64()),
+    ("std_s", pa.float64()),
+    ("flops", pa.float64()),
+    ("bytes", pa.float64()),
+    ("achieved_flops", pa.float64()),
+    ("achieved_bytes_per_s", pa.float64()),
+    ("frac_peak", pa.float64()),
+])
+COLUMNS = ARROW_SCHEMA.names
+
+
+class TableError(ValueError):
+    """A cost table that cannot be used; the message is one user-facing sentence."""
+
+
+def canonical_json(value) -> str:
+    """Stable JSON for keys: sorted keys, no spaces."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass
+class CostTable:
+    rows: pd.DataFrame
+    meta: dict
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    def keys(self) -> set[tuple]:
+        return set(map(tuple, self.rows[KEY_COLUMNS].itertuples(index=False, name=None)))
+
+
+def new_meta(fingerprint: dict, geometry: dict, peaks: dict, sweep: dict) -> dict:
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "xytune_version": __version__,
+        "created_at": now,
+        "updated_at": now,
+        "complete": False,
+        "fingerprint": fingerprint,
+        "geometry": geometry,
+        "peaks": peaks,
+        "sweep": sweep,
+    }
+
+
+def empty_rows() -> pd.DataFrame:
+    return ARROW_SCHEMA.empty_table().to_pandas()
+
+
+def write_table(path: str | os.PathLike, table: CostTable) -> None:
+    """Atomically replace ``path`` with ``table`` (a crash leaves the old file or the new one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(table.meta)
+    meta["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = table.rows.reindex(columns=COLUMNS)
+    arrow = pa.Table.from_pandas(rows, schema=ARROW_SCHEMA, preserve_index=False)
+    arrow = arrow.replace_schema_metadata({META_KEY: canonical_json(meta).encode()})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(arrow, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    table.meta = meta
+
+
+def read_table(path: str | os.PathLike) -> CostTable:
+    """Read and validate a cost table; any problem is a ``TableError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TableError(f"Cost table {path} does not exist.")
+    try:
+        arrow = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise TableError(f"{path} is not a readable Parquet file (corrupt or truncated?): {exc}") from None
+    raw = (arrow.schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise TableError(f"{path} is a Parquet file but not an xytune cost table (no {META_KEY.decode()} metadata).")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise TableError(f"{path} has damaged xytune metadata.") from None
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise TableError(
+            f"{path} has cost-table schema version {version}; this xytune {__version__} reads version {SCHEMA_VERSION}."
+        )
+    missing = [c for c in COLUMNS if c not in arrow.column_names]
+    if missing:
+        raise TableError(f"{path} lacks the columns {', '.join(missing)}.")
+    rows = arrow.select(COLUMNS).to_pandas()
+    rows["samples_s"] = rows["samples_s"].map(list)
+    return CostTable(rows, meta)

@@ -1,0 +1,61 @@
+"""Timing a callable: warm-up, then samples until a time budget or a count.
+
+Raw samples are kept (the regression report tests them), and the summary
+statistics every cost-table row carries are computed here once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from xytune.devices import Device
+
+
+@dataclass(frozen=True)
+class TimingPolicy:
+    warmup: int = 2
+    budget_s: float = 0.05  # per point, samples only
+    min_samples: int = 5
+    max_samples: int = 100
+
+
+QUICK_TIMING = TimingPolicy(warmup=1, budget_s=0.01, min_samples=5, max_samples=20)
+DEFAULT_TIMING = TimingPolicy()
+
+
+def measure(fn: Callable[[], Any], device: Device, policy: TimingPolicy = DEFAULT_TIMING) -> list[float]:
+    """Seconds per call of ``fn``, one entry per sample."""
+    with torch.inference_mode():
+        first = math.inf
+        for _ in range(max(policy.warmup, 1)):
+            first = min(first, device.time_once(fn))
+        if device.backend != "cpu":
+            # Events need the count up front: size it from the warm-up time.
+            count = int(policy.budget_s / max(first, 1e-7))
+            return device.time_samples(fn, max(policy.min_samples, min(policy.max_samples, count)))
+        samples: list[float] = []
+        deadline = time.perf_counter() + policy.budget_s
+        while len(samples) < policy.max_samples and (
+            len(samples) < policy.min_samples or time.perf_counter() < deadline
+        ):
+            samples.extend(device.time_samples(fn, 1))
+        return samples
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    """The statistics columns of a cost-table row."""
+    a = np.asarray(samples, dtype=np.float64)
+    return {
+        "median_s": float(np.median(a)),
+        "p20_s": float(np.percentile(a, 20)),
+        "p80_s": float(np.percentile(a, 80)),
+        "mean_s": float(a.mean()),
+        "std_s": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "n": int(a.size),
+    }
