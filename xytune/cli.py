@@ -184,6 +184,41 @@ def compare(
     raise typer.Exit(1 if len(result.regressions) else 0)
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side measurements.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("profile")
+def bench_profile(
+    device: str = typer.Option("cpu", help="Device to profile."),
+    model: str = typer.Option("smollm2-135m", help="Preset name, .gguf file or Hugging Face folder."),
+    dtypes: str = typer.Option(None, help="Comma list [default: the device's profile defaults]."),
+    max_tokens: int = typer.Option(4096, help="Largest M."),
+    num_ms: int = typer.Option(24, help="Off-bucket M values at which to check the cost model."),
+    threads: int = typer.Option(None, help="CPU threads."),
+    seed: int = typer.Option(0, help="Seed for the off-bucket M values."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
+):
+    """Time the --quick and default sweeps and the cost model's error on unseen M, in one run."""
+    from xytune.bench_profile import dump, render, run_bench
+    from xytune.devices import DeviceError, get_device
+    from xytune.geometry import GeometryError, resolve_geometry
+
+    try:
+        dev = get_device(device, threads=threads)
+        geometry = resolve_geometry(model)
+    except (DeviceError, GeometryError) as exc:
+        fail(str(exc))
+    if num_ms < 1:
+        fail("--num-ms must be at least 1.")
+    dts = [d.strip() for d in dtypes.split(",")] if dtypes else _default_dtypes(dev.backend)
+    with console.status("sweeping (quick, then default) and checking predictions..."):
+        results = run_bench(dev, geometry, dts, max_tokens, num_ms, seed)
+    render(results, console)
+    if json_out:
+        dump(results, json_out)
+
+
 def main() -> None:
     app()
 

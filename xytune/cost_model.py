@@ -125,6 +125,15 @@ class CostModel:
         (seconds, extrapolated), name = min(scored)
         return Prediction(seconds, name, curves[name].config_for(m), extrapolated)
 
+    def neighbours(self, op: str, shape: dict, dtype: str | None, primitive: str) -> list[int]:
+        """The measured buckets of ``primitive`` that bracket ``shape['m']`` (one at the edges)."""
+        curves, m = self._candidates(op, shape, dtype)
+        ms = curves[primitive].ms.tolist()
+        i = bisect.bisect_left(ms, m)
+        if i < len(ms) and ms[i] == m:
+            return [int(m)]
+        return [int(x) for x in ms[max(i - 1, 0): i + 1]]
+
     def best(self, op: str, shape: dict, dtype: str | None = None) -> tuple[str, dict]:
         """(primitive, config) predicted fastest for ``shape``."""
         p = self.predict(op, shape, dtype)

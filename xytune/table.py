@@ -94,6 +94,14 @@ def empty_rows() -> pd.DataFrame:
     return ARROW_SCHEMA.empty_table().to_pandas()
 
 
+def _file_mode(path: Path) -> int:
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_table(path: str | os.PathLike, table: CostTable) -> None:
     """Atomically replace ``path`` with ``table`` (a crash leaves the old file or the new one)."""
     path = Path(path)
@@ -105,6 +113,7 @@ def write_table(path: str | os.PathLike, table: CostTable) -> None:
     arrow = arrow.replace_schema_metadata({META_KEY: canonical_json(meta).encode()})
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; keep the mode a plain open() would give
         with os.fdopen(fd, "wb") as f:
             pq.write_table(arrow, f, compression="zstd")
             f.flush()
