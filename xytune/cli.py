@@ -184,6 +184,58 @@ def compare(
     raise typer.Exit(1 if len(result.regressions) else 0)
 
 
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
+    model: str = typer.Option("smollm2-135m", help="smollm2-135m, a .gguf file or a Hugging Face folder."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    max_tokens: int = typer.Option(64, help="Most new tokens."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_k: int = typer.Option(-1, help="-1 = off."),
+    top_p: float = typer.Option(1.0, help="Nucleus mass."),
+    seed: int = typer.Option(None, help="Sampling seed (reproducible output)."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past end-of-sequence."),
+    dtype: str = typer.Option("auto", help="float32 | bfloat16 | float16 | auto."),
+    device: str = typer.Option("cpu", help="cpu, cuda[:N], npu[:N]."),
+    kv_cache_gb: float = typer.Option(1.0, help="KV cache size."),
+    threads: int = typer.Option(None, help="CPU threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print tokens, timings and finish reason as JSON."),
+):
+    """Generate a completion for one prompt with the xytune engine."""
+    import time
+
+    from xytune.devices import DeviceError, get_device
+    from xytune.runtime.config import ModelLoadError
+    from xytune.runtime.engine import RequestError
+    from xytune.runtime.sampling import SamplingParams
+
+    try:
+        dev = get_device(device)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)
+        from xytune.runtime.llm import LLM
+
+        start = time.perf_counter()
+        llm = LLM(model=model, dtype=dtype, device=str(dev.torch_device), kv_cache_gb=kv_cache_gb, threads=threads)
+        load_s = time.perf_counter() - start
+        out = llm.generate(prompt, params, chat=chat)[0]
+    except (DeviceError, ModelLoadError, RequestError, ValueError) as exc:
+        fail(str(exc))
+    if as_json:
+        n = len(out.token_ids)
+        decode_s = out.metrics["latency_s"] - (out.metrics["ttft_s"] or 0)
+        sys.stdout.write(json.dumps({
+            "model": model, "dtype": str(llm.dtype).replace("torch.", ""), "text": out.text,
+            "prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids,
+            "finish_reason": out.finish_reason,
+            "timings": {"load_s": load_s, "ttft_s": out.metrics["ttft_s"], "total_s": out.metrics["latency_s"],
+                        "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None},
+        }, indent=2) + "\n")
+    else:
+        sys.stdout.write(out.text + "\n")
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side measurements.")
 app.add_typer(bench_app, name="bench")
 

@@ -1,0 +1,93 @@
+"""Attention over the paged KV cache for a flat, mixed batch: the one call the model makes.
+
+``AttentionBatch`` describes the step (built once per step by the engine, used
+by every layer); ``reference_attention`` is the simple, correct baseline:
+decode rows (one query token) are computed together as one padded batch, and
+each prefill chunk with one causal SDPA call. Meta-Attention replaces it
+behind the same signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    token_start: int  # first row of this chunk in the flat batch
+    num_tokens: int
+    context_before: int  # keys already cached before this chunk
+    key_slots: torch.Tensor  # [context_before + num_tokens] slots of every key the chunk attends to
+
+
+@dataclass
+class AttentionBatch:
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
+    decode_rows: torch.Tensor  # [Bd] rows of the flat batch that are single-token decodes
+    decode_slots: torch.Tensor  # [Bd, Lmax] key slots per decode row (padded with 0)
+    decode_mask: torch.Tensor  # [Bd, 1, 1, Lmax] True where the key is real
+    prefills: list[PrefillChunk]
+
+    @classmethod
+    def build(cls, block_size: int, chunks: list[tuple[list[int], int, int]], device="cpu") -> "AttentionBatch":
+        """From ``(block_table, context_before, num_tokens)`` per request, in flat-batch order."""
+        slot_parts, decode_rows, decode_tables, decode_lens, prefills = [], [], [], [], []
+        row = 0
+        for table, before, n in chunks:
+            t = torch.tensor(table, dtype=torch.long)
+            pos = torch.arange(before + n)
+            all_slots = t[pos // block_size] * block_size + pos % block_size
+            slot_parts.append(all_slots[before:])
+            if n == 1:
+                decode_rows.append(row)
+                decode_tables.append(all_slots)
+                decode_lens.append(before + 1)
+            else:
+                prefills.append(PrefillChunk(row, n, before, all_slots.to(device)))
+            row += n
+        lmax = max(decode_lens, default=0)
+        dslots = torch.zeros(len(decode_rows), lmax, dtype=torch.long)
+        for i, s in enumerate(decode_tables):
+            dslots[i, : len(s)] = s
+        lens = torch.tensor(decode_lens, dtype=torch.long)
+        mask = (torch.arange(lmax)[None, :] < lens[:, None])[:, None, None, :]
+        return cls(
+            slot_mapping=torch.cat(slot_parts).to(device) if slot_parts else torch.zeros(0, dtype=torch.long),
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
+            decode_slots=dslots.to(device), decode_mask=mask.to(device), prefills=prefills,
+        )
+
+
+def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
+                        scale: float) -> torch.Tensor:
+    """``q [T, H, d]`` against the cached keys/values of each row's request -> ``[T, H, d]``."""
+    T, H, d = q.shape
+    kvh = k_cache.shape[1]
+    group = H // kvh
+    out = torch.empty_like(q)
+    if len(batch.decode_rows):
+        bd = len(batch.decode_rows)
+        qd = q[batch.decode_rows].view(bd, kvh, group, d)
+        k = k_cache[batch.decode_slots].transpose(1, 2)  # [Bd, kvh, L, d]
+        v = v_cache[batch.decode_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=batch.decode_mask, scale=scale)
+        out[batch.decode_rows] = o.reshape(bd, H, d)
+    for p in batch.prefills:
+        qp = q[p.token_start: p.token_start + p.num_tokens].transpose(0, 1)[None]  # [1, H, n, d]
+        k = k_cache[p.key_slots].transpose(0, 1)[None]  # [1, kvh, L, d]
+        v = v_cache[p.key_slots].transpose(0, 1)[None]
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        if p.context_before == 0:
+            o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale)
+        else:
+            L = p.context_before + p.num_tokens
+            qpos = torch.arange(p.context_before, L, device=q.device)
+            mask = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]
+            o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale)
+        out[p.token_start: p.token_start + p.num_tokens] = o[0].transpose(0, 1)
+    return out

@@ -1,0 +1,62 @@
+"""ModelConfig: everything the forward pass needs to know about a Llama-family checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded here; the message is one user-facing sentence."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str  # "llama" | "qwen2"
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # llama3: factor, low_freq_factor, high_freq_factor, original_max_...
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        model_type = cfg.get("model_type", "")
+        if model_type not in ("llama", "qwen2", "mistral"):
+            raise ModelLoadError(f"Unsupported architecture {model_type!r}: xytune runs Llama-family decoders "
+                                 "(llama, qwen2, mistral).")
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        rope_theta = cfg.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
+        if rope and rope.get("rope_type", rope.get("type")) not in ("llama3",):
+            if rope.get("rope_type", rope.get("type")) not in (None, "default"):
+                raise ModelLoadError(f"Unsupported rope scaling {rope!r}; llama3 and none are supported.")
+            rope = None
+        return cls(
+            architecture="qwen2" if model_type == "qwen2" else "llama",
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            num_layers=cfg["num_hidden_layers"],
+            vocab_size=cfg["vocab_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=tuple(eos if isinstance(eos, list) else ([eos] if eos is not None else [])),
+        )

@@ -1,0 +1,62 @@
+"""Paged KV cache: fixed-size blocks in one preallocated pool, handed out per request.
+
+Each layer's K and V live in tensors of ``num_blocks * block_size`` slots; a
+request owns a list of blocks (its block table) and token ``i`` of it sits
+in slot ``table[i // block_size] * block_size + i % block_size``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class BlockAllocator:
+    """Free-list of block ids; the scheduler asks before it schedules."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"asked for {n} KV blocks, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class KVCache:
+    """K and V pools, ``[num_layers][num_blocks * block_size, num_kv_heads, head_dim]``."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block; raise --kv-cache-gb")
+        self.block_size, self.num_blocks = block_size, num_blocks
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.allocator = BlockAllocator(num_blocks)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        """Slot indices of tokens ``start..end-1`` of a request."""
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_table, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size

@@ -1,0 +1,54 @@
+"""``LLM``: the offline Python API (vLLM-shaped): load once, ``generate`` many prompts in one batch."""
+
+from __future__ import annotations
+
+import torch
+
+from xytune.runtime.engine import Engine, RequestOutput
+from xytune.runtime.kv_cache import bytes_per_block
+from xytune.runtime.loader import load_checkpoint, resolve_dtype
+from xytune.runtime.model import LlamaModel
+from xytune.runtime.sampling import SamplingParams
+from xytune.runtime.scheduler import SchedulerConfig
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2-135m", dtype: str = "auto", device: str = "cpu",
+                 kv_cache_gb: float = 1.0, block_size: int = 16, max_num_batched_tokens: int = 2048,
+                 max_num_seqs: int = 256, threads: int | None = None):
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be positive, got {kv_cache_gb}.")
+        if block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {block_size}.")
+        dev = torch.device(device)
+        config, state, self.tokenizer, self.model_name = load_checkpoint(model)
+        self.dtype = resolve_dtype(dtype, dev)
+        self.model = LlamaModel(config, state, self.dtype, dev)
+        del state
+        per_block = bytes_per_block(config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype)
+        num_blocks = int(kv_cache_gb * 2**30 // per_block)
+        self.engine = Engine(self.model, self.tokenizer, num_blocks, block_size,
+                             SchedulerConfig(max_num_batched_tokens, max_num_seqs))
+
+    def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> tuple[list[int], str | None]:
+        if isinstance(prompt, list):
+            return list(prompt), None
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+        return self.tokenizer.encode(text), prompt
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 chat: bool = False) -> list[RequestOutput]:
+        """Generate for one prompt or many (text or token ids), all in one continuous batch."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError("give one SamplingParams or one per prompt.")
+        reqs = []
+        for prompt, p in zip(prompts, plist):
+            ids, text = self.encode_prompt(prompt, chat)
+            reqs.append(self.engine.add_request(ids, p, prompt=text))
+        return self.engine.run_to_completion(reqs)

@@ -1,0 +1,129 @@
+"""A Llama-family decoder in plain torch, run over a flat token batch with a paged KV cache.
+
+RMSNorm, rotary embeddings (with llama3 frequency scaling), grouped-query
+attention, SwiGLU MLP, optional qkv bias (Qwen2), tied or untied embeddings.
+Q/K/V and gate/up are fused into one GEMM each. The arithmetic follows the
+Hugging Face implementation op for op so float32 greedy output matches it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from xytune.runtime.attention import AttentionBatch, reference_attention
+from xytune.runtime.config import ModelConfig, ModelLoadError
+from xytune.runtime.kv_cache import KVCache
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionBatch, float], torch.Tensor]
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = config.rope_scaling
+    if s and s.get("rope_type", s.get("type")) == "llama3":
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class Layer:
+    ln1: torch.Tensor
+    w_qkv: torch.Tensor
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor
+    ln2: torch.Tensor
+    w_gate_up: torch.Tensor
+    w_down: torch.Tensor
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str = "cpu", attention: AttentionFn = reference_attention):
+        self.config, self.dtype, self.device = config, dtype, torch.device(device)
+        self.attention = attention
+
+        def take(name: str) -> torch.Tensor:
+            if name not in state:
+                raise ModelLoadError(f"checkpoint lacks tensor {name}.")
+            return state[name].to(self.device, dtype).contiguous()
+
+        self.embed = take("model.embed_tokens.weight")
+        self.norm = take("model.norm.weight")
+        self.lm_head = self.embed if config.tie_word_embeddings or "lm_head.weight" not in state \
+            else take("lm_head.weight")
+        self.layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            qkv = [take(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
+            bias = None
+            if config.qkv_bias:
+                bias = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+            self.layers.append(Layer(
+                ln1=take(p + "input_layernorm.weight"), w_qkv=torch.cat(qkv).contiguous(), b_qkv=bias,
+                w_o=take(p + "self_attn.o_proj.weight"), ln2=take(p + "post_attention_layernorm.weight"),
+                w_gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]).contiguous(),
+                w_down=take(p + "mlp.down_proj.weight"),
+            ))
+        inv = rope_inv_freq(config)
+        pos = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+        freqs = pos[:, None] * inv[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(self.device, dtype)
+        self.sin = emb.sin().to(self.device, dtype)
+        self.scale = config.head_dim ** -0.5
+
+    def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv: KVCache,
+                logits_rows: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[len(logits_rows), vocab]`` for the chosen rows of a flat batch of ``T`` tokens."""
+        c = self.config
+        T = input_ids.shape[0]
+        H, kvh, d = c.num_heads, c.num_kv_heads, c.head_dim
+        q_size, kv_size = H * d, kvh * d
+        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        h = self.embed[input_ids]
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.ln1, c.rms_norm_eps)
+            qkv = F.linear(x, layer.w_qkv, layer.b_qkv)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = q.view(T, H, d), k.view(T, kvh, d), v.view(T, kvh, d)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            kv.k[i].index_copy_(0, batch.slot_mapping, k)
+            kv.v[i].index_copy_(0, batch.slot_mapping, v)
+            attn = self.attention(q, kv.k[i], kv.v[i], batch, self.scale)
+            h = h + F.linear(attn.reshape(T, q_size), layer.w_o)
+            x = rms_norm(h, layer.ln2, c.rms_norm_eps)
+            gate, up = F.linear(x, layer.w_gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.w_down)
+        h = rms_norm(h[logits_rows], self.norm, c.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()

@@ -1,0 +1,157 @@
+"""Requests and the first scheduler: decode tokens first, then prefill chunks (vLLM v1 style).
+
+A step is a flat list of ``(request, num_new_tokens)``. Limits follow vLLM:
+``max_num_batched_tokens`` per step and ``max_num_seqs`` running requests.
+When KV blocks run out, the newest running request is preempted: its blocks
+are freed and it is recomputed later from its prompt plus what it has
+generated, so nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from xytune.runtime.kv_cache import KVCache, blocks_needed
+from xytune.runtime.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    blocks: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    text: str | None = None  # set when a stop string cut the output
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to run through the model before the next sample."""
+        return self.num_tokens - self.num_computed
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+
+    def __post_init__(self):
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be at least 1.")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be at least 1.")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCache):
+        self.config, self.kv = config, kv
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Give ``req`` blocks for ``num_tokens`` tokens; False when the pool is short."""
+        need = blocks_needed(num_tokens, self.kv.block_size) - len(req.blocks)
+        if need <= 0:
+            return True
+        if need > self.kv.allocator.num_free:
+            return False
+        req.blocks.extend(self.kv.allocator.allocate(need))
+        return True
+
+    def preempt(self, req: Request) -> None:
+        self.kv.allocator.free(req.blocks)
+        req.blocks, req.num_computed = [], 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(req)
+        self.waiting.insert(0, req)
+        self.waiting.sort(key=lambda r: r.arrival)
+
+    def finish(self, req: Request, reason: str) -> None:
+        req.status, req.finish_reason, req.finish_time = Status.FINISHED, reason, time.perf_counter()
+        self.kv.allocator.free(req.blocks)
+        req.blocks = []
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    def _make_room(self, req: Request, num_tokens: int, scheduled: list) -> bool:
+        """Grow ``req``, preempting newer unscheduled running requests while the pool is short."""
+        taken = {id(r) for r, _ in scheduled}
+        while not self._grow(req, num_tokens):
+            victims = [r for r in self.running if r is not req and id(r) not in taken and r.arrival >= req.arrival]
+            if not victims:
+                return False
+            self.preempt(max(victims, key=lambda r: r.arrival))
+        return True
+
+    def schedule(self) -> list[tuple[Request, int]]:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        for req in sorted(self.running, key=lambda r: r.arrival):  # decodes first
+            if budget == 0:
+                break
+            if req.status is Status.RUNNING and req.remaining == 1:
+                if self._make_room(req, req.num_computed + 1, scheduled):
+                    scheduled.append((req, 1))
+                    budget -= 1
+                elif req.status is Status.RUNNING:
+                    self.preempt(req)
+        prefilling = [r for r in sorted(self.running, key=lambda r: r.arrival) if r.remaining > 1]
+        for req in prefilling + list(self.waiting):
+            if budget == 0:
+                break
+            if req.status is Status.WAITING and len(self.running) >= self.config.max_num_seqs:
+                break
+            n = min(req.remaining, budget)
+            free_tokens = (len(req.blocks) + self.kv.allocator.num_free) * self.kv.block_size - req.num_computed
+            if free_tokens < n and req.status is Status.RUNNING:
+                self._make_room(req, req.num_computed + n, scheduled)
+                free_tokens = len(req.blocks) * self.kv.block_size - req.num_computed \
+                    + self.kv.allocator.num_free * self.kv.block_size
+            n = min(n, free_tokens)
+            if n <= 0 or not self._grow(req, req.num_computed + n):
+                break  # wait for blocks; FCFS order is kept
+            if req.status is Status.WAITING:
+                self.waiting.remove(req)
+                self.running.append(req)
+                req.status = Status.RUNNING
+            scheduled.append((req, n))
+            budget -= n
+        return scheduled

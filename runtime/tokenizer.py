@@ -1,0 +1,136 @@
+"""Tokenizer: Hugging Face ``tokenizers`` built from tokenizer.json or from GGUF metadata, plus chat templates."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+from xytune.runtime.config import ModelLoadError
+
+# Pre-tokenizer split patterns of the BPE families llama.cpp names in tokenizer.ggml.pre.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _gguf_tokenizer(reader) -> tuple[HFTokenizer, dict]:
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    kind = field("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ModelLoadError(f"GGUF tokenizer type {kind!r} is not supported; put a tokenizer.json beside the model.")
+    tokens = field("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
+    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    pre = field("tokenizer.ggml.pre", "gpt2")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre in ("gpt2", "smollm"))
+    if pre == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in ("llama-bpe", "llama3", "qwen2"):
+        split = _QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    types = field("tokenizer.ggml.token_type", [])
+    specials = [tokens[i] for i, t in enumerate(types) if t in (3, 4)]  # CONTROL, USER_DEFINED
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    info = {
+        "chat_template": field("tokenizer.chat_template"),
+        "bos_token": tokens[field("tokenizer.ggml.bos_token_id")] if field("tokenizer.ggml.bos_token_id") is not None else None,
+        "eos_token": tokens[field("tokenizer.ggml.eos_token_id")] if field("tokenizer.ggml.eos_token_id") is not None else None,
+        "add_bos": bool(field("tokenizer.ggml.add_bos_token", False)),
+    }
+    return tok, info
+
+
+def _folder_info(folder: Path) -> dict:
+    info: dict = {"add_bos": False}
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+
+        def text(tok):
+            return tok.get("content") if isinstance(tok, dict) else tok
+
+        info.update(chat_template=cfg.get("chat_template"), bos_token=text(cfg.get("bos_token")),
+                    eos_token=text(cfg.get("eos_token")), add_bos=bool(cfg.get("add_bos_token", False)))
+    template = folder / "chat_template.jinja"
+    if template.is_file():
+        info["chat_template"] = template.read_text()
+    return info
+
+
+class Tokenizer:
+    """Encode/decode and the model's chat template."""
+
+    def __init__(self, tok: HFTokenizer, chat_template: str | None = None, bos_token: str | None = None,
+                 eos_token: str | None = None, add_bos: bool = False):
+        self._tok = tok
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token, self.add_bos = bos_token, eos_token, add_bos
+        self.bos_token_id = tok.token_to_id(bos_token) if bos_token else None
+        self.eos_token_id = tok.token_to_id(eos_token) if eos_token else None
+
+    @classmethod
+    def from_file(cls, path: Path, info: dict | None = None) -> "Tokenizer":
+        return cls(HFTokenizer.from_file(str(path)), **(info or {}))
+
+    @classmethod
+    def from_gguf(cls, reader, folder: Path | None = None) -> "Tokenizer":
+        if folder is not None and (folder / "tokenizer.json").is_file():
+            return cls.from_file(folder / "tokenizer.json", _folder_info(folder))
+        tok, info = _gguf_tokenizer(reader)
+        return cls(tok, **info)
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "Tokenizer":
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{folder} has no tokenizer.json.")
+        return cls.from_file(path, _folder_info(folder))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` with the model's own Jinja chat template."""
+        if not self.chat_template:
+            raise ModelLoadError("This model has no chat template; send a plain prompt instead.")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals.update(raise_exception=raise_exception,
+                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except TemplateError as exc:
+            raise ValueError(f"chat template error: {exc}") from None
