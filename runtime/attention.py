@@ -31,6 +31,11 @@ class AttentionBatch:
     decode_mask: torch.Tensor  # [Bd, 1, 1, Lmax] True where the key is real
     prefills: list[PrefillChunk]
 
+    @property
+    def all_decode(self) -> bool:
+        """Every row is a decode row, in order: the decode result is the whole output."""
+        return not self.prefills
+
     @classmethod
     def build(cls, block_size: int, chunks: list[tuple[list[int], int, int]], device="cpu") -> "AttentionBatch":
         """From ``(block_table, context_before, num_tokens)`` per request, in flat-batch order."""
@@ -69,25 +74,39 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     group = H // kvh
     out = torch.empty_like(q)
     if len(batch.decode_rows):
-        bd = len(batch.decode_rows)
-        qd = q[batch.decode_rows].view(bd, kvh, group, d)
-        k = k_cache[batch.decode_slots].transpose(1, 2)  # [Bd, kvh, L, d]
-        v = v_cache[batch.decode_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=batch.decode_mask, scale=scale)
-        out[batch.decode_rows] = o.reshape(bd, H, d)
+        bd, L = batch.decode_slots.shape
+        flat = batch.decode_slots.view(-1)
+        # [Bd*kvh, L, d] per (request, KV head); the query heads of a group share its keys
+        k = k_cache.index_select(0, flat).view(bd, L, kvh, d).transpose(1, 2).reshape(bd * kvh, L, d)
+        v = v_cache.index_select(0, flat).view(bd, L, kvh, d).transpose(1, 2).reshape(bd * kvh, L, d)
+        qd = (q if batch.all_decode else q[batch.decode_rows]).reshape(bd * kvh, group, d)
+        scores = torch.bmm(qd, k.transpose(1, 2)).view(bd, kvh, group, L).float() * scale
+        scores.masked_fill_(~batch.decode_mask, float("-inf"))
+        probs = scores.softmax(-1).to(q.dtype).view(bd * kvh, group, L)
+        o = torch.bmm(probs, v).view(bd, H, d)
+        if batch.all_decode:
+            return o
+        out[batch.decode_rows] = o
     for p in batch.prefills:
-        qp = q[p.token_start: p.token_start + p.num_tokens].transpose(0, 1)[None]  # [1, H, n, d]
-        k = k_cache[p.key_slots].transpose(0, 1)[None]  # [1, kvh, L, d]
-        v = v_cache[p.key_slots].transpose(0, 1)[None]
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
-        if p.context_before == 0:
-            o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale)
-        else:
-            L = p.context_before + p.num_tokens
-            qpos = torch.arange(p.context_before, L, device=q.device)
-            mask = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale)
-        out[p.token_start: p.token_start + p.num_tokens] = o[0].transpose(0, 1)
+        rows = slice(p.token_start, p.token_start + p.num_tokens)
+        k = k_cache[p.key_slots]  # [L, kvh, d]
+        v = v_cache[p.key_slots]
+        out[rows] = _prefill_sdpa(q[rows], k, v, p.context_before, scale)
     return out
+
+
+def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, before: int, scale: float) -> torch.Tensor:
+    """One prefill chunk through torch's fused SDPA (the arithmetic transformers uses, so float32 matches it)."""
+    n, H, _ = q.shape
+    group = H // k.shape[1]
+    qp = q.transpose(0, 1)[None]
+    k = k.transpose(0, 1)[None].repeat_interleave(group, dim=1)
+    v = v.transpose(0, 1)[None].repeat_interleave(group, dim=1)
+    if before == 0:
+        o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale)
+    else:
+        mask = torch.arange(before + n, device=q.device)[None, :] <= torch.arange(before, before + n,
+                                                                                  device=q.device)[:, None]
+        o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale)
+    return o[0].transpose(0, 1)
+

@@ -15,7 +15,7 @@ from xytune.runtime.scheduler import SchedulerConfig
 class LLM:
     def __init__(self, model: str = "smollm2-135m", dtype: str = "auto", device: str = "cpu",
                  kv_cache_gb: float = 1.0, block_size: int = 16, max_num_batched_tokens: int = 2048,
-                 max_num_seqs: int = 256, threads: int | None = None):
+                 max_num_seqs: int = 256, threads: int | None = None, gemm: str = "packed"):
         if threads is not None:
             torch.set_num_threads(threads)
         if kv_cache_gb <= 0:
@@ -25,7 +25,7 @@ class LLM:
         dev = torch.device(device)
         config, state, self.tokenizer, self.model_name = load_checkpoint(model)
         self.dtype = resolve_dtype(dtype, dev)
-        self.model = LlamaModel(config, state, self.dtype, dev)
+        self.model = LlamaModel(config, state, self.dtype, dev, gemm=gemm)
         del state
         per_block = bytes_per_block(config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype)
         num_blocks = int(kv_cache_gb * 2**30 // per_block)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from xytune.runtime.attention import AttentionBatch, reference_attention
 from xytune.runtime.config import ModelConfig, ModelLoadError
 from xytune.runtime.kv_cache import KVCache
+from xytune.runtime.linear import Linear
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionBatch, float], torch.Tensor]
 
@@ -53,17 +54,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Layer:
     ln1: torch.Tensor
-    w_qkv: torch.Tensor
-    b_qkv: torch.Tensor | None
-    w_o: torch.Tensor
+    qkv: Linear
+    o: Linear
     ln2: torch.Tensor
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
+    gate_up: Linear
+    down: Linear
 
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device | str = "cpu", attention: AttentionFn = reference_attention):
+                 device: torch.device | str = "cpu", attention: AttentionFn = reference_attention,
+                 gemm: str = "packed"):
         self.config, self.dtype, self.device = config, dtype, torch.device(device)
         self.attention = attention
 
@@ -74,8 +75,9 @@ class LlamaModel:
 
         self.embed = take("model.embed_tokens.weight")
         self.norm = take("model.norm.weight")
-        self.lm_head = self.embed if config.tie_word_embeddings or "lm_head.weight" not in state \
+        lm_head = self.embed if config.tie_word_embeddings or "lm_head.weight" not in state \
             else take("lm_head.weight")
+        self.lm_head = Linear(lm_head, mode=gemm)
         self.layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
@@ -83,11 +85,12 @@ class LlamaModel:
             bias = None
             if config.qkv_bias:
                 bias = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+            gate_up = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
             self.layers.append(Layer(
-                ln1=take(p + "input_layernorm.weight"), w_qkv=torch.cat(qkv).contiguous(), b_qkv=bias,
-                w_o=take(p + "self_attn.o_proj.weight"), ln2=take(p + "post_attention_layernorm.weight"),
-                w_gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]).contiguous(),
-                w_down=take(p + "mlp.down_proj.weight"),
+                ln1=take(p + "input_layernorm.weight"), qkv=Linear(torch.cat(qkv).contiguous(), bias, gemm),
+                o=Linear(take(p + "self_attn.o_proj.weight"), mode=gemm),
+                ln2=take(p + "post_attention_layernorm.weight"), gate_up=Linear(gate_up.contiguous(), mode=gemm),
+                down=Linear(take(p + "mlp.down_proj.weight"), mode=gemm),
             ))
         inv = rope_inv_freq(config)
         pos = torch.arange(config.max_position_embeddings, dtype=torch.float32)
@@ -113,17 +116,18 @@ class LlamaModel:
         h = self.embed[input_ids]
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.ln1, c.rms_norm_eps)
-            qkv = F.linear(x, layer.w_qkv, layer.b_qkv)
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q, k, v = q.view(T, H, d), k.view(T, kvh, d), v.view(T, kvh, d)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            qkv = layer.qkv(x)
+            # Q and K are adjacent in the fused output: rotate all their heads in one pass.
+            qk = qkv[:, : q_size + kv_size].view(T, H + kvh, d)
+            qk = qk * cos + rotate_half(qk) * sin
+            q, k = qk[:, :H], qk[:, H:]
+            v = qkv[:, q_size + kv_size:].view(T, kvh, d)
             kv.k[i].index_copy_(0, batch.slot_mapping, k)
             kv.v[i].index_copy_(0, batch.slot_mapping, v)
             attn = self.attention(q, kv.k[i], kv.v[i], batch, self.scale)
-            h = h + F.linear(attn.reshape(T, q_size), layer.w_o)
+            h = h + layer.o(attn.reshape(T, q_size))
             x = rms_norm(h, layer.ln2, c.rms_norm_eps)
-            gate, up = F.linear(x, layer.w_gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.w_down)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
         h = rms_norm(h[logits_rows], self.norm, c.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()

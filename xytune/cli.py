@@ -271,6 +271,34 @@ def bench_profile(
         dump(results, json_out)
 
 
+@bench_app.command("runtime")
+def bench_runtime(
+    dtype: str = typer.Option("bfloat16", help="float32 | bfloat16."),
+    threads: int = typer.Option(None, help="CPU threads for both systems."),
+    prefill_len: int = typer.Option(512, help="Prompt length of the prefill measurement."),
+    gemm: str = typer.Option("packed", help="packed | plain weight GEMMs for xytune."),
+    repeats: int = typer.Option(3, help="Alternating repeats per figure (medians reported)."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
+):
+    """xytune's engine against Hugging Face transformers on SmolLM2-135M: prefill, decode steps, batch generate."""
+    from xytune.bench_runtime import render, run_bench
+    from xytune.runtime.config import ModelLoadError
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        fail("bench runtime compares against transformers: pip install transformers accelerate")
+    if dtype not in ("float32", "bfloat16") or repeats < 1 or prefill_len < 2:
+        fail("--dtype must be float32 or bfloat16, --repeats >= 1, --prefill-len >= 2.")
+    try:
+        results = run_bench(dtype=dtype, threads=threads, prefill_len=prefill_len, repeats=repeats, gemm=gemm)
+    except (ModelLoadError, ValueError) as exc:
+        fail(str(exc))
+    render(results, console)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
 def main() -> None:
     app()
 
