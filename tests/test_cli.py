@@ -10,7 +10,10 @@ import time
 import pytest
 
 from conftest import resampled
+from xytune.primitives import primitives_for
 from xytune.table import KEY_COLUMNS, CostTable, read_table, write_table
+
+PRIMS = len(primitives_for("gemm", "cpu", "float32"))
 
 SMALL = ["--buckets", "1,2,8", "--targets", "qkv,o", "--dtypes", "float32", "--budget-ms", "1", "--no-progress"]
 
@@ -27,10 +30,10 @@ def test_profile_show_plot_compare_end_to_end(tmp_path):
     table = tmp_path / "cpu.parquet"
     xytune("profile", "--device", "cpu", "--threads", "1", "-o", table, *SMALL, check=0)
     rows = read_table(table).rows
-    assert len(rows) == 2 * 3 * 3 and not rows.duplicated(KEY_COLUMNS).any()
+    assert len(rows) == 2 * 3 * PRIMS and not rows.duplicated(KEY_COLUMNS).any()
 
     shown = json.loads(xytune("show", table, "--format", "json", check=0).stdout)
-    assert shown["complete"] and shown["counts"]["rows"] == 18
+    assert shown["complete"] and shown["counts"]["rows"] == 2 * 3 * PRIMS
     assert shown["fingerprint"]["threads"] == 1
     assert {(b["target"], b["m"]) for b in shown["best"]} == {(t, m) for t in ("qkv", "o") for m in (1, 2, 8)}
     assert "Best per bucket" in xytune("show", table, check=0).stdout
@@ -89,9 +92,9 @@ def test_sigterm_leaves_a_partial_table_that_resume_finishes(tmp_path):
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
     partial = read_table(table)
-    assert not partial.complete and 0 < len(partial.rows) < 32 * 3 * 3
+    assert not partial.complete and 0 < len(partial.rows) < 32 * 3 * PRIMS
 
     xytune(*args, "--resume", check=0)
     final = read_table(table)
-    assert final.complete and len(final.rows) == 32 * 3 * 3
+    assert final.complete and len(final.rows) == 32 * 3 * PRIMS
     assert not final.rows.duplicated(KEY_COLUMNS).any()

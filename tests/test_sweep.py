@@ -1,11 +1,14 @@
 import pytest
 
 from xytune.geometry import PRESETS
+from xytune.primitives import primitives_for
 from xytune.sweep import Sweep, SweepError, SweepSettings, m_buckets, quick_buckets
 from xytune.table import KEY_COLUMNS, read_table
 from xytune.timing import TimingPolicy
 
 TINY = TimingPolicy(warmup=1, budget_s=0.0, min_samples=3, max_samples=3)
+PRIMS = len(primitives_for("gemm", "cpu", "float32"))  # no config knobs on CPU: one row each
+ROWS = 2 * 3 * PRIMS  # 2 targets x 3 buckets
 
 
 def tiny_settings(**kw):
@@ -29,8 +32,7 @@ def test_small_sweep_writes_complete_table(tmp_path, cpu_device):
     table = Sweep(cpu_device, PRESETS["smollm2-135m"], tiny_settings(), out).run(progress=False)
     back = read_table(out)
     assert back.complete
-    # 2 targets x 3 buckets x (3 CPU primitives, no configs)
-    assert len(back.rows) == len(table.rows) == 18
+    assert len(back.rows) == len(table.rows) == ROWS
     assert (back.rows["n_samples"] == 3).all()
     assert back.rows["samples_s"].map(len).eq(3).all()
     assert (back.rows["median_s"] > 0).all()
@@ -70,7 +72,7 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, cpu_device, monk
     monkeypatch.setattr(Sweep, "_time", lambda self, g, c: timed.append(1) or real_time(self, g, c))
     resumed.run(progress=False)
     final = read_table(out)
-    assert final.complete and len(final.rows) == 18 and len(timed) == 11
+    assert final.complete and len(final.rows) == ROWS and len(timed) == ROWS - 7
     assert not final.rows.duplicated(KEY_COLUMNS).any()
     # The rows measured before the interruption are kept as they were.
     before = partial.rows.set_index(KEY_COLUMNS)["median_s"]

@@ -63,6 +63,21 @@ def _cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def llc_bytes() -> int:
+    """Last-level cache size of CPU 0 (32 MiB when the kernel does not say)."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    best = 0
+    try:
+        for entry in os.listdir(base):
+            with open(f"{base}/{entry}/size", encoding="utf-8") as f:
+                text = f.read().strip().upper()
+            mult = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1], 1)
+            best = max(best, int(text.rstrip("KMG")) * mult)
+    except (OSError, ValueError):
+        pass
+    return best or 32 * 1024 * 1024
+
+
 def _optional_version(module: str) -> str | None:
     try:
         from importlib.metadata import version
@@ -100,7 +115,12 @@ class Device:
             self._module().synchronize(self.index)
 
     def flush_cache(self) -> None:
-        """Overwrite a buffer larger than the last-level cache so a sample starts cold."""
+        """Overwrite a buffer larger than the GPU/NPU L2 cache so a sample starts cold.
+
+        On CPU, primitives rotate through copies of their weights instead
+        (see primitives.weight_copies): that matches serving, where every
+        layer's weights pass once per step, better than a flush does.
+        """
         if self.backend == "cpu":
             return
         if self._flush_buffer is None:
@@ -115,8 +135,8 @@ class Device:
         self.synchronize()
         return time.perf_counter() - start
 
-    def time_samples(self, fn: Callable[[], object], count: int) -> list[float]:
-        """Time ``count`` calls of ``fn``: perf_counter on CPU, device events on GPU/NPU."""
+    def time_samples(self, fn: Callable[[], object], count: int, cold: bool = True) -> list[float]:
+        """Time ``count`` calls of ``fn``: perf_counter on CPU, device events on GPU/NPU; caches flushed first."""
         if self.backend == "cpu":
             out = []
             for _ in range(count):
@@ -128,7 +148,8 @@ class Device:
         starts = [mod.Event(enable_timing=True) for _ in range(count)]
         ends = [mod.Event(enable_timing=True) for _ in range(count)]
         for s, e in zip(starts, ends):
-            self.flush_cache()
+            if cold:
+                self.flush_cache()
             s.record()
             fn()
             e.record()

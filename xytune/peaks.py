@@ -12,7 +12,7 @@ from xytune.devices import Device
 from xytune.primitives import DTYPES
 from xytune.timing import TimingPolicy, measure
 
-PEAK_TIMING = TimingPolicy(warmup=2, budget_s=0.3, min_samples=3, max_samples=20)
+PEAK_TIMING = TimingPolicy(warmup=2, budget_s=0.3, min_samples=3, max_samples=20, cold=False)
 
 
 def _gemm_size(device: Device) -> int:

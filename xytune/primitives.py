@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from xytune.devices import Device
+from xytune.devices import Device, llc_bytes
 
 Shape = dict[str, int]
 Config = dict[str, Any]
@@ -83,27 +83,51 @@ def _random_matrix(rows: int, cols: int, dtype: str, device: str, transposed: bo
     return t.t().contiguous() if transposed else t
 
 
+def weight_copies(weight_bytes: int, device: Device) -> int:
+    """How many copies of a weight to rotate through so each call finds it out of the CPU's caches.
+
+    In serving, every layer's weights pass once per step, so a GEMM never
+    finds its weight cached; rotating through copies that together exceed
+    twice the last-level cache reproduces that (timing one weight over and
+    over would flatter small GEMMs by 2-5x on a 2-core CPU).
+    """
+    if device.backend != "cpu":
+        return 1  # GPUs/NPUs flush their L2 between samples instead
+    return max(1, min(64, math.ceil(2 * llc_bytes() / max(weight_bytes, 1))))
+
+
 def _gemm_operands(shape: Shape, dtype: str, device: Device, transposed_weight: bool = False):
+    """The input and the rotation of weight copies for one GEMM shape."""
     dev = str(device.torch_device)
     x = _random_matrix(shape["m"], shape["k"], dtype, dev)
-    return x, _random_matrix(shape["n"], shape["k"], dtype, dev, transposed_weight)
+    w = _random_matrix(shape["n"], shape["k"], dtype, dev, transposed_weight)
+    copies = weight_copies(w.numel() * w.element_size(), device)
+    return x, [w] + [w.clone() for _ in range(copies - 1)]
+
+
+def rotating(calls: list[Callable[[], Any]]) -> Callable[[], Any]:
+    """One callable that runs the next of ``calls`` each time."""
+    if len(calls) == 1:
+        return calls[0]
+    nxt = itertools.cycle(calls).__next__
+    return lambda: nxt()()
 
 
 def _make_matmul_out(shape, config, dtype, device):
-    x, w = _gemm_operands(shape, dtype, device)
+    x, ws = _gemm_operands(shape, dtype, device)
     out = torch.empty(shape["m"], shape["n"], dtype=x.dtype, device=x.device)
-    return lambda: torch.matmul(x, w.t(), out=out)
+    return rotating([lambda w=w: torch.matmul(x, w.t(), out=out) for w in ws])
 
 
 def _make_linear_functional(shape, config, dtype, device):
-    x, w = _gemm_operands(shape, dtype, device)
-    return lambda: torch.nn.functional.linear(x, w)
+    x, ws = _gemm_operands(shape, dtype, device)
+    return rotating([lambda w=w: torch.nn.functional.linear(x, w) for w in ws])
 
 
 def _make_matmul_pretransposed(shape, config, dtype, device):
-    x, wt = _gemm_operands(shape, dtype, device, transposed_weight=True)
+    x, wts = _gemm_operands(shape, dtype, device, transposed_weight=True)
     out = torch.empty(shape["m"], shape["n"], dtype=x.dtype, device=x.device)
-    return lambda: torch.matmul(x, wt, out=out)
+    return rotating([lambda wt=wt: torch.matmul(x, wt, out=out) for wt in wts])
 
 
 register(Primitive(
@@ -129,6 +153,32 @@ register(Primitive(
     dtypes=("float32", "bfloat16", "float16"),
     make=_make_matmul_pretransposed,
     work=gemm_work,
+))
+
+
+# -- CPU: oneDNN linear with the weight pre-packed once (what the engine runs on CPU) --
+
+def _onednn_available() -> bool:
+    from xytune.runtime.linear import onednn_packing_available
+
+    return onednn_packing_available()
+
+
+def _make_onednn_packed(shape, config, dtype, device):
+    from xytune.runtime.linear import Linear
+
+    x, ws = _gemm_operands(shape, dtype, device)
+    return rotating([Linear(w, mode="packed")._bind(x) for w in ws])
+
+
+register(Primitive(
+    name="onednn.packed_linear",
+    op="gemm",
+    backends=("cpu",),
+    dtypes=("float32", "bfloat16"),
+    make=_make_onednn_packed,
+    work=gemm_work,
+    available=_onednn_available,
 ))
 
 
@@ -165,9 +215,9 @@ def triton_gemm_invalid(shape: Shape, config: Config, dtype: str, device: Device
 def _make_triton_gemm(shape, config, dtype, device):
     from xytune.kernels.triton_gemm import triton_gemm
 
-    x, w = _gemm_operands(shape, dtype, device)
+    x, ws = _gemm_operands(shape, dtype, device)
     out = torch.empty(shape["m"], shape["n"], dtype=x.dtype, device=x.device)
-    return lambda: triton_gemm(x, w, out, **config)
+    return rotating([lambda w=w: triton_gemm(x, w, out, **config) for w in ws])
 
 
 register(Primitive(
@@ -197,10 +247,10 @@ NPU_FORMAT_ND, NPU_FORMAT_FRACTAL_NZ = 2, 29
 def _make_npu_matmul(shape, config, dtype, device):
     import torch_npu
 
-    x, wt = _gemm_operands(shape, dtype, device, transposed_weight=True)
+    x, wts = _gemm_operands(shape, dtype, device, transposed_weight=True)
     if config["weight_format"] == "NZ":
-        wt = torch_npu.npu_format_cast(wt, NPU_FORMAT_FRACTAL_NZ)
-    return lambda: torch.matmul(x, wt)
+        wts = [torch_npu.npu_format_cast(wt, NPU_FORMAT_FRACTAL_NZ) for wt in wts]
+    return rotating([lambda wt=wt: torch.matmul(x, wt) for wt in wts])
 
 
 register(Primitive(

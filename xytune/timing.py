@@ -23,9 +23,10 @@ class TimingPolicy:
     budget_s: float = 0.05  # per point, samples only
     min_samples: int = 5
     max_samples: int = 100
+    cold: bool = True  # flush the GPU/NPU L2 before each sample (weights are cold in serving)
 
 
-QUICK_TIMING = TimingPolicy(warmup=1, budget_s=0.01, min_samples=5, max_samples=20)
+QUICK_TIMING = TimingPolicy(warmup=1, budget_s=0.01, min_samples=5, max_samples=10)
 DEFAULT_TIMING = TimingPolicy()
 
 
@@ -38,13 +39,13 @@ def measure(fn: Callable[[], Any], device: Device, policy: TimingPolicy = DEFAUL
         if device.backend != "cpu":
             # Events need the count up front: size it from the warm-up time.
             count = int(policy.budget_s / max(first, 1e-7))
-            return device.time_samples(fn, max(policy.min_samples, min(policy.max_samples, count)))
+            return device.time_samples(fn, max(policy.min_samples, min(policy.max_samples, count)), policy.cold)
         samples: list[float] = []
         deadline = time.perf_counter() + policy.budget_s
         while len(samples) < policy.max_samples and (
             len(samples) < policy.min_samples or time.perf_counter() < deadline
         ):
-            samples.extend(device.time_samples(fn, 1))
+            samples.extend(device.time_samples(fn, 1, policy.cold))
         return samples
 
 
