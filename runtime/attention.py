@@ -28,8 +28,15 @@ class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     decode_rows: torch.Tensor  # [Bd] rows of the flat batch that are single-token decodes
     decode_slots: torch.Tensor  # [Bd, Lmax] key slots per decode row (padded with 0)
-    decode_mask: torch.Tensor  # [Bd, 1, 1, Lmax] True where the key is real
+    decode_bias: torch.Tensor  # [Bd, 1, Lmax] 0 for real keys, -inf for padding (added to the scores)
     prefills: list[PrefillChunk]
+
+    def decode_bias_for(self, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        """The padding bias repeated per KV head ``[kv_heads*Bd, 1, L]``, made once per step for all layers."""
+        key = (kv_heads, dtype)
+        if getattr(self, "_bias_key", None) != key:
+            self._bias, self._bias_key = self.decode_bias.to(dtype).repeat(kv_heads, 1, 1), key
+        return self._bias
 
     @property
     def all_decode(self) -> bool:
@@ -58,39 +65,41 @@ class AttentionBatch:
         for i, s in enumerate(decode_tables):
             dslots[i, : len(s)] = s
         lens = torch.tensor(decode_lens, dtype=torch.long)
-        mask = (torch.arange(lmax)[None, :] < lens[:, None])[:, None, None, :]
+        bias = torch.zeros(len(decode_rows), 1, lmax)
+        bias.masked_fill_((torch.arange(lmax)[None, :] >= lens[:, None])[:, None, :], float("-inf"))
         return cls(
             slot_mapping=torch.cat(slot_parts).to(device) if slot_parts else torch.zeros(0, dtype=torch.long),
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
-            decode_slots=dslots.to(device), decode_mask=mask.to(device), prefills=prefills,
+            decode_slots=dslots.to(device), decode_bias=bias.to(device), prefills=prefills,
         )
 
 
 def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
                         scale: float) -> torch.Tensor:
-    """``q [T, H, d]`` against the cached keys/values of each row's request -> ``[T, H, d]``."""
+    """``q [T, H, d]`` against the cached keys/values (``[kv_heads, slots, d]``) of each row's request."""
     T, H, d = q.shape
-    kvh = k_cache.shape[1]
+    kvh = k_cache.shape[0]
     group = H // kvh
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if batch.prefills else None
     if len(batch.decode_rows):
         bd, L = batch.decode_slots.shape
         flat = batch.decode_slots.view(-1)
-        # [Bd*kvh, L, d] per (request, KV head); the query heads of a group share its keys
-        k = k_cache.index_select(0, flat).view(bd, L, kvh, d).transpose(1, 2).reshape(bd * kvh, L, d)
-        v = v_cache.index_select(0, flat).view(bd, L, kvh, d).transpose(1, 2).reshape(bd * kvh, L, d)
-        qd = (q if batch.all_decode else q[batch.decode_rows]).reshape(bd * kvh, group, d)
-        scores = torch.bmm(qd, k.transpose(1, 2)).view(bd, kvh, group, L).float() * scale
-        scores.masked_fill_(~batch.decode_mask, float("-inf"))
-        probs = scores.softmax(-1).to(q.dtype).view(bd * kvh, group, L)
-        o = torch.bmm(probs, v).view(bd, H, d)
+        # Batch order (kv head, request): each GEMM pairs a request's `group` query heads with its keys.
+        k = k_cache.index_select(1, flat).view(kvh * bd, L, d)
+        v = v_cache.index_select(1, flat).view(kvh * bd, L, d)
+        qd = q if batch.all_decode else q[batch.decode_rows]
+        qd = qd.view(bd, kvh, group, d).transpose(0, 1).reshape(kvh * bd, group, d)
+        bias = batch.decode_bias_for(kvh, q.dtype)
+        scores = torch.baddbmm(bias, qd, k.transpose(1, 2), alpha=scale)
+        probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype)
+        o = torch.bmm(probs, v).view(kvh, bd, group, d).transpose(0, 1).reshape(bd, H, d)
         if batch.all_decode:
             return o
         out[batch.decode_rows] = o
     for p in batch.prefills:
         rows = slice(p.token_start, p.token_start + p.num_tokens)
-        k = k_cache[p.key_slots]  # [L, kvh, d]
-        v = v_cache[p.key_slots]
+        k = k_cache.index_select(1, p.key_slots)  # [kvh, L, d]
+        v = v_cache.index_select(1, p.key_slots)
         out[rows] = _prefill_sdpa(q[rows], k, v, p.context_before, scale)
     return out
 
@@ -98,10 +107,10 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, before: int, scale: float) -> torch.Tensor:
     """One prefill chunk through torch's fused SDPA (the arithmetic transformers uses, so float32 matches it)."""
     n, H, _ = q.shape
-    group = H // k.shape[1]
+    group = H // k.shape[0]
     qp = q.transpose(0, 1)[None]
-    k = k.transpose(0, 1)[None].repeat_interleave(group, dim=1)
-    v = v.transpose(0, 1)[None].repeat_interleave(group, dim=1)
+    k = k[None].repeat_interleave(group, dim=1)
+    v = v[None].repeat_interleave(group, dim=1)
     if before == 0:
         o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale)
     else:

@@ -39,14 +39,19 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
 
 
 class KVCache:
-    """K and V pools, ``[num_layers][num_blocks * block_size, num_kv_heads, head_dim]``."""
+    """K and V pools, ``[num_layers][num_kv_heads, num_blocks * block_size, head_dim]``.
+
+    Head-major, so gathering a batch's keys by slot yields one contiguous
+    ``[kv_head, tokens, head_dim]`` block per head: attention's batched GEMMs
+    read it with no transposing copy.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block; raise --kv-cache-gb")
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        shape = (num_kv_heads, num_blocks * block_size, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)

@@ -122,8 +122,8 @@ class LlamaModel:
             qk = qk * cos + rotate_half(qk) * sin
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, q_size + kv_size:].view(T, kvh, d)
-            kv.k[i].index_copy_(0, batch.slot_mapping, k)
-            kv.v[i].index_copy_(0, batch.slot_mapping, v)
+            kv.k[i].index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
+            kv.v[i].index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
             attn = self.attention(q, kv.k[i], kv.v[i], batch, self.scale)
             h = h + layer.o(attn.reshape(T, q_size))
             x = rms_norm(h, layer.ln2, c.rms_norm_eps)
