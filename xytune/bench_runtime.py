@@ -16,6 +16,8 @@ import torch
 def _hf_model(llm_path, dtype):
     import transformers
 
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(llm_path.parent), gguf_file=llm_path.name,
                                                               dtype=dtype)
     model.eval()
