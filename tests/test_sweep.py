@@ -93,3 +93,12 @@ def test_bad_settings_are_refused(tmp_path, cpu_device):
         Sweep(cpu_device, g, SweepSettings(dtypes=["float32"], buckets=[1], targets=["nope"]), tmp_path / "a")
     with pytest.raises(SweepError, match="--trials"):
         Sweep(cpu_device, g, SweepSettings(dtypes=["float32"], buckets=[1], trials=0), tmp_path / "a")
+
+
+def test_off_bucket_ms_avoid_buckets_and_repeat():
+    from xytune.bench_profile import off_bucket_ms
+
+    buckets = m_buckets(4096)
+    ms = off_bucket_ms(buckets, 4096, 24, seed=0)
+    assert len(set(ms)) == 24 and not set(ms) & set(buckets) and all(1 <= m <= 4096 for m in ms)
+    assert ms == off_bucket_ms(buckets, 4096, 24, seed=0)

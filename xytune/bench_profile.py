@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +61,7 @@ def _fresh(shape: dict, primitive: str, config: dict, dtype: str, device: Device
 
 
 def accuracy(model: CostModel, device: Device, geometry: ModelGeometry, ms: list[int], max_seqs: int,
-             dtypes: list[str]) -> list[AccuracyPoint]:
+             dtypes: list[str], only: str | None = None) -> list[AccuracyPoint]:
     """Predicted against freshly measured latency of the predicted-best primitive at each M.
 
     The two table buckets around each M are re-timed right beside it (same
@@ -71,6 +71,8 @@ def accuracy(model: CostModel, device: Device, geometry: ModelGeometry, ms: list
     points = []
     for dtype in dtypes:
         for g in geometry.gemms():
+            if only is not None and g.name != only:
+                continue
             for m in ms:
                 if g.name == "lm_head" and m > max_seqs:
                     continue
@@ -90,22 +92,35 @@ def accuracy(model: CostModel, device: Device, geometry: ModelGeometry, ms: list
 
 def run_bench(device: Device, geometry: ModelGeometry, dtypes: list[str], max_tokens: int, num_ms: int,
               seed: int, workdir: Path | None = None) -> dict:
+    """Sweep times of the full quick and default sweeps, then the cost model's error on unseen M.
+
+    The accuracy check re-sweeps one GEMM at a time and checks it right
+    away, so the fresh timings are taken within a minute of the table they
+    are compared with: on a shared VM whose speed drifts by 10-30% over
+    minutes this measures the cost model, not the drift. The drift that is
+    left is reported too (neighbouring buckets re-timed beside each check).
+    """
     workdir = Path(workdir or tempfile.mkdtemp(prefix="xytune-bench-"))
     results: dict = {"device": device.fingerprint(), "model": geometry.name, "dtypes": dtypes, "sweeps": {}}
-    tables = {}
-    for name, settings in (("quick", SweepSettings.quick(dtypes, max_tokens)),
-                           ("default", SweepSettings(dtypes=dtypes, buckets=m_buckets(max_tokens)))):
+    settings = {"quick": SweepSettings.quick(dtypes, max_tokens),
+                "default": SweepSettings(dtypes=dtypes, buckets=m_buckets(max_tokens))}
+    for name, st in settings.items():
         out = workdir / f"{name}.parquet"
         start = time.perf_counter()
-        table = Sweep(device, geometry, settings, out, overwrite=True).run(progress=False)
+        table = Sweep(device, geometry, st, out, overwrite=True).run(progress=False)
         results["sweeps"][name] = {"seconds": time.perf_counter() - start, "rows": len(table.rows),
-                                   "buckets": len(settings.buckets), "path": str(out)}
-        tables[name] = (CostModel(table), settings)
-    all_buckets = sorted(set(tables["quick"][1].buckets) | set(tables["default"][1].buckets))
+                                   "buckets": len(st.buckets), "path": str(out)}
+    all_buckets = sorted(set(settings["quick"].buckets) | set(settings["default"].buckets))
     ms = off_bucket_ms(all_buckets, max_tokens, num_ms, seed)
     results["accuracy_ms"] = ms
-    for name, (model, settings) in tables.items():
-        pts = accuracy(model, device, geometry, ms, settings.max_seqs, dtypes)
+    points: dict[str, list[AccuracyPoint]] = {name: [] for name in settings}
+    for g in geometry.gemms():
+        for name, st in settings.items():
+            out = workdir / f"{name}-{g.name}.parquet"
+            one = replace(st, targets=[g.name])
+            model = CostModel(Sweep(device, geometry, one, out, overwrite=True).run(progress=False))
+            points[name] += accuracy(model, device, geometry, ms, st.max_seqs, dtypes, only=g.name)
+    for name, pts in points.items():
         apes = np.array([p.ape for p in pts])
         corrected = np.array([p.drift_corrected_ape for p in pts])
         worst = max(pts, key=lambda p: p.ape)
