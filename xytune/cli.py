@@ -72,6 +72,7 @@ def profile(
     resume: bool = typer.Option(False, "--resume", help="Continue a partial table, skipping finished rows."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing table."),
     seed: int = typer.Option(0, help="Seed of the Optuna sampler."),
+    checkpoint_s: float = typer.Option(5.0, help="Seconds between checkpoints of the partial table."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Sweep GEMM shape buckets and kernel configs on DEVICE into a Parquet cost table."""
@@ -100,8 +101,10 @@ def profile(
         else:
             ms = (quick_buckets if quick else m_buckets)(max_tokens)
         settings = (SweepSettings.quick(dts, max_tokens) if quick else SweepSettings(dtypes=dts, buckets=ms))
+        if checkpoint_s < 0:
+            fail("--checkpoint-s must be >= 0.")
         settings = replace(settings, buckets=ms, max_seqs=max_seqs, search=search, trials=trials, storage=storage,
-                           seed=seed, targets=[t.strip() for t in targets.split(",")] if targets else None)
+                           seed=seed, checkpoint_every_s=checkpoint_s, targets=[t.strip() for t in targets.split(",")] if targets else None)
         if budget_ms is not None:
             if budget_ms <= 0:
                 fail("--budget-ms must be positive.")
