@@ -34,6 +34,10 @@ class ModelConfig:
         if model_type not in ("llama", "qwen2", "mistral"):
             raise ModelLoadError(f"Unsupported architecture {model_type!r}: xytune runs Llama-family decoders "
                                  "(llama, qwen2, mistral).")
+        missing = [k for k in ("num_attention_heads", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "vocab_size") if k not in cfg]
+        if missing:
+            raise ModelLoadError(f"config.json lacks {', '.join(missing)}.")
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")

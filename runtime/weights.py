@@ -28,6 +28,11 @@ def gguf_config(reader) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
         raise ModelLoadError(f"Unsupported GGUF architecture {arch!r}: xytune runs llama and qwen2 models.")
+    required = [f"{arch}.{k}" for k in ("attention.head_count", "embedding_length", "feed_forward_length",
+                                           "block_count")]
+    missing = [k for k in required if _field(reader, k) is None]
+    if missing:
+        raise ModelLoadError(f"GGUF metadata lacks {', '.join(missing)}.")
     heads = int(_field(reader, f"{arch}.attention.head_count"))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
     tokens = reader.fields.get("tokenizer.ggml.tokens")

@@ -104,64 +104,36 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def _from_model_config(cfg, name: str, tp: int) -> ModelGeometry:
+    """The profiling view of a checkpoint config the runtime parsed (one parser for both)."""
+    return ModelGeometry(name=name, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                         num_layers=cfg.num_layers, vocab_size=cfg.vocab_size, qkv_bias=cfg.qkv_bias, tp=tp)
+
+
 def _from_hf_config(cfg: dict, name: str, tp: int) -> ModelGeometry:
-    arch = (cfg.get("architectures") or [cfg.get("model_type", "?")])[0]
-    if cfg.get("model_type") not in ("llama", "qwen2", "mistral") and "Llama" not in arch and "Qwen2" not in arch:
-        raise GeometryError(f"{name}: architecture {arch!r} is not a Llama-family decoder.")
+    from xytune.runtime.config import ModelConfig, ModelLoadError
+
     try:
-        heads = cfg["num_attention_heads"]
-        hidden = cfg["hidden_size"]
-        return ModelGeometry(
-            name=name,
-            hidden_size=hidden,
-            intermediate_size=cfg["intermediate_size"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads", heads),
-            head_dim=cfg.get("head_dim") or hidden // heads,
-            num_layers=cfg["num_hidden_layers"],
-            vocab_size=cfg["vocab_size"],
-            qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
-            tp=tp,
-        )
-    except KeyError as exc:
-        raise GeometryError(f"{name}: config.json lacks {exc.args[0]!r}.") from None
+        return _from_model_config(ModelConfig.from_hf(cfg), name, tp)
+    except ModelLoadError as exc:
+        raise GeometryError(f"{name}: {exc}") from None
 
 
 def _from_gguf(path: Path, tp: int) -> ModelGeometry:
     import gguf
 
+    from xytune.runtime.config import ModelLoadError
+    from xytune.runtime.weights import gguf_config
+
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:
         raise GeometryError(f"{path} is not a readable GGUF file ({exc}).") from None
-
-    def field(key, default=None):
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
-
-    arch = field("general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise GeometryError(f"{path}: architecture {arch!r} is not a supported Llama-family decoder.")
-    hidden = field(f"{arch}.embedding_length")
-    heads = field(f"{arch}.attention.head_count")
-    vocab = field(f"{arch}.vocab_size")
-    if vocab is None:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        vocab = len(tokens.data) if tokens is not None else None
-    if None in (hidden, heads, vocab):
-        raise GeometryError(f"{path}: GGUF metadata lacks the model dimensions.")
-    return ModelGeometry(
-        name=path.stem,
-        hidden_size=int(hidden),
-        intermediate_size=int(field(f"{arch}.feed_forward_length")),
-        num_heads=int(heads),
-        num_kv_heads=int(field(f"{arch}.attention.head_count_kv", heads)),
-        head_dim=int(field(f"{arch}.attention.key_length", hidden // heads)),
-        num_layers=int(field(f"{arch}.block_count")),
-        vocab_size=int(vocab),
-        qkv_bias=arch == "qwen2",
-        tp=tp,
-    )
+    try:
+        return _from_model_config(gguf_config(reader), path.stem, tp)
+    except ModelLoadError as exc:
+        raise GeometryError(f"{path}: {exc}") from None
 
 
 def resolve_geometry(model: str = DEFAULT_MODEL, tp: int = 1) -> ModelGeometry:
