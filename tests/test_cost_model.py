@@ -2,6 +2,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import linear_latency
 from xytune.cost_model import CostModel, CostModelError
@@ -73,3 +74,17 @@ def test_corrupt_table_is_a_cost_model_error(tmp_path):
     path.write_bytes(b"PAR1" + bytes(np.arange(200, dtype=np.uint8)))
     with pytest.raises(CostModelError, match="not a readable Parquet"):
         CostModel.load(path)
+
+
+def test_table_from_an_absent_backend(tmp_path, synthetic_table):
+    if torch.cuda.is_available():
+        pytest.skip("this checks a CUDA table on a machine without CUDA")
+    synthetic_table.meta["fingerprint"] = {**synthetic_table.meta["fingerprint"], "backend": "cuda",
+                                           "device_name": "NVIDIA H100"}
+    path = tmp_path / "t.parquet"
+    write_table(path, synthetic_table)
+    with pytest.raises(CostModelError, match="NVIDIA H100.*not usable here"):
+        CostModel.load(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert CostModel.load(path, allow_mismatch=True).predict_step(4) > 0

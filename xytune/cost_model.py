@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xytune.devices import Device, fingerprint_mismatches, get_device
+from xytune.devices import Device, DeviceError, fingerprint_mismatches, get_device
 from xytune.geometry import ModelGeometry
 from xytune.table import CostTable, TableError, read_table
 
@@ -78,11 +78,18 @@ class CostModel:
         if not len(table.rows):
             raise CostModelError(f"{path} holds no measurements.")
         fp = table.meta.get("fingerprint", {})
-        if device is None:
-            device = get_device(fp.get("backend", "cpu"))
-        elif isinstance(device, str):
-            device = get_device(device)
-        fatal, soft = fingerprint_mismatches(fp, device.fingerprint())
+        try:
+            if device is None:
+                device = get_device(fp.get("backend", "cpu"))
+            elif isinstance(device, str):
+                device = get_device(device)
+            current = device.fingerprint()
+        except DeviceError as exc:
+            if not allow_mismatch:
+                raise CostModelError(f"{path} was profiled on {fp.get('device_name')} ({fp.get('backend')}), "
+                                     f"which is not usable here: {exc}") from None
+            current = {}
+        fatal, soft = fingerprint_mismatches(fp, current)
         if fatal and not allow_mismatch:
             raise CostModelError(
                 f"{path} was profiled on a different device ({'; '.join(fatal)}); "
