@@ -57,11 +57,22 @@ class Engine:
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
         self.step_stats: list[StepStats] = []
+        self.sampled: list[Request] = []
 
     # -- requests ------------------------------------------------------------
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
                     request_id: str | None = None) -> Request:
+        self.validate_prompt(prompt_ids)
+        rid = request_id or f"req-{next(self._ids)}"
+        req = Request(rid, list(prompt_ids), params, prompt=prompt,
+                      generator=make_generator(params, self.model.device))
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        return req
+
+    def validate_prompt(self, prompt_ids: list[int]) -> None:
+        """Raise ``RequestError`` for a prompt this engine cannot run."""
         if not prompt_ids:
             raise RequestError("The prompt is empty.")
         if len(prompt_ids) >= self.max_model_len:
@@ -70,12 +81,6 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.model.config.vocab_size]
         if bad:
             raise RequestError(f"Token id {bad[0]} is outside the vocabulary (0..{self.model.config.vocab_size - 1}).")
-        rid = request_id or f"req-{next(self._ids)}"
-        req = Request(rid, list(prompt_ids), params, prompt=prompt,
-                      generator=make_generator(params, self.model.device))
-        self.requests[rid] = req
-        self.scheduler.add(req)
-        return req
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -91,6 +96,7 @@ class Engine:
     def step(self) -> list[Request]:
         """Run one model step; returns the requests that finished in it."""
         scheduled = self.scheduler.schedule()
+        self.sampled: list[Request] = []  # requests that got a new token in this step
         if not scheduled:
             return []
         start = time.perf_counter()
@@ -111,6 +117,7 @@ class Engine:
         for req, n in scheduled:
             req.num_computed += n
         finished = []
+        self.sampled = sampled_reqs
         if sampled_reqs:
             banned = [self._banned(r) for r in sampled_reqs]
             tokens = sample(logits, [r.params for r in sampled_reqs], [r.generator for r in sampled_reqs], banned)

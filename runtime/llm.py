@@ -36,7 +36,7 @@ class LLM:
         if isinstance(prompt, list):
             return list(prompt), None
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-        return self.tokenizer.encode(text), prompt
+        return self.tokenizer.encode(text, add_special_tokens=not chat), prompt  # templates add their own
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  chat: bool = False) -> list[RequestOutput]:

@@ -239,6 +239,48 @@ def generate(
         sys.stdout.write(out.text + "\n")
 
 
+@app.command()
+def serve(
+    model: str = typer.Option("smollm2-135m", help="smollm2-135m, a .gguf file or a Hugging Face folder."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told otherwise)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_key: str = typer.Option(None, help="Require 'Authorization: Bearer KEY' on /v1/*."),
+    served_model_name: str = typer.Option(None, help="Model id clients send [default: --model]."),
+    dtype: str = typer.Option("auto", help="float32 | bfloat16 | float16 | auto."),
+    device: str = typer.Option("cpu", help="cpu, cuda[:N], npu[:N]."),
+    kv_cache_gb: float = typer.Option(1.0, help="KV cache size."),
+    max_num_batched_tokens: int = typer.Option(2048, help="Token budget of one step."),
+    max_num_seqs: int = typer.Option(256, help="Most requests running at once."),
+    threads: int = typer.Option(None, help="CPU threads."),
+):
+    """Serve the model over an OpenAI-compatible HTTP API (completions and chat, streaming or not)."""
+    import uvicorn
+
+    from xytune.devices import DeviceError, get_device
+    from xytune.runtime.async_engine import AsyncEngine
+    from xytune.runtime.config import ModelLoadError
+    from xytune.runtime.llm import LLM
+    from xytune.runtime.server import build_app
+
+    if not 0 < port < 65536:
+        fail(f"--port must be in 1..65535, got {port}.")
+    try:
+        dev = get_device(device)
+        llm = LLM(model=model, dtype=dtype, device=str(dev.torch_device), kv_cache_gb=kv_cache_gb,
+                  max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, threads=threads)
+    except (DeviceError, ModelLoadError, ValueError) as exc:
+        fail(str(exc))
+    engine = AsyncEngine(llm.engine)
+    engine.start()
+    app = build_app(engine, llm.tokenizer, served_model_name or model, api_key=api_key)
+    err_console.print(f"serving {served_model_name or model} ({str(llm.dtype).replace('torch.', '')}) on "
+                      f"http://{host}:{port}/v1", highlight=False)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        engine.stop()
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side measurements.")
 app.add_typer(bench_app, name="bench")
 

@@ -1,0 +1,111 @@
+"""AsyncEngine: the engine stepped by one background thread, results streamed to asyncio callers.
+
+The HTTP server lives on an asyncio loop; the model runs in a thread so the
+loop stays responsive. Requests are handed over through a lock-protected
+inbox, and every step pushes each touched request's progress into that
+request's asyncio queue. Aborts (client gone) free the request's KV blocks
+at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+from xytune.runtime.engine import Engine
+from xytune.runtime.sampling import SamplingParams
+from xytune.runtime.scheduler import Request, Status
+
+
+@dataclass
+class Update:
+    """What a request has produced so far."""
+
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    stop_text: str | None  # the output cut at a stop string, once one matched
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._inbox: list[tuple] = []  # (prompt_ids, params, request_id, queue, loop)
+        self._aborts: list[str] = []
+        self._queues: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._wake = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="xytune-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._running = False
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._queues) + len(self._inbox)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> asyncio.Queue:
+        """Validate and enqueue a request; its updates arrive on the returned queue."""
+        self.engine.validate_prompt(prompt_ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._wake:
+            self._inbox.append((list(prompt_ids), params, request_id, queue, asyncio.get_running_loop()))
+            self._wake.notify()
+        return queue
+
+    def abort(self, request_id: str) -> None:
+        with self._wake:
+            self._aborts.append(request_id)
+            self._wake.notify()
+
+    def _push(self, req: Request) -> None:
+        entry = self._queues.get(req.request_id)
+        if entry is None:
+            return
+        queue, loop = entry
+        done = req.status is Status.FINISHED
+        update = Update(list(req.output_ids), done, req.finish_reason, len(req.prompt_ids), req.text)
+        loop.call_soon_threadsafe(queue.put_nowait, update)
+        if done:
+            self._queues.pop(req.request_id, None)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                with self._wake:
+                    while self._running and not self._inbox and not self._aborts and not engine.has_work():
+                        self._wake.wait(timeout=0.5)
+                    if not self._running and not engine.has_work() and not self._inbox:
+                        return
+                    inbox, self._inbox = self._inbox, []
+                    aborts, self._aborts = self._aborts, []
+                for prompt_ids, params, rid, queue, loop in inbox:
+                    self._queues[rid] = (queue, loop)
+                    engine.add_request(prompt_ids, params, request_id=rid)
+                for rid in aborts:
+                    engine.abort(rid)
+                    self._queues.pop(rid, None)
+                if engine.has_work():
+                    finished = engine.step()
+                    for req in engine.sampled:
+                        self._push(req)
+                    for req in finished:
+                        engine.requests.pop(req.request_id, None)
+        except BaseException as exc:  # surface the failure to every waiting client instead of hanging them
+            self.error = exc
+            for rid, (queue, loop) in list(self._queues.items()):
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            self._queues.clear()

