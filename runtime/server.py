@@ -142,7 +142,8 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "xytune", "max_model_len": engine.engine.max_model_len}]}
+                                            "owned_by": "xytune", "max_model_len": engine.engine.max_model_len,
+                                            "vocab_size": engine.engine.model.config.vocab_size}]}
 
     def check_model(body: SamplingFields):
         if body.model not in (None, model_name):

@@ -150,3 +150,22 @@ def test_disconnected_stream_frees_its_kv(server):
             break
         time.sleep(0.2)
     assert health["kv_blocks_free"] == total and health["requests_active"] == 0
+
+
+def test_bench_serve_against_the_server(server, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "xytune.cli", "bench", "serve", "--url", server, "--api-key", KEY,
+                           "--sweep-rates", "2,inf", "--num-prompts", "6", "--input-len", "32", "--output-len", "8",
+                           "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = __import__("json").loads(out.read_text())
+    assert [r["rate"] for r in result["rates"]] == [2.0, float("inf")]
+    for r in result["rates"]:
+        assert r["completed"] == 6 and r["failed"] == 0 and r["slo_attainment"] == 1.0
+        assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] and r["tpot_ms"]["p50"] > 0
+        assert r["output_throughput"] > 0
+    assert result["capacity"] == float("inf")
+    bad = subprocess.run([sys.executable, "-m", "xytune.cli", "bench", "serve", "--url", "http://127.0.0.1:9",
+                          "--rate", "1", "--num-prompts", "1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "cannot list models" in bad.stderr

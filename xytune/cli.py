@@ -344,6 +344,68 @@ def bench_runtime(
         json_out.write_text(json.dumps(results, indent=2))
 
 
+@bench_app.command("serve")
+def bench_serve(
+    url: str = typer.Option("http://127.0.0.1:8000", help="Base URL of an OpenAI-compatible server."),
+    rate: float = typer.Option(None, help="Requests per second (Poisson); inf sends all at once."),
+    sweep_rates: str = typer.Option(None, help="Comma list of rates; reports the capacity."),
+    num_prompts: int = typer.Option(100, help="Requests per rate."),
+    dataset: str = typer.Option("synthetic", help="synthetic or a JSONL file of {\"prompt\", \"max_tokens\"}."),
+    input_len: int = typer.Option(256, help="Mean prompt tokens (synthetic)."),
+    output_len: int = typer.Option(128, help="Mean new tokens (synthetic)."),
+    slo_ttft_ms: float = typer.Option(1000.0, help="Time-to-first-token SLO."),
+    slo_tpot_ms: float = typer.Option(100.0, help="Time-per-output-token SLO."),
+    model: str = typer.Option(None, help="Model id [default: the server's first]."),
+    api_key: str = typer.Option(None, help="Bearer key for the server."),
+    ignore_eos: bool = typer.Option(True, "--ignore-eos/--no-ignore-eos", help="Ask for exact output lengths."),
+    seed: int = typer.Option(0, help="Seed of lengths, tokens and arrivals."),
+    timeout_s: float = typer.Option(600.0, help="Per-request timeout."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
+):
+    """Benchmark a running server: TTFT, TPOT, ITL, throughput, goodput and capacity under Poisson load."""
+    import asyncio
+
+    import httpx
+
+    from xytune.bench_serve import capacity, file_prompts, render, run_rate, summarize, synthetic_prompts
+
+    if (rate is None) == (sweep_rates is None):
+        fail("give exactly one of --rate or --sweep-rates.")
+    try:
+        rates = [rate] if rate is not None else [float(r) for r in sweep_rates.split(",")]
+    except ValueError:
+        fail(f"--sweep-rates must be a comma list of numbers, not {sweep_rates!r}.")
+    if any(not r > 0 for r in rates) or num_prompts < 1 or input_len < 1 or output_len < 1:
+        fail("rates, --num-prompts, --input-len and --output-len must be positive.")
+    url = url.rstrip("/")
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        models = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
+        models.raise_for_status()
+        model = model or models.json()["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        fail(f"cannot list models at {url}/v1/models ({exc}).")
+    try:
+        if dataset == "synthetic":
+            vocab = int(models.json()["data"][0].get("vocab_size", 32000))
+            prompts = synthetic_prompts(num_prompts, input_len, output_len, vocab, seed)
+        else:
+            prompts = file_prompts(Path(dataset), num_prompts, output_len)
+    except (OSError, ValueError) as exc:
+        fail(str(exc))
+    rows = []
+    for r in rates:
+        with console.status(f"rate {r:g} req/s: {num_prompts} requests..."):
+            results, wall = asyncio.run(run_rate(url, model, prompts, r, seed, api_key, ignore_eos, timeout_s))
+        rows.append(summarize(results, wall, r, slo_ttft_ms, slo_tpot_ms))
+    cap = capacity(rows)
+    render(rows, cap, slo_ttft_ms, slo_tpot_ms, console)
+    if json_out:
+        json_out.write_text(json.dumps({"url": url, "model": model, "rates": rows, "capacity": cap}, indent=2))
+    if all(row["completed"] == 0 for row in rows):
+        fail("no request completed; first errors: " + "; ".join(rows[0]["errors"]))
+
+
 def main() -> None:
     app()
 
