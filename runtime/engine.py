@@ -41,14 +41,16 @@ class StepStats:
     num_prefill_tokens: int
     num_decode_tokens: int
     seconds: float
+    predicted_seconds: float | None = None
 
 
 class Engine:
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer, num_blocks: int, block_size: int = 16,
-                 scheduler_config: SchedulerConfig | None = None):
+                 scheduler_config: SchedulerConfig | None = None, predictor=None):
         self.model, self.tokenizer = model, tokenizer
         self.kv = model.new_kv_cache(num_blocks, block_size)
-        self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), self.kv)
+        self.predictor = predictor  # StepPredictor: step latency from the cost table, calibrated online
+        self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), self.kv, predictor)
         self.max_model_len = min(model.config.max_position_embeddings, self.kv.capacity_tokens)
         eos = set(model.config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
@@ -130,7 +132,12 @@ class Engine:
                     self.scheduler.finish(req, reason)
                     finished.append(req)
         decode = sum(1 for _, n in scheduled if n == 1)
-        self.step_stats.append(StepStats(len(ids), len(ids) - decode, decode, time.perf_counter() - start))
+        seconds = time.perf_counter() - start
+        predicted = None
+        if self.predictor is not None:
+            predicted = self.predictor.predict(len(ids), len(sample_rows))
+            self.predictor.observe(len(ids), len(sample_rows), seconds)
+        self.step_stats.append(StepStats(len(ids), len(ids) - decode, decode, seconds, predicted))
         return finished
 
     def _banned(self, req: Request) -> list[int]:

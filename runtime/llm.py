@@ -15,7 +15,9 @@ from xytune.runtime.scheduler import SchedulerConfig
 class LLM:
     def __init__(self, model: str = "smollm2-135m", dtype: str = "auto", device: str = "cpu",
                  kv_cache_gb: float = 1.0, block_size: int = 16, max_num_batched_tokens: int = 2048,
-                 max_num_seqs: int = 256, threads: int | None = None, gemm: str = "packed"):
+                 max_num_seqs: int = 256, threads: int | None = None, gemm: str = "packed",
+                 profile: str | None = None, allow_mismatch: bool = False, policy: str = "chunked",
+                 tbt_slo_ms: float = 100.0):
         if threads is not None:
             torch.set_num_threads(threads)
         if kv_cache_gb <= 0:
@@ -29,8 +31,16 @@ class LLM:
         del state
         per_block = bytes_per_block(config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype)
         num_blocks = int(kv_cache_gb * 2**30 // per_block)
+        predictor = None
+        if profile is not None:
+            from xytune.cost_model import CostModel
+            from xytune.runtime.step_predictor import StepPredictor
+
+            cost_model = CostModel.load(profile, device=device if dev.type != "cpu" else None,
+                                        allow_mismatch=allow_mismatch)
+            predictor = StepPredictor(cost_model, str(self.dtype).replace("torch.", ""))
         self.engine = Engine(self.model, self.tokenizer, num_blocks, block_size,
-                             SchedulerConfig(max_num_batched_tokens, max_num_seqs))
+                             SchedulerConfig(max_num_batched_tokens, max_num_seqs, policy, tbt_slo_ms), predictor)
 
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> tuple[list[int], str | None]:
         if isinstance(prompt, list):

@@ -57,21 +57,38 @@ class Request:
         return self.num_tokens - self.num_computed
 
 
+POLICIES = ("chunked", "prefill-first", "xy")
+
+
 @dataclass
 class SchedulerConfig:
+    """``chunked``: decodes, then prefill chunks within a fixed token budget (vLLM v1 / Sarathi).
+    ``prefill-first``: waiting prompts run as prefill-only steps that pause decoding (classic vLLM).
+    ``xy``: decodes, then as many prefill tokens as keep the predicted step within ``tbt_slo_ms``,
+    chunks cut on ``align``-token boundaries unless they finish a prompt (XY-Serve)."""
+
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
+    policy: str = "chunked"
+    tbt_slo_ms: float = 100.0
+    align: int = 16
 
     def __post_init__(self):
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be at least 1.")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1.")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}.")
+        if self.tbt_slo_ms <= 0 or self.align < 1:
+            raise ValueError("tbt_slo_ms must be positive and align at least 1.")
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCache):
-        self.config, self.kv = config, kv
+    def __init__(self, config: SchedulerConfig, kv: KVCache, predictor=None):
+        if config.policy == "xy" and predictor is None:
+            raise ValueError("the xy policy needs a cost table (a StepPredictor).")
+        self.config, self.kv, self.predictor = config, kv, predictor
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -121,9 +138,26 @@ class Scheduler:
             self.preempt(max(victims, key=lambda r: r.arrival))
         return True
 
+    def _prefill_budget(self, decode_tokens: int, budget: int) -> int:
+        """xy: the most prefill tokens whose step the predictor keeps within the TBT SLO."""
+        slo = self.config.tbt_slo_ms / 1e3
+        lo, hi = 0, budget
+        while lo < hi:  # predicted step time grows with tokens: binary search the largest that fits
+            mid = (lo + hi + 1) // 2
+            if self.predictor.predict(decode_tokens + mid, decode_tokens + 1) <= slo:
+                lo = mid
+            else:
+                hi = mid - 1
+        # Never starve prompts: when the SLO leaves no room, a step still takes one aligned chunk.
+        return max(lo, min(budget, self.config.align))
+
     def schedule(self) -> list[tuple[Request, int]]:
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
+        policy = self.config.policy
+        has_prefill = bool(self.waiting) or any(r.remaining > 1 for r in self.running)
+        if policy == "prefill-first" and has_prefill:
+            return self._schedule_prefills(budget, scheduled, align=False)
         for req in sorted(self.running, key=lambda r: r.arrival):  # decodes first
             if budget == 0:
                 break
@@ -133,6 +167,12 @@ class Scheduler:
                     budget -= 1
                 elif req.status is Status.RUNNING:
                     self.preempt(req)
+        if policy == "xy":
+            budget = min(budget, self._prefill_budget(len(scheduled), budget))
+        return self._schedule_prefills(budget, scheduled, align=policy == "xy")
+
+    def _schedule_prefills(self, budget: int, scheduled: list, align: bool) -> list[tuple[Request, int]]:
+        """Prefill chunks, oldest first, within ``budget`` tokens and the KV pool."""
         prefilling = [r for r in sorted(self.running, key=lambda r: r.arrival) if r.remaining > 1]
         for req in prefilling + list(self.waiting):
             if budget == 0:
@@ -146,6 +186,8 @@ class Scheduler:
                 free_tokens = len(req.blocks) * self.kv.block_size - req.num_computed \
                     + self.kv.allocator.num_free * self.kv.block_size
             n = min(n, free_tokens)
+            if align and n < req.remaining and n >= self.config.align:
+                n -= n % self.config.align  # a chunk that does not finish the prompt ends on a tile boundary
             if n <= 0 or not self._grow(req, req.num_computed + n):
                 break  # wait for blocks; FCFS order is kept
             if req.status is Status.WAITING:

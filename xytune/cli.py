@@ -239,6 +239,36 @@ def generate(
         sys.stdout.write(out.text + "\n")
 
 
+def _cached_quick_profile(dev, model: str) -> Path:
+    """A quick profile of this device and model, made once and kept in ~/.cache/xytune."""
+    import hashlib
+    import os
+
+    from xytune.geometry import resolve_geometry
+    from xytune.sweep import Sweep, SweepSettings
+
+    geometry = resolve_geometry(model)
+    fp = dev.fingerprint()
+    key = hashlib.sha256(json.dumps([fp.get(k) for k in ("backend", "device_name", "compute_units", "threads",
+                                                           "torch")] + [geometry.to_dict()]).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XYTUNE_CACHE", Path.home() / ".cache" / "xytune")) / "profiles"
+    path = cache / f"{dev.backend}-{geometry.name}-{key}.parquet"
+    if path.exists():
+        from xytune.table import TableError, read_table
+
+        try:
+            if read_table(path).complete:
+                err_console.print(f"using the cached quick profile {path}", highlight=False)
+                return path
+        except TableError:
+            pass
+    err_console.print(f"no --profile given: profiling {geometry.name} on {dev.name} quickly (about half a minute) "
+                      f"into {path}; pass --profile to use a full table", highlight=False)
+    dtypes = ["float32", "bfloat16"] if dev.backend == "cpu" else ["bfloat16", "float16"]
+    Sweep(dev, geometry, SweepSettings.quick(dtypes), path, overwrite=True).run(progress=False)
+    return path
+
+
 @app.command()
 def serve(
     model: str = typer.Option("smollm2-135m", help="smollm2-135m, a .gguf file or a Hugging Face folder."),
@@ -252,6 +282,10 @@ def serve(
     max_num_batched_tokens: int = typer.Option(2048, help="Token budget of one step."),
     max_num_seqs: int = typer.Option(256, help="Most requests running at once."),
     threads: int = typer.Option(None, help="CPU threads."),
+    profile: Path = typer.Option(None, help="Cost table for this device [default: a quick profile, cached]."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Use a table from another device."),
+    policy: str = typer.Option("xy", help="xy | chunked | prefill-first."),
+    tbt_slo_ms: float = typer.Option(100.0, help="Time-between-tokens SLO the xy policy sizes steps for."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (completions and chat, streaming or not)."""
     import uvicorn
@@ -264,11 +298,16 @@ def serve(
 
     if not 0 < port < 65536:
         fail(f"--port must be in 1..65535, got {port}.")
+    from xytune.cost_model import CostModelError
+
     try:
-        dev = get_device(device)
+        dev = get_device(device, threads=threads)
+        if profile is None:
+            profile = _cached_quick_profile(dev, model)
         llm = LLM(model=model, dtype=dtype, device=str(dev.torch_device), kv_cache_gb=kv_cache_gb,
-                  max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, threads=threads)
-    except (DeviceError, ModelLoadError, ValueError) as exc:
+                  max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, threads=threads,
+                  profile=str(profile), allow_mismatch=allow_mismatch, policy=policy, tbt_slo_ms=tbt_slo_ms)
+    except (DeviceError, ModelLoadError, CostModelError, ValueError) as exc:
         fail(str(exc))
     engine = AsyncEngine(llm.engine)
     engine.start()

