@@ -30,8 +30,8 @@ class Update:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, metrics=None):
+        self.engine, self.metrics = engine, metrics
         self._inbox: list[tuple] = []  # (prompt_ids, params, request_id, queue, loop)
         self._aborts: list[str] = []
         self._queues: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
@@ -104,6 +104,10 @@ class AsyncEngine:
                         self._push(req)
                     for req in finished:
                         engine.requests.pop(req.request_id, None)
+                    if self.metrics is not None and engine.step_stats:
+                        self.metrics.on_step(engine.step_stats[-1].seconds)
+                        for req in finished:
+                            self.metrics.on_finish(req)
         except BaseException as exc:  # surface the failure to every waiting client instead of hanging them
             self.error = exc
             for rid, (queue, loop) in list(self._queues.items()):

@@ -139,6 +139,15 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
         return {"status": "ok", "kv_blocks_free": kv.allocator.num_free, "kv_blocks_total": kv.num_blocks,
                 "requests_active": engine.num_active}
 
+    @app.get("/metrics")
+    async def metrics():
+        from fastapi.responses import Response
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        if engine.metrics is None:
+            return _error(404, "metrics are off")
+        return Response(engine.metrics.render(engine.engine), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,

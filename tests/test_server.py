@@ -172,3 +172,22 @@ def test_bench_serve_against_the_server(server, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "xytune.cli", "bench", "serve", "--url", "http://127.0.0.1:9",
                           "--rate", "1", "--num-prompts", "1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "cannot list models" in bad.stderr
+
+
+def test_metrics_count_requests_and_latencies(client, server):
+    before = httpx.get(f"{server}/metrics").text
+    client.completions.create(model="smollm2-135m", prompt="Hello there", max_tokens=5, temperature=0)
+    text = httpx.get(f"{server}/metrics").text
+
+    def value(body, name):
+        for line in body.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    assert value(text, 'xytune_requests_total{finish_reason="length"}') >= \
+        value(before, 'xytune_requests_total{finish_reason="length"}') + 1
+    assert value(text, "xytune_time_to_first_token_seconds_count") >= 1
+    assert value(text, "xytune_step_seconds_count") > value(before, "xytune_step_seconds_count")
+    assert 0 <= value(text, "xytune_kv_cache_usage_ratio") <= 1
+    assert value(text, "xytune_cost_model_calibration_scale") > 0

@@ -309,7 +309,9 @@ def serve(
                   profile=str(profile), allow_mismatch=allow_mismatch, policy=policy, tbt_slo_ms=tbt_slo_ms)
     except (DeviceError, ModelLoadError, CostModelError, ValueError) as exc:
         fail(str(exc))
-    engine = AsyncEngine(llm.engine)
+    from xytune.runtime.metrics import ServingMetrics
+
+    engine = AsyncEngine(llm.engine, ServingMetrics())
     engine.start()
     app = build_app(engine, llm.tokenizer, served_model_name or model, api_key=api_key)
     err_console.print(f"serving {served_model_name or model} ({str(llm.dtype).replace('torch.', '')}) on "

@@ -1,0 +1,57 @@
+"""Prometheus metrics of the serving runtime (exposed at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class ServingMetrics:
+    """One registry per server, so several servers (and tests) in one process do not collide."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.ttft = Histogram("xytune_time_to_first_token_seconds", "Arrival to first token.",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("xytune_time_per_output_token_seconds", "Mean time per token after the first.",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.step = Histogram("xytune_step_seconds", "Wall time of one engine step.", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.requests = Counter("xytune_requests", "Finished requests.", ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("xytune_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.generated_tokens = Counter("xytune_generated_tokens", "Generated tokens.", registry=r)
+        self.waiting = Gauge("xytune_requests_waiting", "Requests waiting for their first step.", registry=r)
+        self.running = Gauge("xytune_requests_running", "Requests holding KV blocks.", registry=r)
+        self.kv_usage = Gauge("xytune_kv_cache_usage_ratio", "Fraction of KV blocks in use.", registry=r)
+        self.preemptions = Gauge("xytune_preemptions", "Requests preempted so far (recomputed).", registry=r)
+        self.cost_error = Gauge("xytune_cost_model_step_error_ratio",
+                                "Median absolute relative error of predicted step latency.", registry=r)
+        self.cost_scale = Gauge("xytune_cost_model_calibration_scale",
+                                "Measured / cost-table step time (online calibration).", registry=r)
+
+    def on_step(self, seconds: float) -> None:
+        self.step.observe(seconds)
+
+    def on_finish(self, req) -> None:
+        self.requests.labels(req.finish_reason or "unknown").inc()
+        self.prompt_tokens.inc(len(req.prompt_ids))
+        self.generated_tokens.inc(len(req.output_ids))
+        if req.first_token_time is not None:
+            self.ttft.observe(req.first_token_time - req.arrival)
+            if len(req.output_ids) > 1 and req.finish_time is not None:
+                self.tpot.observe((req.finish_time - req.first_token_time) / (len(req.output_ids) - 1))
+
+    def render(self, engine) -> bytes:
+        """Refresh the gauges from the engine and return the exposition text."""
+        sched, kv = engine.scheduler, engine.kv
+        self.waiting.set(len(sched.waiting))
+        self.running.set(len(sched.running))
+        self.kv_usage.set(1 - kv.allocator.num_free / kv.num_blocks)
+        self.preemptions.set(sched.num_preemptions)
+        if engine.predictor is not None:
+            err = engine.predictor.error_summary()
+            if err["median_ape"] is not None:
+                self.cost_error.set(err["median_ape"])
+            self.cost_scale.set(engine.predictor.scale)
+        return generate_latest(self.registry)
