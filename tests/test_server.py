@@ -191,3 +191,37 @@ def test_metrics_count_requests_and_latencies(client, server):
     assert value(text, "xytune_step_seconds_count") > value(before, "xytune_step_seconds_count")
     assert 0 <= value(text, "xytune_kv_cache_usage_ratio") <= 1
     assert value(text, "xytune_cost_model_calibration_scale") > 0
+
+
+def test_sigterm_drains_in_flight_requests():
+    import signal
+    import threading
+
+    port = _free_port()
+    reference_table = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
+    proc = subprocess.Popen([sys.executable, "-m", "xytune.cli", "serve", "--port", str(port), "--dtype", "float32",
+                             "--profile", str(reference_table), "--allow-mismatch", "--kv-cache-gb", "0.1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    result = {}
+
+    def call():
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 48,
+                                                        "temperature": 0, "ignore_eos": True}, timeout=120)
+        result["status"], result["body"] = r.status_code, r.json()
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(1.0)  # the request is in flight
+    proc.send_signal(signal.SIGTERM)
+    t.join(timeout=120)
+    # uvicorn drains, then re-raises the captured SIGTERM, so the exit status is 0 or -SIGTERM
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] == 48
