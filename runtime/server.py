@@ -9,6 +9,7 @@ aborted, which frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from typing import Literal, Union
@@ -160,12 +161,6 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
                           "not_found_error")
         return None
 
-    async def run(request: HTTPRequest, prompt_ids: list[int], params: SamplingParams, chat: bool):
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        queue = engine.submit(prompt_ids, params, rid)
-        stream = TextStream(tokenizer, params, eos_ids)
-        return rid, queue, stream
-
     async def updates(queue: asyncio.Queue, rid: str, request: HTTPRequest):
         """Yield updates until the request finishes; abort it if the client goes away."""
         finished = False
@@ -193,7 +188,9 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
 
     async def respond(request: HTTPRequest, body: SamplingFields, prompt_ids: list[int], params: SamplingParams,
                       chat: bool):
-        rid, queue, text = await run(request, prompt_ids, params, chat)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        queue = engine.submit(prompt_ids, params, rid)
+        text = TextStream(tokenizer, params, eos_ids)
         kind = "chat.completion" if chat else "text_completion"
         if not body.stream:
             last = None
@@ -208,8 +205,6 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
                     "choices": [choice], "usage": usage(last)}
 
         async def sse():
-            import json
-
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
             if chat:
                 head = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
