@@ -25,6 +25,7 @@ class PrefillChunk:
     context_before: int  # keys already cached before this chunk
     key_slots: torch.Tensor  # [context_before + num_tokens] slots of every key the chunk attends to
     tiles: list[tuple[int, int, int, torch.Tensor | None]] = None  # (row0, row1, keys, mask) per query tile
+    parents: list[int] | None = None  # a verify tree: parent row of each row (-1: none); None: causal
 
     def __post_init__(self):
         """Cut the chunk into query tiles; a tile only reads the keys up to its last row.
@@ -35,6 +36,10 @@ class PrefillChunk:
         """
         self.tiles = []
         device = self.key_slots.device
+        if self.parents is not None:
+            self.tiles.append((0, self.num_tokens, self.context_before + self.num_tokens,
+                               tree_mask(self.parents, self.context_before).to(device)))
+            return
         for r0 in range(0, self.num_tokens, QUERY_TILE):
             r1 = min(self.num_tokens, r0 + QUERY_TILE)
             keys = self.context_before + r1
@@ -43,6 +48,17 @@ class PrefillChunk:
                 pos = torch.arange(keys, device=device)
                 mask = pos[None, :] <= pos[self.context_before + r0: keys, None]
             self.tiles.append((r0, r1, keys, mask))
+
+
+def tree_mask(parents: list[int], context_before: int) -> torch.Tensor:
+    """Boolean ``[n, context_before + n]``: every row sees the cached context, its ancestors and itself."""
+    n = len(parents)
+    seen = torch.zeros(n, n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            seen[i] = seen[p]
+        seen[i, i] = True
+    return torch.cat([torch.ones(n, context_before, dtype=torch.bool), seen], dim=1)
 
 
 @dataclass
@@ -66,11 +82,14 @@ class AttentionBatch:
         return not self.prefills
 
     @classmethod
-    def build(cls, block_size: int, chunks: list[tuple[list[int], int, int]], device="cpu") -> "AttentionBatch":
-        """From ``(block_table, context_before, num_tokens)`` per request, in flat-batch order."""
+    def build(cls, block_size: int, chunks: list[tuple], device="cpu") -> "AttentionBatch":
+        """From ``(block_table, context_before, num_tokens[, parents])`` per request, in flat-batch order.
+
+        ``parents`` marks a speculative verify chunk: its rows form a tree (see ``tree_mask``).
+        """
         slot_parts, decode_rows, decode_tables, decode_lens, prefills = [], [], [], [], []
         row = 0
-        for table, before, n in chunks:
+        for table, before, n, *tree in chunks:
             t = torch.tensor(table, dtype=torch.long)
             pos = torch.arange(before + n)
             all_slots = t[pos // block_size] * block_size + pos % block_size
@@ -80,7 +99,7 @@ class AttentionBatch:
                 decode_tables.append(all_slots)
                 decode_lens.append(before + 1)
             else:
-                prefills.append(PrefillChunk(row, n, before, all_slots.to(device)))
+                prefills.append(PrefillChunk(row, n, before, all_slots.to(device), parents=tree[0] if tree else None))
             row += n
         lmax = max(decode_lens, default=0)
         dslots = torch.zeros(len(decode_rows), lmax, dtype=torch.long)

@@ -16,6 +16,7 @@ import torch
 from xytune.runtime.attention import AttentionBatch
 from xytune.runtime.model import LlamaModel
 from xytune.runtime.sampling import SamplingParams, make_generator, sample
+from xytune.runtime.speculative import SpeculativeConfig, verify
 from xytune.runtime.scheduler import Request, Scheduler, SchedulerConfig, Status
 from xytune.runtime.tokenizer import Tokenizer
 
@@ -42,16 +43,38 @@ class StepStats:
     num_decode_tokens: int
     seconds: float
     predicted_seconds: float | None = None
+    num_verify_tokens: int = 0
+
+
+@dataclass
+class SpecStats:
+    """Speculative decoding totals: acceptance rate and tokens per verify step."""
+
+    proposed: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    emitted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.emitted / self.verify_steps if self.verify_steps else 0.0
 
 
 class Engine:
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer, num_blocks: int, block_size: int = 16,
-                 scheduler_config: SchedulerConfig | None = None, predictor=None):
+                 scheduler_config: SchedulerConfig | None = None, predictor=None,
+                 enable_prefix_caching: bool = False, speculative: SpeculativeConfig | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.kv = model.new_kv_cache(num_blocks, block_size)
+        self.kv = model.new_kv_cache(num_blocks, block_size, enable_prefix_caching)
         self.predictor = predictor  # StepPredictor: step latency from the cost table, calibrated online
-        self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), self.kv, predictor)
         self.max_model_len = min(model.config.max_position_embeddings, self.kv.capacity_tokens)
+        self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), self.kv, predictor, speculative,
+                                   self.max_model_len)
+        self.spec = SpecStats()
         eos = set(model.config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -98,52 +121,103 @@ class Engine:
     def step(self) -> list[Request]:
         """Run one model step; returns the requests that finished in it."""
         scheduled = self.scheduler.schedule()
-        self.sampled: list[Request] = []  # requests that got a new token in this step
+        self.sampled: list[Request] = []  # requests that got new tokens in this step
         if not scheduled:
             return []
         start = time.perf_counter()
-        ids, positions, chunks, sample_rows, sampled_reqs = [], [], [], [], []
+        ids, positions, chunks, logit_rows = [], [], [], []
+        sampled_reqs, verify_reqs = [], []  # (req, first logits row)
         row = 0
         for req, n in scheduled:
-            ids.extend(req.all_ids[req.num_computed: req.num_computed + n])
-            positions.extend(range(req.num_computed, req.num_computed + n))
-            chunks.append((req.blocks, req.num_computed, n))
+            nc = req.num_computed
+            if req.draft is not None:  # pending token + draft tree, one verify chunk
+                ids.append(req.all_ids[nc])
+                ids.extend(req.draft.tokens)
+                positions.append(nc)
+                positions.extend(nc + d for d in req.draft.depths)
+                chunks.append((req.blocks, nc, n, req.draft.row_parents()))
+                verify_reqs.append((req, len(logit_rows)))
+                logit_rows.extend(range(row, row + n))
+            else:
+                ids.extend(req.all_ids[nc: nc + n])
+                positions.extend(range(nc, nc + n))
+                chunks.append((req.blocks, nc, n))
+                if nc + n == req.num_tokens:
+                    sampled_reqs.append((req, len(logit_rows)))
+                    logit_rows.append(row + n - 1)
             row += n
-            if req.num_computed + n == req.num_tokens:
-                sample_rows.append(row - 1)
-                sampled_reqs.append(req)
         device = self.model.device
         batch = AttentionBatch.build(self.kv.block_size, chunks, device)
         logits = self.model.forward(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
-                                    batch, self.kv, torch.tensor(sample_rows, dtype=torch.long, device=device))
+                                    batch, self.kv, torch.tensor(logit_rows, dtype=torch.long, device=device))
+        new_tokens: list[tuple[Request, list[int]]] = []
         for req, n in scheduled:
-            req.num_computed += n
-        finished = []
-        self.sampled = sampled_reqs
+            if req.draft is None:
+                req.num_computed += n
         if sampled_reqs:
-            banned = [self._banned(r) for r in sampled_reqs]
-            tokens = sample(logits, [r.params for r in sampled_reqs], [r.generator for r in sampled_reqs], banned)
-            now = time.perf_counter()
-            for req, tok in zip(sampled_reqs, tokens):
-                req.first_token_time = req.first_token_time or now
+            reqs = [r for r, _ in sampled_reqs]
+            rows = torch.tensor([i for _, i in sampled_reqs], dtype=torch.long, device=logits.device)
+            tokens = sample(logits[rows], [r.params for r in reqs], [r.generator for r in reqs],
+                            [self._banned(r) for r in reqs])
+            new_tokens.extend((r, [t]) for r, t in zip(reqs, tokens))
+        for req, first in verify_reqs:
+            new_tokens.append((req, self._verify(req, logits[first: first + len(req.draft) + 1])))
+        finished = []
+        now = time.perf_counter()
+        for req, toks in new_tokens:
+            req.first_token_time = req.first_token_time or now
+            reason = None
+            for tok in toks:
                 req.output_ids.append(tok)
                 reason = self._finish_reason(req, tok)
                 if reason:
-                    self.scheduler.finish(req, reason)
-                    finished.append(req)
-        decode = sum(1 for _, n in scheduled if n == 1)
+                    break
+            self.scheduler.cache_computed_blocks(req)
+            if reason:
+                self.scheduler.finish(req, reason)
+                finished.append(req)
+            self.sampled.append(req)
+        for req, n in scheduled:
+            if req.draft is None and req.status is not Status.FINISHED:
+                self.scheduler.cache_computed_blocks(req)
+        num_verify = sum(n for r, n in scheduled if r.draft is not None)
+        decode = sum(1 for r, n in scheduled if n == 1 and r.draft is None)
         seconds = time.perf_counter() - start
         predicted = None
         if self.predictor is not None:
-            predicted = self.predictor.predict(len(ids), len(sample_rows))
-            self.predictor.observe(len(ids), len(sample_rows), seconds)
-        self.step_stats.append(StepStats(len(ids), len(ids) - decode, decode, seconds, predicted))
+            predicted = self.predictor.predict(len(ids), len(logit_rows))
+            self.predictor.observe(len(ids), len(logit_rows), seconds)
+        self.step_stats.append(StepStats(len(ids), len(ids) - decode - num_verify, decode, seconds, predicted,
+                                         num_verify))
+        for req, _ in scheduled:
+            req.draft = None
         return finished
 
-    def _banned(self, req: Request) -> list[int]:
-        """Stop tokens are banned until ``min_tokens`` are out (vLLM semantics)."""
+    def _verify(self, req: Request, logits: torch.Tensor) -> list[int]:
+        """Accept what the draft tree got right, move its K/V into place; returns the emitted tokens."""
+        draft = req.draft
+        banned = [self._banned(req, extra=k) for k in range(len(draft) + 1)]
+        result = verify(logits, draft, req.params, req.generator, banned)
+        base = req.num_computed
+        moves = [(base + row, base + depth) for depth, row in enumerate(result.path, start=1) if row != depth]
+        if moves:  # a side branch won: its K/V rows go to the positions they stand for
+            src = self.kv.slots(req.blocks, 0, base + len(draft) + 1)
+            frm = src[[a for a, _ in moves]]
+            to = src[[b for _, b in moves]]
+            for k, v in zip(self.kv.k, self.kv.v):
+                k.index_copy_(1, to, k.index_select(1, frm))
+                v.index_copy_(1, to, v.index_select(1, frm))
+        req.num_computed = base + 1 + len(result.path)
+        self.spec.proposed += len(draft)
+        self.spec.accepted += len(result.path)
+        self.spec.verify_steps += 1
+        self.spec.emitted += len(result.tokens)
+        return result.tokens
+
+    def _banned(self, req: Request, extra: int = 0) -> list[int]:
+        """Stop tokens are banned until ``min_tokens`` are out (vLLM semantics); ``extra``: tokens still to come."""
         p = req.params
-        if len(req.output_ids) >= p.min_tokens:
+        if len(req.output_ids) + extra >= p.min_tokens:
             return []
         return list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_ids))
 

@@ -10,6 +10,7 @@ from xytune.runtime.loader import load_checkpoint, resolve_dtype
 from xytune.runtime.model import LlamaModel
 from xytune.runtime.sampling import SamplingParams
 from xytune.runtime.scheduler import SchedulerConfig
+from xytune.runtime.speculative import SpeculativeConfig
 
 
 class LLM:
@@ -17,7 +18,8 @@ class LLM:
                  kv_cache_gb: float = 1.0, block_size: int = 16, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 256, threads: int | None = None, gemm: str = "packed",
                  profile: str | None = None, allow_mismatch: bool = False, policy: str = "chunked",
-                 tbt_slo_ms: float = 100.0):
+                 tbt_slo_ms: float = 100.0, enable_prefix_caching: bool = True,
+                 speculative: str | None = None, num_speculative_tokens: int = 4):
         if threads is not None:
             torch.set_num_threads(threads)
         if kv_cache_gb <= 0:
@@ -39,8 +41,10 @@ class LLM:
             cost_model = CostModel.load(profile, device=device if dev.type != "cpu" else None,
                                         allow_mismatch=allow_mismatch)
             predictor = StepPredictor(cost_model, str(self.dtype).replace("torch.", ""))
+        spec = SpeculativeConfig(speculative, num_speculative_tokens) if speculative else None
         self.engine = Engine(self.model, self.tokenizer, num_blocks, block_size,
-                             SchedulerConfig(max_num_batched_tokens, max_num_seqs, policy, tbt_slo_ms), predictor)
+                             SchedulerConfig(max_num_batched_tokens, max_num_seqs, policy, tbt_slo_ms), predictor,
+                             enable_prefix_caching=enable_prefix_caching, speculative=spec)
 
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> tuple[list[int], str | None]:
         if isinstance(prompt, list):

@@ -100,9 +100,10 @@ class LlamaModel:
         self.sin = emb.sin().to(self.device, dtype)
         self.scale = config.head_dim ** -0.5
 
-    def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
+    def new_kv_cache(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> KVCache:
         c = self.config
-        return KVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+        return KVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device,
+                       enable_prefix_caching)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv: KVCache,

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from xytune.runtime.kv_cache import KVCache, blocks_needed
+from xytune.runtime.kv_cache import KVCache, block_hashes, blocks_needed
 from xytune.runtime.sampling import SamplingParams
+from xytune.runtime.speculative import Draft, SpeculativeConfig, propose_ngram
 
 
 class Status(enum.Enum):
@@ -42,6 +43,9 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    block_hashes: list[int] = field(default_factory=list)  # of its full, computed blocks (prefix cache)
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    draft: Draft | None = None  # speculative tokens to verify in this step
 
     @property
     def all_ids(self) -> list[int]:
@@ -85,10 +89,13 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCache, predictor=None):
+    def __init__(self, config: SchedulerConfig, kv: KVCache, predictor=None,
+                 speculative: SpeculativeConfig | None = None, max_model_len: int | None = None):
         if config.policy == "xy" and predictor is None:
             raise ValueError("the xy policy needs a cost table (a StepPredictor).")
         self.config, self.kv, self.predictor = config, kv, predictor
+        self.speculative = speculative
+        self.max_model_len = max_model_len or kv.capacity_tokens
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -111,7 +118,7 @@ class Scheduler:
 
     def preempt(self, req: Request) -> None:
         self.kv.allocator.free(req.blocks)
-        req.blocks, req.num_computed = [], 0
+        req.blocks, req.num_computed, req.block_hashes, req.draft = [], 0, [], None
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -128,6 +135,30 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
 
+    def attach_cached_prefix(self, req: Request) -> None:
+        """Start a request on the cached blocks of its longest cached prefix (at least one token stays to run)."""
+        alloc, bs = self.kv.allocator, self.kv.block_size
+        if not alloc.enable_prefix_caching or req.blocks:
+            return
+        hashes = block_hashes(req.all_ids, bs, (req.num_tokens - 1) // bs)
+        req.blocks = alloc.lookup(hashes)
+        req.block_hashes = hashes[: len(req.blocks)]
+        req.num_computed = len(req.blocks) * bs
+
+    def cache_computed_blocks(self, req: Request) -> None:
+        """Register the request's newly full, computed blocks with the prefix cache."""
+        alloc, bs = self.kv.allocator, self.kv.block_size
+        if not alloc.enable_prefix_caching:
+            return
+        full = min(req.num_computed, req.num_tokens) // bs
+        done = len(req.block_hashes)
+        if full > done:
+            parent = req.block_hashes[-1] if done else None
+            new = block_hashes(req.all_ids, bs, full, start=done, parent=parent)
+            for i, h in enumerate(new, start=done):
+                alloc.register(req.blocks[i], h)
+            req.block_hashes.extend(new)
+
     def _make_room(self, req: Request, num_tokens: int, scheduled: list) -> bool:
         """Grow ``req``, preempting newer unscheduled running requests while the pool is short."""
         taken = {id(r) for r, _ in scheduled}
@@ -137,6 +168,14 @@ class Scheduler:
                 return False
             self.preempt(max(victims, key=lambda r: r.arrival))
         return True
+
+    def _propose(self, req: Request, budget: int) -> Draft | None:
+        """An n-gram draft for a decoding request, within the step budget, max_tokens and the context."""
+        if self.speculative is None:
+            return None
+        room = min(budget, req.params.max_tokens - len(req.output_ids) - 1,
+                   self.max_model_len - req.num_tokens - 1)
+        return propose_ngram(req.all_ids, self.speculative, room)
 
     def _prefill_budget(self, decode_tokens: int, budget: int) -> int:
         """xy: the most prefill tokens whose step the predictor keeps within the TBT SLO."""
@@ -162,13 +201,18 @@ class Scheduler:
             if budget == 0:
                 break
             if req.status is Status.RUNNING and req.remaining == 1:
-                if self._make_room(req, req.num_computed + 1, scheduled):
-                    scheduled.append((req, 1))
-                    budget -= 1
+                req.draft = self._propose(req, budget - 1)
+                n = 1 + (len(req.draft) if req.draft else 0)
+                if req.draft and not self._make_room(req, req.num_computed + n, scheduled):
+                    req.draft, n = None, 1  # no room for the tree: plain decode
+                if self._make_room(req, req.num_computed + n, scheduled):
+                    scheduled.append((req, n))
+                    budget -= n
                 elif req.status is Status.RUNNING:
                     self.preempt(req)
         if policy == "xy":
-            budget = min(budget, self._prefill_budget(len(scheduled), budget))
+            busy = sum(n for _, n in scheduled)
+            budget = min(budget, self._prefill_budget(busy, budget))
         return self._schedule_prefills(budget, scheduled, align=policy == "xy")
 
     def _schedule_prefills(self, budget: int, scheduled: list, align: bool) -> list[tuple[Request, int]]:
@@ -179,6 +223,8 @@ class Scheduler:
                 break
             if req.status is Status.WAITING and len(self.running) >= self.config.max_num_seqs:
                 break
+            if req.status is Status.WAITING:
+                self.attach_cached_prefix(req)
             n = min(req.remaining, budget)
             free_tokens = (len(req.blocks) + self.kv.allocator.num_free) * self.kv.block_size - req.num_computed
             if free_tokens < n and req.status is Status.RUNNING:
@@ -189,8 +235,14 @@ class Scheduler:
             if align and n < req.remaining and n >= self.config.align:
                 n -= n % self.config.align  # a chunk that does not finish the prompt ends on a tile boundary
             if n <= 0 or not self._grow(req, req.num_computed + n):
+                if req.status is Status.WAITING:  # hand cached blocks back while it waits
+                    self.kv.allocator.free(req.blocks)
+                    req.blocks, req.num_computed, req.block_hashes = [], 0, []
                 break  # wait for blocks; FCFS order is kept
             if req.status is Status.WAITING:
+                if req.num_preemptions == 0:
+                    req.num_cached_tokens = req.num_computed
+                    self.kv.allocator.record_query(len(req.prompt_ids), req.num_computed)
                 self.waiting.remove(req)
                 self.running.append(req)
                 req.status = Status.RUNNING
