@@ -27,6 +27,7 @@ class Update:
     finish_reason: str | None
     num_prompt_tokens: int
     stop_text: str | None  # the output cut at a stop string, once one matched
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 class AsyncEngine:
@@ -76,7 +77,8 @@ class AsyncEngine:
             return
         queue, loop = entry
         done = req.status is Status.FINISHED
-        update = Update(list(req.output_ids), done, req.finish_reason, len(req.prompt_ids), req.text)
+        update = Update(list(req.output_ids), done, req.finish_reason, len(req.prompt_ids), req.text,
+                        req.num_cached_tokens)
         loop.call_soon_threadsafe(queue.put_nowait, update)
         if done:
             self._queues.pop(req.request_id, None)

@@ -25,6 +25,16 @@ class ServingMetrics:
         self.running = Gauge("xytune_requests_running", "Requests holding KV blocks.", registry=r)
         self.kv_usage = Gauge("xytune_kv_cache_usage_ratio", "Fraction of KV blocks in use.", registry=r)
         self.preemptions = Gauge("xytune_preemptions", "Requests preempted so far (recomputed).", registry=r)
+        self.prefix_queried = Gauge("xytune_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix "
+                                    "cache.", registry=r)
+        self.prefix_hits = Gauge("xytune_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.",
+                                 registry=r)
+        self.prefix_hit_rate = Gauge("xytune_prefix_cache_hit_rate", "Hit tokens / queried tokens.", registry=r)
+        self.spec_draft = Gauge("xytune_spec_draft_tokens", "Speculative draft tokens verified.", registry=r)
+        self.spec_accepted = Gauge("xytune_spec_accepted_tokens", "Speculative draft tokens accepted.", registry=r)
+        self.spec_acceptance = Gauge("xytune_spec_acceptance_rate", "Accepted / draft tokens.", registry=r)
+        self.spec_tokens_per_step = Gauge("xytune_spec_tokens_per_step",
+                                          "Tokens emitted per verify step of a request (1 = no gain).", registry=r)
         self.cost_error = Gauge("xytune_cost_model_step_error_ratio",
                                 "Median absolute relative error of predicted step latency.", registry=r)
         self.cost_scale = Gauge("xytune_cost_model_calibration_scale",
@@ -49,6 +59,14 @@ class ServingMetrics:
         self.running.set(len(sched.running))
         self.kv_usage.set(1 - kv.allocator.num_free / kv.num_blocks)
         self.preemptions.set(sched.num_preemptions)
+        alloc, spec = kv.allocator, engine.spec
+        self.prefix_queried.set(alloc.queried_tokens)
+        self.prefix_hits.set(alloc.hit_tokens)
+        self.prefix_hit_rate.set(alloc.hit_rate)
+        self.spec_draft.set(spec.proposed)
+        self.spec_accepted.set(spec.accepted)
+        self.spec_acceptance.set(spec.acceptance_rate)
+        self.spec_tokens_per_step.set(spec.tokens_per_step)
         if engine.predictor is not None:
             err = engine.predictor.error_summary()
             if err["median_ape"] is not None:

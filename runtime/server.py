@@ -184,7 +184,8 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
 
     def usage(u: Update) -> dict:
         return {"prompt_tokens": u.num_prompt_tokens, "completion_tokens": len(u.token_ids),
-                "total_tokens": u.num_prompt_tokens + len(u.token_ids)}
+                "total_tokens": u.num_prompt_tokens + len(u.token_ids),
+                "prompt_tokens_details": {"cached_tokens": u.num_cached_tokens}}
 
     async def respond(request: HTTPRequest, body: SamplingFields, prompt_ids: list[int], params: SamplingParams,
                       chat: bool):

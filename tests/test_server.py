@@ -31,7 +31,8 @@ def server():
     reference_table = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
     proc = subprocess.Popen([sys.executable, "-m", "xytune.cli", "serve", "--port", str(port), "--dtype", "float32",
                              "--api-key", KEY, "--kv-cache-gb", "0.25", "--profile", str(reference_table),
-                             "--allow-mismatch"], stdout=subprocess.PIPE,
+                             "--allow-mismatch", "--speculative", "ngram", "--num-speculative-tokens", "4"],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -61,9 +62,17 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def reference():
+    """Plain decoding, no prefix cache: the server (speculative, prefix-cached) must match it."""
     from xytune.runtime.llm import LLM
 
-    return LLM(dtype="float32", kv_cache_gb=0.1)
+    return LLM(dtype="float32", kv_cache_gb=0.1, enable_prefix_caching=False)
+
+
+def _metric(body: str, name: str) -> float:
+    for line in body.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_models_and_completion_match_the_engine(client, reference):
@@ -76,6 +85,39 @@ def test_models_and_completion_match_the_engine(client, reference):
     assert out.choices[0].text == expected.text
     assert out.choices[0].finish_reason == expected.finish_reason == "length"
     assert out.usage.completion_tokens == 20 and out.usage.prompt_tokens == len(expected.prompt_token_ids)
+
+
+def test_speculative_greedy_equals_plain_greedy(client, server, reference):
+    from xytune.runtime.sampling import SamplingParams
+
+    prompt = ("Repeat the list: red, green, blue, yellow, red, green, blue, yellow, red, green, blue, yellow, "
+              "red, green, blue, yellow, red,")
+    before = httpx.get(f"{server}/metrics").text
+    out = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=40, temperature=0)
+    expected = reference.generate(prompt, SamplingParams(max_tokens=40, temperature=0))[0]
+    assert out.choices[0].text == expected.text
+    after = httpx.get(f"{server}/metrics").text
+    accepted = _metric(after, "xytune_spec_accepted_tokens") - _metric(before, "xytune_spec_accepted_tokens")
+    assert accepted > 10, "a repeating list should accept many drafts"
+    assert 0 < _metric(after, "xytune_spec_acceptance_rate") <= 1
+    assert _metric(after, "xytune_spec_tokens_per_step") > 1
+
+
+def test_a_shared_prefix_hits_the_cache(client, server):
+    system = ("You are a patient tutor for high-school students. Explain each idea in two sentences, with one "
+              "everyday example, and never use jargon without defining it first. ")
+    before = _metric(httpx.get(f"{server}/metrics").text, "xytune_prefix_cache_hit_tokens")
+    first = client.chat.completions.create(model="smollm2-135m", max_tokens=4, temperature=0,
+                                           messages=[{"role": "system", "content": system},
+                                                     {"role": "user", "content": "What is friction?"}])
+    second = client.chat.completions.create(model="smollm2-135m", max_tokens=4, temperature=0,
+                                            messages=[{"role": "system", "content": system},
+                                                      {"role": "user", "content": "What is inertia?"}])
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 32 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens < cached
+    after = _metric(httpx.get(f"{server}/metrics").text, "xytune_prefix_cache_hit_tokens")
+    assert after - before >= cached
 
 
 def test_streaming_equals_non_streaming(client):

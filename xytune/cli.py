@@ -286,6 +286,10 @@ def serve(
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Use a table from another device."),
     policy: str = typer.Option("xy", help="xy | chunked | prefill-first."),
     tbt_slo_ms: float = typer.Option(100.0, help="Time-between-tokens SLO the xy policy sizes steps for."),
+    enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching",
+                                               help="Reuse the KV blocks of shared prompt prefixes."),
+    speculative: str = typer.Option(None, help="Speculative decoding: ngram (prompt lookup) [default: off]."),
+    num_speculative_tokens: int = typer.Option(4, help="Draft tokens verified per request per step."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (completions and chat, streaming or not)."""
     import uvicorn
@@ -306,7 +310,9 @@ def serve(
             profile = _cached_quick_profile(dev, model)
         llm = LLM(model=model, dtype=dtype, device=str(dev.torch_device), kv_cache_gb=kv_cache_gb,
                   max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, threads=threads,
-                  profile=str(profile), allow_mismatch=allow_mismatch, policy=policy, tbt_slo_ms=tbt_slo_ms)
+                  profile=str(profile), allow_mismatch=allow_mismatch, policy=policy, tbt_slo_ms=tbt_slo_ms,
+                  enable_prefix_caching=enable_prefix_caching, speculative=speculative,
+                  num_speculative_tokens=num_speculative_tokens)
     except (DeviceError, ModelLoadError, CostModelError, ValueError) as exc:
         fail(str(exc))
     from xytune.runtime.metrics import ServingMetrics
