@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from xytune.kernels.meta_attention import TREE, AttnRequest, plan_meta_attention, run_meta_attention_torch
+
 
 QUERY_TILE = 64  # prefill queries are attended in tiles of this many rows (see PrefillChunk.tiles)
 
@@ -68,6 +70,7 @@ class AttentionBatch:
     decode_slots: torch.Tensor  # [Bd, Lmax] key slots per decode row (padded with 0)
     decode_bias: torch.Tensor  # [Bd, 1, Lmax] 0 for real keys, -inf for padding (added to the scores)
     prefills: list[PrefillChunk]
+    requests: list = None  # one AttnRequest per request, for Meta-Attention's plan
 
     def decode_bias_for(self, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
         """The padding bias repeated per KV head ``[kv_heads*Bd, 1, L]``, made once per step for all layers."""
@@ -87,13 +90,15 @@ class AttentionBatch:
 
         ``parents`` marks a speculative verify chunk: its rows form a tree (see ``tree_mask``).
         """
-        slot_parts, decode_rows, decode_tables, decode_lens, prefills = [], [], [], [], []
+        slot_parts, decode_rows, decode_tables, decode_lens, prefills, requests = [], [], [], [], [], []
         row = 0
         for table, before, n, *tree in chunks:
             t = torch.tensor(table, dtype=torch.long)
             pos = torch.arange(before + n)
             all_slots = t[pos // block_size] * block_size + pos % block_size
             slot_parts.append(all_slots[before:])
+            requests.append(AttnRequest(n, before, all_slots, TREE, tuple(tree[0])) if tree
+                            else AttnRequest(n, before, all_slots))
             if n == 1:
                 decode_rows.append(row)
                 decode_tables.append(all_slots)
@@ -111,7 +116,7 @@ class AttentionBatch:
         return cls(
             slot_mapping=torch.cat(slot_parts).to(device) if slot_parts else torch.zeros(0, dtype=torch.long),
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
-            decode_slots=dslots.to(device), decode_bias=bias.to(device), prefills=prefills,
+            decode_slots=dslots.to(device), decode_bias=bias.to(device), prefills=prefills, requests=requests,
         )
 
 
@@ -157,3 +162,17 @@ def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: Pref
         outs.append(F.scaled_dot_product_attention(qp[:, :, r0:r1], k[:, :, :keys], v[:, :, :keys],
                                                    attn_mask=mask, is_causal=mask is None, scale=scale))
     return torch.cat(outs, dim=2)[0].transpose(0, 1)
+
+
+def make_meta_attention(tile_q: int = 16, tile_kv: int = 256, prefill_tile: int = 64):
+    """Meta-Attention behind the same call as ``reference_attention``; the plan is made once per step."""
+
+    def meta_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
+                       scale: float) -> torch.Tensor:
+        plan = getattr(batch, "_meta_plan", None)
+        if plan is None:
+            plan = batch._meta_plan = plan_meta_attention(batch.requests, q.shape[1], k_cache.shape[0],
+                                                          k_cache.shape[1], tile_q, tile_kv, prefill_tile)
+        return run_meta_attention_torch(plan, q, k_cache, v_cache, scale)
+
+    return meta_attention

@@ -17,6 +17,7 @@ from xytune.runtime.attention import AttentionBatch
 from xytune.runtime.model import LlamaModel
 from xytune.runtime.sampling import SamplingParams, make_generator, sample
 from xytune.runtime.speculative import SpeculativeConfig, verify
+from xytune.runtime.step_predictor import attention_pairs
 from xytune.runtime.scheduler import Request, Scheduler, SchedulerConfig, Status
 from xytune.runtime.tokenizer import Tokenizer
 
@@ -150,6 +151,9 @@ class Engine:
         batch = AttentionBatch.build(self.kv.block_size, chunks, device)
         logits = self.model.forward(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
                                     batch, self.kv, torch.tensor(logit_rows, dtype=torch.long, device=device))
+        num_verify = sum(n for r, n in scheduled if r.draft is not None)
+        # a decode token follows an output token; a prompt's last token (say after a prefix-cache hit) is prefill
+        decode = sum(1 for r, n in scheduled if n == 1 and r.draft is None and r.output_ids)
         new_tokens: list[tuple[Request, list[int]]] = []
         for req, n in scheduled:
             if req.draft is None:
@@ -180,13 +184,12 @@ class Engine:
         for req, n in scheduled:
             if req.draft is None and req.status is not Status.FINISHED:
                 self.scheduler.cache_computed_blocks(req)
-        num_verify = sum(n for r, n in scheduled if r.draft is not None)
-        decode = sum(1 for r, n in scheduled if n == 1 and r.draft is None)
         seconds = time.perf_counter() - start
         predicted = None
         if self.predictor is not None:
-            predicted = self.predictor.predict(len(ids), len(logit_rows))
-            self.predictor.observe(len(ids), len(logit_rows), seconds)
+            pairs = attention_pairs([(c[1], c[2]) for c in chunks])
+            predicted = self.predictor.predict(len(ids), len(logit_rows), pairs)
+            self.predictor.observe(len(ids), len(logit_rows), seconds, pairs)
         self.step_stats.append(StepStats(len(ids), len(ids) - decode - num_verify, decode, seconds, predicted,
                                          num_verify))
         for req, _ in scheduled:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-GEMM_MODES = ("packed", "plain")
+GEMM_MODES = ("packed", "plain", "smooth")
 
 
 def onednn_packing_available() -> bool:
@@ -22,21 +22,45 @@ class Linear:
     """``y = x @ W.T + b`` for a fixed weight ``W [N, K]``."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, mode: str = "packed",
-                 batch_hint: int = 32):
+                 batch_hint: int = 32, planner=None):
+        """``mode`` smooth runs SmoothGEMM: ``planner`` picks the segments; it is a SmoothGEMMPlanner for
+        this shape or ``planner_for(n, k, kernel_names)`` making one over the kernels this weight has."""
         if mode not in GEMM_MODES:
             raise ValueError(f"gemm mode must be one of {GEMM_MODES}, not {mode!r}")
+        if mode == "smooth" and planner is None:
+            raise ValueError("gemm mode smooth needs a cost table (a SmoothGEMMPlanner per shape)")
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
         self.packed = None
-        if (mode == "packed" and weight.device.type == "cpu" and onednn_packing_available()
+        if (mode in ("packed", "smooth") and weight.device.type == "cpu" and onednn_packing_available()
                 and weight.dtype in (torch.float32, torch.bfloat16)):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        self.planner, self.kernels = None, None
+        if mode == "smooth":
+            from xytune.kernels.smooth_gemm import torch_segment_kernels
+
+            self.kernels = torch_segment_kernels(weight, bias, self.packed)
+            self.planner = planner(*weight.shape, set(self.kernels)) if callable(planner) else planner
 
     def _bind(self, x: torch.Tensor):
         """A no-argument call on a fixed input (what the profiler times)."""
         return lambda: self(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.planner is not None:
+            return self._smooth(x)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def _smooth(self, x: torch.Tensor) -> torch.Tensor:
+        from xytune.kernels.smooth_gemm import run_smooth_gemm
+
+        plan = self.planner.plan(x.shape[0])
+        if len(plan.segments) == 1:  # one segment: the primitive's own output, no copy
+            prim = plan.segments[0].primitive
+            if prim == "onednn.packed_linear" and self.packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            if prim == "torch.linear":
+                return F.linear(x, self.weight, self.bias)
+        return run_smooth_gemm(plan, x, self.kernels, n=self.out_features)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from xytune.runtime.attention import make_meta_attention, reference_attention
 from xytune.runtime.engine import Engine, RequestOutput
 from xytune.runtime.kv_cache import bytes_per_block
 from xytune.runtime.loader import load_checkpoint, resolve_dtype
@@ -13,13 +14,33 @@ from xytune.runtime.scheduler import SchedulerConfig
 from xytune.runtime.speculative import SpeculativeConfig
 
 
+ATTENTION_KINDS = ("reference", "meta")
+
+
+def _planners(cost_model, dtype: str):
+    """SmoothGEMM planners per weight shape, made on first use."""
+    from xytune.kernels.smooth_gemm import SmoothGEMMPlanner
+
+    cache = {}
+
+    def planner_for(n: int, k: int, kernels: set[str]):
+        if (n, k) not in cache:
+            cache[(n, k)] = SmoothGEMMPlanner(cost_model, n, k, dtype, primitives=kernels)
+        return cache[(n, k)]
+
+    return planner_for
+
+
 class LLM:
     def __init__(self, model: str = "smollm2-135m", dtype: str = "auto", device: str = "cpu",
                  kv_cache_gb: float = 1.0, block_size: int = 16, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 256, threads: int | None = None, gemm: str = "packed",
                  profile: str | None = None, allow_mismatch: bool = False, policy: str = "chunked",
                  tbt_slo_ms: float = 100.0, enable_prefix_caching: bool = True,
-                 speculative: str | None = None, num_speculative_tokens: int = 4):
+                 speculative: str | None = None, num_speculative_tokens: int = 4, attention: str = "reference",
+                 meta_tiles: tuple[int, int, int] = (16, 256, 64)):
+        """``attention`` reference | meta; ``meta_tiles`` (tile_q, tile_kv, prefill_tile) of Meta-Attention;
+        ``gemm`` packed | plain | smooth (SmoothGEMM planned from ``profile``)."""
         if threads is not None:
             torch.set_num_threads(threads)
         if kv_cache_gb <= 0:
@@ -29,18 +50,25 @@ class LLM:
         dev = torch.device(device)
         config, state, self.tokenizer, self.model_name = load_checkpoint(model)
         self.dtype = resolve_dtype(dtype, dev)
-        self.model = LlamaModel(config, state, self.dtype, dev, gemm=gemm)
-        del state
-        per_block = bytes_per_block(config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype)
-        num_blocks = int(kv_cache_gb * 2**30 // per_block)
-        predictor = None
+        dtype_name = str(self.dtype).replace("torch.", "")
+        cost_model = predictor = None
         if profile is not None:
             from xytune.cost_model import CostModel
             from xytune.runtime.step_predictor import StepPredictor
 
             cost_model = CostModel.load(profile, device=device if dev.type != "cpu" else None,
                                         allow_mismatch=allow_mismatch)
-            predictor = StepPredictor(cost_model, str(self.dtype).replace("torch.", ""))
+            predictor = StepPredictor(cost_model, dtype_name)
+        if gemm == "smooth" and cost_model is None:
+            raise ValueError("gemm smooth plans from a cost table: give profile=TABLE (--profile).")
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, not {attention!r}.")
+        attn = reference_attention if attention == "reference" else make_meta_attention(*meta_tiles)
+        self.model = LlamaModel(config, state, self.dtype, dev, attention=attn, gemm=gemm,
+                                planner_for=_planners(cost_model, dtype_name) if cost_model else None)
+        del state
+        per_block = bytes_per_block(config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype)
+        num_blocks = int(kv_cache_gb * 2**30 // per_block)
         spec = SpeculativeConfig(speculative, num_speculative_tokens) if speculative else None
         self.engine = Engine(self.model, self.tokenizer, num_blocks, block_size,
                              SchedulerConfig(max_num_batched_tokens, max_num_seqs, policy, tbt_slo_ms), predictor,

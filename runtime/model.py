@@ -64,9 +64,13 @@ class Layer:
 class LlamaModel:
     def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device | str = "cpu", attention: AttentionFn = reference_attention,
-                 gemm: str = "packed"):
+                 gemm: str = "packed", planner_for: Callable | None = None):
+        """``planner_for(n, k, kernel_names)``: the SmoothGEMM planner of a weight shape (``gemm="smooth"``)."""
         self.config, self.dtype, self.device = config, dtype, torch.device(device)
         self.attention = attention
+
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+            return Linear(weight, bias, gemm, planner=planner_for if gemm == "smooth" else None)
 
         def take(name: str) -> torch.Tensor:
             if name not in state:
@@ -77,7 +81,7 @@ class LlamaModel:
         self.norm = take("model.norm.weight")
         lm_head = self.embed if config.tie_word_embeddings or "lm_head.weight" not in state \
             else take("lm_head.weight")
-        self.lm_head = Linear(lm_head, mode=gemm)
+        self.lm_head = linear(lm_head)
         self.layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
@@ -87,10 +91,10 @@ class LlamaModel:
                 bias = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
             gate_up = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
             self.layers.append(Layer(
-                ln1=take(p + "input_layernorm.weight"), qkv=Linear(torch.cat(qkv).contiguous(), bias, gemm),
-                o=Linear(take(p + "self_attn.o_proj.weight"), mode=gemm),
-                ln2=take(p + "post_attention_layernorm.weight"), gate_up=Linear(gate_up.contiguous(), mode=gemm),
-                down=Linear(take(p + "mlp.down_proj.weight"), mode=gemm),
+                ln1=take(p + "input_layernorm.weight"), qkv=linear(torch.cat(qkv).contiguous(), bias),
+                o=linear(take(p + "self_attn.o_proj.weight")),
+                ln2=take(p + "post_attention_layernorm.weight"), gate_up=linear(gate_up.contiguous()),
+                down=linear(take(p + "mlp.down_proj.weight")),
             ))
         inv = rope_inv_freq(config)
         pos = torch.arange(config.max_position_embeddings, dtype=torch.float32)

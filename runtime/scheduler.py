@@ -177,18 +177,47 @@ class Scheduler:
                    self.max_model_len - req.num_tokens - 1)
         return propose_ngram(req.all_ids, self.speculative, room)
 
-    def _prefill_budget(self, decode_tokens: int, budget: int) -> int:
-        """xy: the most prefill tokens whose step the predictor keeps within the TBT SLO."""
+    def _prefill_budget(self, scheduled: list, budget: int) -> int:
+        """xy: the most prefill tokens whose step the predictor keeps within the TBT SLO, nudged to efficient M."""
+        from xytune.runtime.step_predictor import attention_pairs
+
         slo = self.config.tbt_slo_ms / 1e3
+        busy = sum(n for _, n in scheduled)  # decode and verify tokens, each with a logits row
+        decode_pairs = attention_pairs([(r.num_computed, n) for r, n in scheduled])
+        head = next((r for r in sorted(self.running, key=lambda r: r.arrival) if r.remaining > 1), None)
+        context = head.num_computed if head is not None else 0  # the next chunk most likely extends this prompt
+
+        def predicted(p: int) -> float:
+            pairs = decode_pairs + (attention_pairs([(context, p)]) if p else 0.0)
+            return self.predictor.predict(busy + p, busy + (1 if p else 0), pairs)
+
         lo, hi = 0, budget
         while lo < hi:  # predicted step time grows with tokens: binary search the largest that fits
             mid = (lo + hi + 1) // 2
-            if self.predictor.predict(decode_tokens + mid, decode_tokens + 1) <= slo:
+            if predicted(mid) <= slo:
                 lo = mid
             else:
                 hi = mid - 1
+        lo = self._nudge(busy, lo)
         # Never starve prompts: when the SLO leaves no room, a step still takes one aligned chunk.
         return max(lo, min(budget, self.config.align))
+
+    def _nudge(self, busy: int, prefill: int, gain: float = 0.03) -> int:
+        """Trim the prefill tokens so the step's token count lands where the GEMM table is more efficient.
+
+        Looks up to two alignment units down for a total M whose table GEMM time per token beats that of
+        the SLO-sized step by at least ``gain`` (a step just past a tile boundary pays for a nearly empty
+        tile); otherwise keeps the SLO-sized count.
+        """
+        if prefill <= self.config.align:
+            return prefill
+        per_token = lambda p: self.predictor.table_seconds(busy + p, 1) / (busy + p)  # noqa: E731
+        base = per_token(prefill)
+        best, best_cost = prefill, base
+        for p in range(prefill - 1, max(self.config.align, prefill - 2 * self.config.align) - 1, -1):
+            if (c := per_token(p)) < best_cost:
+                best, best_cost = p, c
+        return best if best_cost < base * (1 - gain) else prefill
 
     def schedule(self) -> list[tuple[Request, int]]:
         budget = self.config.max_num_batched_tokens
@@ -211,8 +240,7 @@ class Scheduler:
                 elif req.status is Status.RUNNING:
                     self.preempt(req)
         if policy == "xy":
-            busy = sum(n for _, n in scheduled)
-            budget = min(budget, self._prefill_budget(busy, budget))
+            budget = min(budget, self._prefill_budget(scheduled, budget))
         return self._schedule_prefills(budget, scheduled, align=policy == "xy")
 
     def _schedule_prefills(self, budget: int, scheduled: list, align: bool) -> list[tuple[Request, int]]:

@@ -60,14 +60,14 @@ MIXED = [
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 8, 64), (9, 3, 64), (32, 4, 128), (16, 2, 128)])
-@pytest.mark.parametrize("tiles", [(16, 32), (64, 128), (8, 16)])
+@pytest.mark.parametrize("tiles", [(16, 32, 16), (64, 128, 64), (8, 16, 8)])  # tile_q, tile_kv, prefill_tile
 def test_mixed_batch_matches_float64(heads, kv_heads, head_dim, tiles):
     requests, q, k, v = random_batch(MIXED, heads, kv_heads, head_dim, seed=heads + tiles[0])
     plan = plan_meta_attention(requests, heads, kv_heads, k.shape[1], *tiles)
     out = run_meta_attention_torch(plan, q, k, v, head_dim ** -0.5)
     torch.testing.assert_close(out.double(), reference(requests, q, k, v, head_dim ** -0.5), rtol=1e-4, atol=1e-4)
     assert plan.counts["masked"] > 0
-    if tiles[0] <= 16:  # small tiles cut the 37-token prefill's causal corner off
+    if tiles[2] <= 16:  # small tiles cut the 37-token prefill's causal corner off
         assert plan.counts["skipped"] > 0
 
 
@@ -75,18 +75,35 @@ def test_decode_heads_are_packed_into_one_tile():
     requests, q, k, v = random_batch([(CAUSAL, 1, 40)] * 6, 32, 4, 64, seed=1)
     plan = plan_meta_attention(requests, 32, 4, k.shape[1], tile_q=16, tile_kv=64)
     # 6 requests x 4 KV heads, 8 packed query heads each in one row block, one key block each
-    assert plan.num_blocks == 24 and plan.q_index.shape[0] == 24
+    assert not plan.long and plan.short.num_segments == 24 and plan.short.q_index.shape[0] == 24
+    assert plan.short.bias.shape[1] == 1, "decode-only tiles need no per-row mask"
     out = run_meta_attention_torch(plan, q, k, v, 0.125)
     torch.testing.assert_close(out.double(), reference(requests, q, k, v, 0.125), rtol=1e-4, atol=1e-4)
 
 
-def test_tiles_are_ordered_longest_first_and_causal_corners_skipped():
-    requests, _, k, _ = random_batch([(CAUSAL, 256, 0), (CAUSAL, 1, 500)], 4, 4, 64, seed=2)
-    plan = plan_meta_attention(requests, 4, 4, k.shape[1], tile_q=64, tile_kv=64)
-    lengths = plan.key_len.tolist()
-    assert lengths == sorted(lengths, reverse=True) and lengths[0] == 64 and lengths[-1] == 501 - 448
-    # a 256-token causal prefill: 4x4 blocks per head, the 6 above the diagonal skipped
-    assert plan.counts["skipped"] == 4 * 6
+def test_long_contexts_split_into_key_tiles_longest_first():
+    requests, q, k, v = random_batch([(CAUSAL, 1, 300), (CAUSAL, 1, 20), (CAUSAL, 1, 129)], 4, 4, 64, seed=3)
+    plan = plan_meta_attention(requests, 4, 4, k.shape[1], tile_q=4, tile_kv=128)
+    lengths = plan.short.key_len.tolist()
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] == 128 and lengths[-1] == 2
+    assert plan.short.split and plan.short.num_segments == 3 * 4
+    assert plan.counts["full"] == 3 and plan.counts["masked"] == 3  # per KV head: 301 -> 2 full + 1, 21, 130 -> 1 + 1
+    out = run_meta_attention_torch(plan, q, k, v, 0.125)
+    torch.testing.assert_close(out.double(), reference(requests, q, k, v, 0.125), rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_tiles_skip_the_causal_corner_and_group_by_key_length():
+    requests, q, k, v = random_batch([(CAUSAL, 256, 0), (CAUSAL, 100, 28)], 4, 4, 64, seed=2)
+    plan = plan_meta_attention(requests, 4, 4, k.shape[1], tile_q=16, tile_kv=64, prefill_tile=64)
+    assert plan.short is None
+    # 256-token prefill: q tiles read 64/128/192/256 keys, skipping 3+2+1 key blocks; the 100-token chunk after
+    # 28 cached keys: q tiles read 92 and 128 keys, both touching 2 key blocks, so nothing skipped
+    assert plan.counts["skipped"] == 6
+    key_lens = [g.key_slots.shape[1] for g in plan.long]
+    assert key_lens == [256, 192, 128, 64]  # ceil(keys / 64) classes: 256 | 192 | 128, 128, 92 | 64
+    assert sum(g.q_tokens.shape[0] for g in plan.long) == 4 + 2
+    out = run_meta_attention_torch(plan, q, k, v, 0.125)
+    torch.testing.assert_close(out.double(), reference(requests, q, k, v, 0.125), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_tree_is_rejected():
@@ -102,11 +119,12 @@ def test_bad_tree_is_rejected():
     head_dim=st.sampled_from([64, 128]),
     tile_q=st.sampled_from([8, 16, 64]),
     tile_kv=st.sampled_from([16, 64]),
+    prefill_tile=st.sampled_from([4, 16, 64]),
     seed=st.integers(0, 1000),
 )
-def test_property_random_batches(batch, ratio, head_dim, tile_q, tile_kv, seed):
+def test_property_random_batches(batch, ratio, head_dim, tile_q, tile_kv, prefill_tile, seed):
     kv_heads = 2
     requests, q, k, v = random_batch(batch, kv_heads * ratio, kv_heads, head_dim, seed)
-    plan = plan_meta_attention(requests, kv_heads * ratio, kv_heads, k.shape[1], tile_q, tile_kv)
+    plan = plan_meta_attention(requests, kv_heads * ratio, kv_heads, k.shape[1], tile_q, tile_kv, prefill_tile)
     out = run_meta_attention_torch(plan, q, k, v, head_dim ** -0.5)
     torch.testing.assert_close(out.double(), reference(requests, q, k, v, head_dim ** -0.5), rtol=1e-4, atol=1e-4)

@@ -132,3 +132,19 @@ def test_tiny_random_checkpoints(tmp_path, arch):
     llm.engine.scheduler.config.max_num_batched_tokens = 5
     outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == expected
+
+
+def test_meta_attention_and_smooth_gemm_keep_the_equality(smollm2):
+    """The engine on Meta-Attention and SmoothGEMM (planned from the reference table) still matches."""
+    import warnings
+    from pathlib import Path
+
+    _, prompt_ids, expected = smollm2
+    table = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reference table may come from another CPU
+        llm = LLM("smollm2-135m", dtype="float32", attention="meta", gemm="smooth", profile=str(table),
+                  allow_mismatch=True, meta_tiles=(16, 64, 32))  # small tiles: contexts split, prompts tile
+    assert run(llm, prompt_ids) == expected
+    assert run(llm, prompt_ids, chunk=7) == expected
+    assert llm.engine.kv.allocator.num_free == llm.engine.kv.num_blocks

@@ -453,6 +453,60 @@ def bench_serve(
         fail("no request completed; first errors: " + "; ".join(rows[0]["errors"]))
 
 
+@bench_app.command("servers")
+def bench_servers(
+    variant: list[str] = typer.Option(None, "--variant", help='NAME="serve flags" (repeatable) '
+                                      '[default: xy, chunked and prefill-first policies].'),
+    sweep_rates: str = typer.Option("0.5,1,1.5,2,3", help="Comma list of request rates."),
+    num_prompts: int = typer.Option(30, help="Requests per rate and variant."),
+    dataset: str = typer.Option("synthetic", help="synthetic or a JSONL file of {\"prompt\", \"max_tokens\"}."),
+    input_len: int = typer.Option(256, help="Mean prompt tokens (synthetic)."),
+    output_len: int = typer.Option(48, help="Mean new tokens (synthetic; default max_tokens for a file)."),
+    slo_ttft_ms: float = typer.Option(2000.0, help="Time-to-first-token SLO."),
+    slo_tpot_ms: float = typer.Option(120.0, help="Time-per-output-token SLO."),
+    serve_args: str = typer.Option("", help="Flags every variant's server gets (say \"--dtype bfloat16\")."),
+    model: str = typer.Option("smollm2-135m", help="Model every server loads."),
+    seed: int = typer.Option(0, help="Seed of lengths, tokens and arrivals."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
+):
+    """Start several `xytune serve` variants and compare their capacity on one trace, taking turns per rate."""
+    import shlex
+
+    from xytune.bench_servers import parse_variant, render, run
+    from xytune.bench_serve import file_prompts, synthetic_prompts
+
+    try:
+        variants = [parse_variant(v) for v in (variant or ['xy=--policy xy', 'chunked=--policy chunked',
+                                                         'prefill-first=--policy prefill-first'])]
+        rates = [float(r) for r in sweep_rates.split(",")]
+        common = ["--model", model, *shlex.split(serve_args)]
+    except ValueError as exc:
+        fail(str(exc))
+    if len({v.name for v in variants}) != len(variants):
+        fail("variant names must differ.")
+    if any(not r > 0 for r in rates) or num_prompts < 1 or input_len < 1 or output_len < 1:
+        fail("rates, --num-prompts, --input-len and --output-len must be positive.")
+    try:
+        if dataset == "synthetic":
+            from xytune.runtime.loader import load_checkpoint
+
+            vocab = load_checkpoint(model)[0].vocab_size
+            prompts = synthetic_prompts(num_prompts, input_len, output_len, vocab, seed)
+        else:
+            prompts = file_prompts(Path(dataset), num_prompts, output_len)
+    except (OSError, ValueError) as exc:
+        fail(str(exc))
+    try:
+        with console.status("starting servers...") as status:
+            result = run(variants, common, prompts, rates, seed, slo_ttft_ms, slo_tpot_ms, model,
+                         progress=status.update)
+    except RuntimeError as exc:
+        fail(str(exc))
+    render(result, console)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,85 @@
+"""SmoothGEMM: least-time segment covers from a cost table, and a run that equals one matmul."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import synthetic_rows
+from xytune.cost_model import CostModel
+from xytune.geometry import PRESETS
+from xytune.kernels.smooth_gemm import SmoothGEMMPlanner, run_smooth_gemm, torch_segment_kernels
+from xytune.table import CostTable, new_meta, write_table
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def padded_cost(prim, m, n, k):
+    """A fixed-shape kernel: a launch cost plus a cost per *bucket* row, so padding is paid in full."""
+    return 1e-5 + m * n * k * 1e-12 * (1.0 if prim == "a" else 1.3)
+
+
+@pytest.fixture
+def planner(tmp_path):
+    from xytune.devices import get_device
+
+    geometry = PRESETS["smollm2-135m"]
+    meta = new_meta(get_device("cpu").fingerprint(), geometry.to_dict(),
+                    {"gemm_flops": {"float32": 1e11}, "copy_bytes_per_s": 1e10}, {"dtypes": ["float32"]})
+    path = tmp_path / "t.parquet"
+    write_table(path, CostTable(synthetic_rows(geometry, padded_cost, primitives=("a", "b"), ms=BUCKETS), meta))
+    g = geometry.gemm("gate_up")
+    return SmoothGEMMPlanner(CostModel.load(path), g.n, g.k, "float32"), g
+
+
+def test_plan_covers_m_with_the_least_predicted_time(planner):
+    p, g = planner
+    plan = p.plan(70)
+    assert [(s.start, s.rows, s.bucket) for s in plan.segments] == [(0, 64, 64), (64, 6, 8)]
+    assert all(s.primitive == "a" for s in plan.segments)
+    cost = lambda b: padded_cost("a", b, g.n, g.k)  # noqa: E731
+    assert plan.predicted_s == pytest.approx(cost(64) + cost(8))
+    assert plan.predicted_s < cost(128)  # what padding to the next bucket would cost
+    assert p.pad_to_bucket(70)[:2] == (128, "a")
+    assert p.plan(64).segments == (p.plan(64).segments[0],) and p.plan(64).segments[0].rows == 64
+    big = p.plan(300)  # past the largest bucket: several full segments
+    assert sum(s.rows for s in big.segments) == 300 and big.segments[0].rows == 128
+    assert p.plan(70) is p.plan(70)  # cached per M
+
+
+def test_bad_m_and_missing_shapes_are_errors(planner):
+    p, _ = planner
+    with pytest.raises(ValueError, match="at least 1"):
+        p.plan(0)
+    with pytest.raises(ValueError, match="no gemm rows"):
+        SmoothGEMMPlanner(p_model(p), 7, 9, "float32")
+    with pytest.raises(ValueError, match="none of the primitives"):
+        SmoothGEMMPlanner(p_model(p), p.n, p.k, "float32", primitives={"triton.tiled_gemm"})
+
+
+def p_model(planner):
+    return planner._model
+
+
+@pytest.mark.parametrize("m", [1, 5, 64, 70, 129, 300])
+def test_run_writes_every_segment_into_one_output(tmp_path, m):
+    from xytune.devices import get_device
+
+    geometry = PRESETS["smollm2-135m"]
+    meta = new_meta(get_device("cpu").fingerprint(), geometry.to_dict(),
+                    {"gemm_flops": {"float32": 1e11}, "copy_bytes_per_s": 1e10}, {"dtypes": ["float32"]})
+    prims = ("torch.linear", "torch.matmul_out", "torch.matmul_pretransposed")
+    write_table(tmp_path / "t.parquet", CostTable(synthetic_rows(
+        geometry, lambda p, mm, n, k: padded_cost("a" if p == prims[m % 3] else "b", mm, n, k),
+        primitives=prims, ms=BUCKETS), meta))
+    g = geometry.gemm("o")
+    planner = SmoothGEMMPlanner(CostModel.load(tmp_path / "t.parquet"), g.n, g.k, "float32")
+    gen = torch.Generator().manual_seed(m)
+    w, b = torch.randn(g.n, g.k, generator=gen), torch.randn(g.n, generator=gen)
+    x = torch.randn(m, g.k, generator=gen)
+    plan = planner.plan(m)
+    out = run_smooth_gemm(plan, x, torch_segment_kernels(w, b), n=g.n)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    assert {s.primitive for s in plan.segments} == {prims[m % 3]}
+    with pytest.raises(ValueError, match="rows"):
+        run_smooth_gemm(plan, x[:-1] if m > 1 else torch.randn(2, g.k), torch_segment_kernels(w, b), n=g.n)
