@@ -106,6 +106,17 @@ class LongGroup:
     mask: torch.Tensor  # [B, 1, tq, Lg] bool: may the row read the key
     out_tokens: torch.Tensor  # [R] token rows written
     out_from: torch.Tensor  # [R] (tile * tq + row) each comes from
+    _bias_cache: dict = field(default_factory=dict)
+
+    def packed_bias(self, kvh: int, g: int, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as a 0/-inf bias over GQA-packed rows ``[kvh*B, tq*g, Lg]``, made once per plan."""
+        key = (kvh, g, dtype)
+        if key not in self._bias_cache:
+            B, _, tq, Lg = self.mask.shape
+            bias = torch.zeros(1, B, tq, 1, Lg, dtype=dtype).masked_fill_(~self.mask[None, :, 0, :, None, :],
+                                                                            float("-inf"))
+            self._bias_cache[key] = bias.expand(kvh, B, tq, g, Lg).reshape(kvh * B, tq * g, Lg)
+        return self._bias_cache[key]
 
 
 @dataclass
@@ -118,10 +129,12 @@ class MetaAttentionPlan:
     short: ShortTiles | None
     long: list[LongGroup]
     counts: dict  # tiles (per KV head) by class: full, masked, skipped
+    sdpa_min_keys: int = 512  # long groups with more keys run torch's fused SDPA, shorter ones batched GEMMs
 
 
 def plan_meta_attention(requests: list[AttnRequest], num_heads: int, num_kv_heads: int, cache_slots: int,
-                        tile_q: int = 16, tile_kv: int = 256, prefill_tile: int = 64) -> MetaAttentionPlan:
+                        tile_q: int = 16, tile_kv: int = 256, prefill_tile: int = 64,
+                        sdpa_min_keys: int = 512) -> MetaAttentionPlan:
     """Cut a batch into classified, GQA-packed, longest-first tiles (host side, no per-tile tensors)."""
     if num_heads % num_kv_heads:
         raise ValueError("num_heads must be a multiple of num_kv_heads")
@@ -137,58 +150,77 @@ def plan_meta_attention(requests: list[AttnRequest], num_heads: int, num_kv_head
         base += r.q_len
     return MetaAttentionPlan(tile_q, tile_kv, prefill_tile, num_heads, num_kv_heads,
                              _plan_short(short, num_heads, num_kv_heads, cache_slots, tile_q, tile_kv, counts),
-                             _plan_long(long, num_kv_heads, tile_kv, prefill_tile, counts), counts)
+                             _plan_long(long, num_kv_heads, tile_kv, prefill_tile, counts), counts, sdpa_min_keys)
 
 
 def _plan_short(items, H, kvh, cache_slots, tile_q, tile_kv, counts) -> ShortTiles | None:
+    """Vectorised over tiles: one numpy pass builds every index, bias and merge key."""
     if not items:
         return None
     g = H // kvh
-    row_dependent = any(r.q_len > 1 for _, r in items)
-    q_idx, kv_idx, biases, seg, key_len, out_index, out_from = [], [], [], [], [], [], []
-    s = 0
+    reqs = [r for _, r in items]
+    n = len(reqs)
+    # short contexts need no tile as long as the profiled one: shrink it to the longest key range (16-aligned)
+    tile_kv = min(tile_kv, -(-max(r.num_keys for r in reqs) // 16) * 16)
+    tile_q = min(tile_q, max(r.q_len for r in reqs) * g)  # and the rows to the most any request packs
+    base = np.array([b for b, _ in items])
+    qlen = np.array([r.q_len for r in reqs])
+    ctx = np.array([r.context_len for r in reqs])
+    L = ctx + qlen
+    R = qlen * g  # packed rows per (request, KV head)
+    slots = np.concatenate([r.key_slots.numpy() for r in reqs])
+    offset = np.concatenate([[0], np.cumsum(L)[:-1]])
+    chunks = -(-L // tile_kv)
+    # tiles, request-major then KV head then key chunk; segment = (request, KV head)
+    per_req = kvh * chunks
+    req = np.repeat(np.arange(n), per_req)
+    local = np.arange(len(req)) - np.repeat(np.cumsum(per_req) - per_req, per_req)
+    head = local // chunks[req]
+    chunk = local % chunks[req]
+    segment = req * kvh + head
+    pos = chunk[:, None] * tile_kv + np.arange(tile_kv)[None, :]  # key position within the request
+    valid = pos < L[req][:, None]
+    kv_index = np.where(valid, head[:, None] * cache_slots
+                        + slots[offset[req][:, None] + np.minimum(pos, L[req][:, None] - 1)], 0)
     rows = np.arange(tile_q)
-    for base, r in items:
-        L, R = r.num_keys, r.q_len * g
-        allowed = r.allowed().repeat_interleave(g, dim=0).numpy() if row_dependent else None
-        slots = r.key_slots.numpy()
-        for h in range(kvh):
-            qi = np.zeros(tile_q, dtype=np.int64)
-            qi[:R] = (base + rows[:R] // g) * H + h * g + rows[:R] % g
-            out_index.append(qi[:R])
-            out_from.append(s * tile_q + rows[:R])
-            for k0 in range(0, L, tile_kv):
-                n = min(tile_kv, L - k0)
-                ki = np.zeros(tile_kv, dtype=np.int64)
-                ki[:n] = h * cache_slots + slots[k0: k0 + n]
-                b = np.full((tile_q if row_dependent else 1, tile_kv), -np.inf, dtype=np.float32)
-                if row_dependent:
-                    b[:R, :n][allowed[:, k0: k0 + n]] = 0.0
-                    b[R:, 0] = 0.0  # padding rows read one key: finite, discarded
-                    full = n == tile_kv and bool(allowed[:, k0: k0 + n].all())
-                else:
-                    b[:, :n] = 0.0
-                    full = n == tile_kv
-                counts["full" if full else "masked"] += h == 0
-                q_idx.append(qi)
-                kv_idx.append(ki)
-                biases.append(b)
-                seg.append(s)
-                key_len.append(n)
-            s += 1
-    order = np.argsort(-np.asarray(key_len), kind="stable")  # longest first
-    segment = np.asarray(seg)[order]
-    src = np.concatenate(out_from)
-    split = len(seg) > s
+    real_row = rows[None, :] < R[req][:, None]
+    q_index = np.where(real_row, (base[req][:, None] + rows // g) * H + head[:, None] * g + rows % g, 0)
+    if (qlen == 1).all():  # decode only: the mask does not depend on the row
+        allowed = valid[:, None, :]
+        full = valid.all(1)
+    else:
+        token = rows // g
+        allowed = valid[:, None, :] & real_row[:, :, None]
+        causal = np.array([r.mask == CAUSAL for r in reqs])[req]
+        allowed &= ~causal[:, None, None] | (pos[:, None, :] <= (ctx[req][:, None] + token[None, :])[:, :, None])
+        for i in np.flatnonzero(np.array([r.mask == TREE for r in reqs])[req]):  # few verify tiles: exact mask
+            a = reqs[req[i]].allowed().repeat_interleave(g, dim=0).numpy()
+            p = pos[i][valid[i]]
+            allowed[i, : R[req[i]], : len(p)] = a[:, p]
+        full = allowed.reshape(len(req), -1).all(1) | False
+        full &= (R[req] == tile_q)
+        allowed = allowed | (~real_row[:, :, None] & (np.arange(tile_kv) == 0)[None, None, :])  # padding rows: key 0
+    bias = np.where(allowed, np.float32(0), np.float32(-np.inf))
+    counts["full"] += int(full[head == 0].sum())
+    counts["masked"] += int((~full[head == 0]).sum())
+    order = np.argsort(-valid.sum(1), kind="stable")  # longest first
+    segment_sorted = segment[order]
+    num_segments = n * kvh
+    seg_req = np.repeat(np.arange(n), kvh)
+    seg_head = np.tile(np.arange(kvh), n)
+    seg_rows = rows[None, :] < R[seg_req][:, None]
+    out_index = ((base[seg_req][:, None] + rows // g) * H + seg_head[:, None] * g + rows % g)[seg_rows]
+    src = (np.arange(num_segments)[:, None] * tile_q + rows[None, :])[seg_rows]
+    split = len(req) > num_segments
     if not split:  # one tile per segment: rows are read straight from the (reordered) tiles
-        tile_of = np.empty(s, dtype=np.int64)
-        tile_of[segment] = np.arange(len(segment))
+        tile_of = np.empty(num_segments, dtype=np.int64)
+        tile_of[segment_sorted] = np.arange(len(segment_sorted))
         src = tile_of[src // tile_q] * tile_q + src % tile_q
     t = torch.from_numpy
     return ShortTiles(
-        q_index=t(np.stack(q_idx)[order]), kv_index=t(np.stack(kv_idx)[order]), bias=t(np.stack(biases)[order]),
-        segment=t(segment), num_segments=s, key_len=t(np.asarray(key_len)[order]),
-        out_index=t(np.concatenate(out_index)), out_from=t(src), split=split,
+        q_index=t(q_index[order]), kv_index=t(kv_index[order]), bias=t(np.ascontiguousarray(bias[order])),
+        segment=t(segment_sorted), num_segments=num_segments, key_len=t(valid.sum(1)[order]),
+        out_index=t(out_index), out_from=t(src), split=split,
     )
 
 
@@ -210,8 +242,8 @@ def _plan_long(items, kvh, tile_kv, tq, counts) -> list[LongGroup]:
             tiles.append((keys, base, r, r0, r1, a[:, :keys]))
     tiles.sort(key=lambda x: -x[0])
     groups, current = [], []
-    for tile in tiles:  # a group pads to its longest tile: start a new one past one key block of padding
-        if current and -(-current[0][0] // tile_kv) != -(-tile[0] // tile_kv):
+    for tile in tiles:  # a group pads to its longest tile: a new group past one query tile's worth of keys
+        if current and -(-current[0][0] // tq) != -(-tile[0] // tq):
             groups.append(current)
             current = []
         current.append(tile)
@@ -250,35 +282,54 @@ def run_meta_attention_torch(plan: MetaAttentionPlan, q: torch.Tensor, k_cache: 
     return out
 
 
+def _gather_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``source[index]`` for a 2-D row index, through index_select (20x faster than advanced indexing on CPU)."""
+    return source.index_select(0, index.reshape(-1)).view(*index.shape, source.shape[-1])
+
+
 def _run_short(plan, st: ShortTiles, q, k_cache, v_cache, scale, out) -> None:
     T, H, d = q.shape
-    qt = q.reshape(T * H, d)[st.q_index]  # [N, tq, d]
-    kt = k_cache.reshape(-1, d)[st.kv_index]  # [N, tkv, d]
-    vt = v_cache.reshape(-1, d)[st.kv_index]
+    qt = _gather_rows(q.reshape(T * H, d), st.q_index)  # [N, tq, d]
+    kt = _gather_rows(k_cache.reshape(-1, d), st.kv_index)  # [N, tkv, d]
+    vt = _gather_rows(v_cache.reshape(-1, d), st.kv_index)
     # GEMMs in the input dtype (bf16 runs them ~2x faster on CPU), softmax statistics in float32
-    s = torch.baddbmm(st.bias_as(q.dtype), qt, kt.transpose(1, 2), alpha=scale).float()
+    s = torch.baddbmm(st.bias_as(q.dtype), qt, kt.transpose(1, 2), alpha=scale)
     if not st.split:  # one tile per segment: a plain softmax, no merge
-        o = torch.bmm(torch.softmax(s, -1).to(q.dtype), vt)
+        o = torch.bmm(torch.softmax(s, -1, dtype=torch.float32).to(q.dtype), vt)
         rows = o.reshape(-1, d)
     else:
+        s = s.float()
         m = s.amax(-1)
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
         p = torch.exp(s - m[..., None])
         o = torch.bmm(p.to(q.dtype), vt).float()  # unnormalised
-        big = torch.full((st.num_segments, plan.tile_q), float("-inf"))
+        tq = st.q_index.shape[1]
+        big = torch.full((st.num_segments, tq), float("-inf"))
         big = big.scatter_reduce(0, st.segment[:, None].expand_as(m), m, "amax")
         w = torch.exp(m - big[st.segment])
-        num = torch.zeros(st.num_segments, plan.tile_q, d).index_add_(0, st.segment, o * w[..., None])
-        den = torch.zeros(st.num_segments, plan.tile_q).index_add_(0, st.segment, p.sum(-1) * w)
+        num = torch.zeros(st.num_segments, tq, d).index_add_(0, st.segment, o * w[..., None])
+        den = torch.zeros(st.num_segments, tq).index_add_(0, st.segment, p.sum(-1) * w)
         rows = (num / den[..., None]).reshape(-1, d)
-    out.view(T * H, d)[st.out_index] = rows[st.out_from].to(q.dtype)
+    out.view(T * H, d).index_copy_(0, st.out_index, rows.index_select(0, st.out_from).to(q.dtype))
 
 
 def _run_long(plan, grp: LongGroup, q, k_cache, v_cache, scale, out) -> None:
+    """Short key ranges: GQA-packed batched GEMMs (about 2x torch's CPU flash kernel there); long ones: fused SDPA."""
     B, tq = grp.q_tokens.shape
-    qg = q[grp.q_tokens].transpose(1, 2)  # [B, H, tq, d]
-    kg = k_cache[:, grp.key_slots].transpose(0, 1)  # [B, kvh, Lg, d]
-    vg = v_cache[:, grp.key_slots].transpose(0, 1)
-    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=grp.mask, scale=scale,
-                                       enable_gqa=plan.num_heads != plan.num_kv_heads)
-    out[grp.out_tokens] = o.transpose(1, 2).reshape(B * tq, *out.shape[1:])[grp.out_from]
+    T, H, d = q.shape
+    kvh, Lg = k_cache.shape[0], grp.key_slots.shape[1]
+    g = H // kvh
+    k = k_cache.index_select(1, grp.key_slots.reshape(-1)).view(kvh, B, Lg, d)
+    v = v_cache.index_select(1, grp.key_slots.reshape(-1)).view(kvh, B, Lg, d)
+    qg = q.index_select(0, grp.q_tokens.reshape(-1)).view(B, tq, H, d)
+    if Lg > plan.sdpa_min_keys:
+        o = F.scaled_dot_product_attention(qg.transpose(1, 2), k.transpose(0, 1), v.transpose(0, 1),
+                                           attn_mask=grp.mask, scale=scale, enable_gqa=g > 1)
+        rows = o.transpose(1, 2).reshape(B * tq, H, d)
+    else:
+        # batch order (KV head, tile): the gathered K/V are used as they are, only q is permuted
+        qp = qg.view(B, tq, kvh, g, d).permute(2, 0, 1, 3, 4).reshape(kvh * B, tq * g, d)
+        s = torch.baddbmm(grp.packed_bias(kvh, g, q.dtype), qp, k.view(kvh * B, Lg, d).transpose(1, 2), alpha=scale)
+        o = torch.bmm(torch.softmax(s, -1, dtype=torch.float32).to(q.dtype), v.view(kvh * B, Lg, d))
+        rows = o.view(kvh, B, tq, g, d).permute(1, 2, 0, 3, 4).reshape(B * tq, H, d)
+    out.index_copy_(0, grp.out_tokens, rows.index_select(0, grp.out_from))

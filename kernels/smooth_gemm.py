@@ -44,7 +44,11 @@ class SmoothPlan:
 class SmoothGEMMPlanner:
     """Plans for one GEMM shape ``(n, k, dtype)`` from the measured buckets of a cost table."""
 
-    def __init__(self, cost_model, n: int, k: int, dtype: str, primitives: set[str] | None = None):
+    def __init__(self, cost_model, n: int, k: int, dtype: str, primitives: set[str] | None = None,
+                 exact_tails: bool = True):
+        """``exact_tails``: the primitives run any M at the table's interpolated cost (CPU torch ops), so
+        a tail segment is costed at its real rows; False for fixed-shape kernels (NPU, CUDA graphs), whose
+        tail pays its whole bucket."""
         curves = cost_model._curves.get(("gemm", int(n), int(k), dtype))
         if not curves:
             raise ValueError(f"the cost table has no gemm rows for n={n} k={k} {dtype}.")
@@ -58,9 +62,12 @@ class SmoothGEMMPlanner:
             raise ValueError(f"none of the primitives {sorted(primitives or [])} is in the table for n={n} k={k}.")
         self.n, self.k, self.dtype = n, k, dtype
         self._model = cost_model
+        self._curves = {name: c for name, c in curves.items() if primitives is None or name in primitives}
+        self.exact_tails = exact_tails
         self.options = options
         self._bucket = np.array([o[0] for o in options])
         self._cost = np.array([o[1] for o in options])
+        self._names = sorted(self._curves)
         self._best = np.zeros(1)  # least predicted time to cover r rows, r = 0..len-1
         self._choice = np.zeros(1, dtype=np.int64)
         self._plans: dict[int, SmoothPlan] = {}
@@ -80,6 +87,10 @@ class SmoothGEMMPlanner:
             total = self._cost + best[np.maximum(r - self._bucket, 0)]
             j = int(np.argmin(total))
             best[r], choice[r] = total[j], j
+            if self.exact_tails and r <= self._bucket.max():  # one exact-size segment of the best primitive
+                tail, name = min((c.at(r)[0], name) for name, c in self._curves.items())
+                if tail < best[r]:
+                    best[r], choice[r] = tail, -1 - self._names.index(name)
         self._best, self._choice = best, choice
 
     def plan(self, m: int) -> SmoothPlan:
@@ -96,6 +107,11 @@ class SmoothGEMMPlanner:
         picks, r = [], m
         while r > 0:  # the buckets of the least-cost cover
             j = int(self._choice[r])
+            if j < 0:  # the rest as one exact-size segment
+                name = self._names[-1 - j]
+                curve = self._curves[name]
+                picks.append((r, float(curve.at(r)[0]), name, tuple(sorted(curve.config_for(r).items()))))
+                break
             picks.append(self.options[j])
             r -= min(self.options[j][0], r)
         picks.sort(key=lambda o: -o[0])  # largest first: every segment full but the virtually padded tail
@@ -116,8 +132,8 @@ class SmoothGEMMPlanner:
         return bucket, name, cfg, cost
 
 
-# A segment kernel: (x rows [r, K], out rows [r, N], config) -> None, writing into ``out``.
-SegmentKernel = Callable[[torch.Tensor, torch.Tensor, dict], None]
+# A segment kernel: (x rows [r, K], out rows [r, N] or None, config) -> the result (``out`` when given).
+SegmentKernel = Callable[[torch.Tensor, torch.Tensor | None, dict], torch.Tensor]
 
 
 def run_smooth_gemm(plan: SmoothPlan, x: torch.Tensor, kernels: dict[str, SegmentKernel],
@@ -125,6 +141,9 @@ def run_smooth_gemm(plan: SmoothPlan, x: torch.Tensor, kernels: dict[str, Segmen
     """``x [M, K]`` through the plan's segments into one ``out [M, N]``."""
     if x.shape[0] != plan.m:
         raise ValueError(f"the plan is for M={plan.m}, the input has {x.shape[0]} rows.")
+    if out is None and len(plan.segments) == 1:  # one segment: the primitive's own output, no copy
+        s = plan.segments[0]
+        return kernels[s.primitive](x, None, dict(s.config))
     if out is None:
         out = torch.empty(plan.m, n, dtype=x.dtype, device=x.device)
     for s in plan.segments:
@@ -137,12 +156,11 @@ def torch_segment_kernels(weight: torch.Tensor, bias: torch.Tensor | None = None
     """The CPU/CUDA torch primitives of the registry, as segment kernels over one weight ``[N, K]``."""
 
     def linear(x, out, config):
-        out.copy_(torch.nn.functional.linear(x, weight, bias))
+        return _into(out, torch.nn.functional.linear(x, weight, bias))
 
     def matmul_out(x, out, config):
-        torch.matmul(x, weight.t(), out=out)
-        if bias is not None:
-            out.add_(bias)
+        y = torch.matmul(x, weight.t(), out=out) if out is not None else torch.matmul(x, weight.t())
+        return y.add_(bias) if bias is not None else y
 
     kernels = {"torch.linear": linear, "torch.matmul_out": matmul_out}
     wt = None
@@ -151,14 +169,13 @@ def torch_segment_kernels(weight: torch.Tensor, bias: torch.Tensor | None = None
         nonlocal wt
         if wt is None:  # made on first use: it doubles the weight's memory
             wt = weight.t().contiguous()
-        torch.matmul(x, wt, out=out)
-        if bias is not None:
-            out.add_(bias)
+        y = torch.matmul(x, wt, out=out) if out is not None else torch.matmul(x, wt)
+        return y.add_(bias) if bias is not None else y
 
     kernels["torch.matmul_pretransposed"] = pretransposed
     if packed is not None:
         def onednn(x, out, config):
-            out.copy_(torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""))
+            return _into(out, torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""))
 
         kernels["onednn.packed_linear"] = onednn
     if weight.device.type == "cuda":
@@ -166,9 +183,16 @@ def torch_segment_kernels(weight: torch.Tensor, bias: torch.Tensor | None = None
 
         if triton_available():
             def triton(x, out, config):  # the tail segment is masked inside the kernel, not padded
+                if out is None:
+                    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
                 triton_gemm(x, weight, out, **config)
-                if bias is not None:
-                    out.add_(bias)
+                return out.add_(bias) if bias is not None else out
 
             kernels["triton.tiled_gemm"] = triton
     return kernels
+
+
+def _into(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return y
+    return out.copy_(y)

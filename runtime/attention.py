@@ -164,7 +164,19 @@ def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: Pref
     return torch.cat(outs, dim=2)[0].transpose(0, 1)
 
 
-def make_meta_attention(tile_q: int = 16, tile_kv: int = 256, prefill_tile: int = 64):
+META_DEFAULTS = {"tile_q": 8, "tile_kv": 256, "prefill_tile": 128, "sdpa_min_keys": 1024}
+
+
+def meta_tiles_from_table(cost_model, dtype: str) -> dict:
+    """Meta-Attention's tile sizes: the best over the table's attention rows, defaults where it has none."""
+    tiles = dict(META_DEFAULTS)
+    if cost_model is not None:
+        for target in ("attention.decode", "attention.prefill"):
+            tiles.update(cost_model.best_config("attention", target, dtype) or {})
+    return tiles
+
+
+def make_meta_attention(tile_q: int = 8, tile_kv: int = 256, prefill_tile: int = 128, sdpa_min_keys: int = 1024):
     """Meta-Attention behind the same call as ``reference_attention``; the plan is made once per step."""
 
     def meta_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
@@ -172,7 +184,8 @@ def make_meta_attention(tile_q: int = 16, tile_kv: int = 256, prefill_tile: int 
         plan = getattr(batch, "_meta_plan", None)
         if plan is None:
             plan = batch._meta_plan = plan_meta_attention(batch.requests, q.shape[1], k_cache.shape[0],
-                                                          k_cache.shape[1], tile_q, tile_kv, prefill_tile)
+                                                          k_cache.shape[1], tile_q, tile_kv, prefill_tile,
+                                                          sdpa_min_keys)
         return run_meta_attention_torch(plan, q, k_cache, v_cache, scale)
 
     return meta_attention

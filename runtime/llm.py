@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from xytune.runtime.attention import make_meta_attention, reference_attention
+from xytune.runtime.attention import make_meta_attention, meta_tiles_from_table, reference_attention
 from xytune.runtime.engine import Engine, RequestOutput
 from xytune.runtime.kv_cache import bytes_per_block
 from xytune.runtime.loader import load_checkpoint, resolve_dtype
@@ -38,8 +38,8 @@ class LLM:
                  profile: str | None = None, allow_mismatch: bool = False, policy: str = "chunked",
                  tbt_slo_ms: float = 100.0, enable_prefix_caching: bool = True,
                  speculative: str | None = None, num_speculative_tokens: int = 4, attention: str = "reference",
-                 meta_tiles: tuple[int, int, int] = (16, 256, 64)):
-        """``attention`` reference | meta; ``meta_tiles`` (tile_q, tile_kv, prefill_tile) of Meta-Attention;
+                 meta_tiles: dict | None = None):
+        """``attention`` reference | meta; ``meta_tiles`` Meta-Attention's tile sizes (default: from ``profile``);
         ``gemm`` packed | plain | smooth (SmoothGEMM planned from ``profile``)."""
         if threads is not None:
             torch.set_num_threads(threads)
@@ -63,7 +63,8 @@ class LLM:
             raise ValueError("gemm smooth plans from a cost table: give profile=TABLE (--profile).")
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, not {attention!r}.")
-        attn = reference_attention if attention == "reference" else make_meta_attention(*meta_tiles)
+        self.meta_tiles = {**meta_tiles_from_table(cost_model, dtype_name), **(meta_tiles or {})}
+        attn = reference_attention if attention == "reference" else make_meta_attention(**self.meta_tiles)
         self.model = LlamaModel(config, state, self.dtype, dev, attention=attn, gemm=gemm,
                                 planner_for=_planners(cost_model, dtype_name) if cost_model else None)
         del state

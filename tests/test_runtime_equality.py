@@ -144,7 +144,8 @@ def test_meta_attention_and_smooth_gemm_keep_the_equality(smollm2):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reference table may come from another CPU
         llm = LLM("smollm2-135m", dtype="float32", attention="meta", gemm="smooth", profile=str(table),
-                  allow_mismatch=True, meta_tiles=(16, 64, 32))  # small tiles: contexts split, prompts tile
+                  allow_mismatch=True,  # small tiles: contexts split, prompts tile
+                  meta_tiles={"tile_q": 4, "tile_kv": 32, "prefill_tile": 8, "sdpa_min_keys": 16})
     assert run(llm, prompt_ids) == expected
     assert run(llm, prompt_ids, chunk=7) == expected
     assert llm.engine.kv.allocator.num_free == llm.engine.kv.num_blocks

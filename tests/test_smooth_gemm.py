@@ -26,10 +26,11 @@ def planner(tmp_path):
     geometry = PRESETS["smollm2-135m"]
     meta = new_meta(get_device("cpu").fingerprint(), geometry.to_dict(),
                     {"gemm_flops": {"float32": 1e11}, "copy_bytes_per_s": 1e10}, {"dtypes": ["float32"]})
+    meta["complete"] = True
     path = tmp_path / "t.parquet"
     write_table(path, CostTable(synthetic_rows(geometry, padded_cost, primitives=("a", "b"), ms=BUCKETS), meta))
     g = geometry.gemm("gate_up")
-    return SmoothGEMMPlanner(CostModel.load(path), g.n, g.k, "float32"), g
+    return SmoothGEMMPlanner(CostModel.load(path), g.n, g.k, "float32", exact_tails=False), g
 
 
 def test_plan_covers_m_with_the_least_predicted_time(planner):
@@ -45,6 +46,19 @@ def test_plan_covers_m_with_the_least_predicted_time(planner):
     big = p.plan(300)  # past the largest bucket: several full segments
     assert sum(s.rows for s in big.segments) == 300 and big.segments[0].rows == 128
     assert p.plan(70) is p.plan(70)  # cached per M
+
+
+def test_shape_flexible_primitives_run_the_tail_at_its_real_size(planner):
+    """On CPU torch ops run any M at the interpolated cost: no tail pays for a whole bucket."""
+    p, g = planner
+    flex = SmoothGEMMPlanner(p._model, g.n, g.k, "float32", exact_tails=True)
+    plan = flex.plan(70)
+    assert [(s.rows, s.primitive) for s in plan.segments] == [(70, "a")]
+    assert plan.predicted_s == pytest.approx(padded_cost("a", 70, g.n, g.k))
+    assert plan.predicted_s < p.plan(70).predicted_s
+    big = flex.plan(300)  # past the table: full buckets and one exact-size segment
+    assert sum(s.rows for s in big.segments) == 300 and len(big.segments) == 3
+    assert sum(s.rows != s.bucket or s.rows not in BUCKETS for s in big.segments) == 1
 
 
 def test_bad_m_and_missing_shapes_are_errors(planner):
@@ -68,18 +82,22 @@ def test_run_writes_every_segment_into_one_output(tmp_path, m):
     geometry = PRESETS["smollm2-135m"]
     meta = new_meta(get_device("cpu").fingerprint(), geometry.to_dict(),
                     {"gemm_flops": {"float32": 1e11}, "copy_bytes_per_s": 1e10}, {"dtypes": ["float32"]})
+    meta["complete"] = True
     prims = ("torch.linear", "torch.matmul_out", "torch.matmul_pretransposed")
     write_table(tmp_path / "t.parquet", CostTable(synthetic_rows(
         geometry, lambda p, mm, n, k: padded_cost("a" if p == prims[m % 3] else "b", mm, n, k),
         primitives=prims, ms=BUCKETS), meta))
     g = geometry.gemm("o")
-    planner = SmoothGEMMPlanner(CostModel.load(tmp_path / "t.parquet"), g.n, g.k, "float32")
+    planner = SmoothGEMMPlanner(CostModel.load(tmp_path / "t.parquet"), g.n, g.k, "float32", exact_tails=False)
     gen = torch.Generator().manual_seed(m)
     w, b = torch.randn(g.n, g.k, generator=gen), torch.randn(g.n, generator=gen)
     x = torch.randn(m, g.k, generator=gen)
     plan = planner.plan(m)
     out = run_smooth_gemm(plan, x, torch_segment_kernels(w, b), n=g.n)
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    into = torch.full((m, g.n), float("nan"))
+    assert run_smooth_gemm(plan, x, torch_segment_kernels(w, b), out=into) is into
+    torch.testing.assert_close(into, out)
     assert {s.primitive for s in plan.segments} == {prims[m % 3]}
     with pytest.raises(ValueError, match="rows"):
         run_smooth_gemm(plan, x[:-1] if m > 1 else torch.randn(2, g.k), torch_segment_kernels(w, b), n=g.n)

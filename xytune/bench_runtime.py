@@ -98,13 +98,18 @@ def _hf_generate(model, prompts, new_tokens: int) -> float:
 def run_bench(dtype: str = "bfloat16", threads: int | None = None, prefill_len: int = 512,
               batches: tuple[int, ...] = (1, 8, 32), context: int = 64, decode_steps: int = 16,
               gen_batch: int = 32, gen_tokens: int = 64, repeats: int = 3, seed: int = 0,
-              gemm: str = "packed") -> dict:
+              gemm: str = "packed", attention: str = "reference", profile: str | None = None) -> dict:
     from xytune.geometry import smollm2_gguf_path
     from xytune.runtime.llm import LLM
 
     if threads:
         torch.set_num_threads(threads)
-    llm = LLM("smollm2-135m", dtype=dtype, gemm=gemm)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a reference table from another CPU of the same kind is fine here
+        llm = LLM("smollm2-135m", dtype=dtype, gemm=gemm, attention=attention, profile=profile,
+                  allow_mismatch=True, enable_prefix_caching=False)
     hf = _hf_model(smollm2_gguf_path(), llm.dtype)
     vocab = llm.model.config.vocab_size
     rows = []
@@ -133,14 +138,15 @@ def run_bench(dtype: str = "bfloat16", threads: int | None = None, prefill_len: 
          lambda: _ours_generate(llm, prompts, gen_tokens), lambda: _hf_generate(hf, prompts, gen_tokens),
          gen_batch * gen_tokens)
     return {"dtype": str(llm.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "gemm": gemm, "rows": rows}
+            "torch": torch.__version__, "gemm": gemm, "attention": attention, "rows": rows}
 
 
 def render(results: dict, console) -> None:
     from rich.table import Table
 
     t = Table("metric", "unit", "xytune", "transformers", "xytune speedup",
-              title=f"SmolLM2-135M, {results['dtype']}, {results['threads']} threads, torch {results['torch']}")
+              title=f"SmolLM2-135M, {results['dtype']}, {results['threads']} threads, torch {results['torch']}, "
+                    f"xytune gemm {results['gemm']}, attention {results.get('attention', 'reference')}")
     for r in results["rows"]:
         t.add_row(r["metric"], r["unit"], f"{r['xytune']:,.1f}", f"{r['transformers']:,.1f}", f"{r['speedup']:.2f}x")
     console.print(t)

@@ -62,7 +62,7 @@ def profile(
     max_tokens: int = typer.Option(4096, help="Largest M (tokens per step) to profile."),
     max_seqs: int = typer.Option(256, help="Largest M for lm_head (one sampled token per sequence)."),
     buckets: str = typer.Option(None, help="Explicit comma list of M buckets (overrides the default spacing)."),
-    targets: str = typer.Option(None, help="Comma list of GEMMs to profile (qkv,o,gate_up,down,lm_head)."),
+    targets: str = typer.Option(None, help="Comma list of targets to profile (qkv,o,gate_up,down,lm_head,attention)."),
     search: str = typer.Option("auto", help="grid | optuna | auto (grid for small config spaces)."),
     trials: int = typer.Option(24, help="Timed Optuna trials per shape."),
     storage: str = typer.Option(None, help="Optuna storage: a journal file path or a database URL."),
@@ -204,10 +204,17 @@ def generate(
     kv_cache_gb: float = typer.Option(1.0, help="KV cache size."),
     threads: int = typer.Option(None, help="CPU threads."),
     as_json: bool = typer.Option(False, "--json", help="Print tokens, timings and finish reason as JSON."),
+    attention: str = typer.Option("reference", help="reference | meta (Meta-Attention)."),
+    gemm: str = typer.Option("packed", help="packed | plain | smooth (SmoothGEMM; needs --profile)."),
+    profile: Path = typer.Option(None, help="Cost table: Meta-Attention tiles and SmoothGEMM plans come from it."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Use a table from another device."),
+    speculative: str = typer.Option(None, help="Speculative decoding: ngram (prompt lookup) [default: off]."),
+    num_speculative_tokens: int = typer.Option(4, help="Draft tokens verified per step."),
 ):
     """Generate a completion for one prompt with the xytune engine."""
     import time
 
+    from xytune.cost_model import CostModelError
     from xytune.devices import DeviceError, get_device
     from xytune.runtime.config import ModelLoadError
     from xytune.runtime.engine import RequestError
@@ -220,10 +227,13 @@ def generate(
         from xytune.runtime.llm import LLM
 
         start = time.perf_counter()
-        llm = LLM(model=model, dtype=dtype, device=str(dev.torch_device), kv_cache_gb=kv_cache_gb, threads=threads)
+        llm = LLM(model=model, dtype=dtype, device=str(dev.torch_device), kv_cache_gb=kv_cache_gb, threads=threads,
+                  attention=attention, gemm=gemm, profile=str(profile) if profile else None,
+                  allow_mismatch=allow_mismatch, speculative=speculative,
+                  num_speculative_tokens=num_speculative_tokens)
         load_s = time.perf_counter() - start
         out = llm.generate(prompt, params, chat=chat)[0]
-    except (DeviceError, ModelLoadError, RequestError, ValueError) as exc:
+    except (DeviceError, ModelLoadError, RequestError, CostModelError, ValueError) as exc:
         fail(str(exc))
     if as_json:
         n = len(out.token_ids)
@@ -290,6 +300,8 @@ def serve(
                                                help="Reuse the KV blocks of shared prompt prefixes."),
     speculative: str = typer.Option(None, help="Speculative decoding: ngram (prompt lookup) [default: off]."),
     num_speculative_tokens: int = typer.Option(4, help="Draft tokens verified per request per step."),
+    attention: str = typer.Option("reference", help="reference | meta (Meta-Attention, tiles from the table)."),
+    gemm: str = typer.Option("packed", help="packed | plain | smooth (SmoothGEMM planned from the table)."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (completions and chat, streaming or not)."""
     import uvicorn
@@ -312,7 +324,7 @@ def serve(
                   max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, threads=threads,
                   profile=str(profile), allow_mismatch=allow_mismatch, policy=policy, tbt_slo_ms=tbt_slo_ms,
                   enable_prefix_caching=enable_prefix_caching, speculative=speculative,
-                  num_speculative_tokens=num_speculative_tokens)
+                  num_speculative_tokens=num_speculative_tokens, attention=attention, gemm=gemm)
     except (DeviceError, ModelLoadError, CostModelError, ValueError) as exc:
         fail(str(exc))
     from xytune.runtime.metrics import ServingMetrics
@@ -368,7 +380,9 @@ def bench_runtime(
     dtype: str = typer.Option("bfloat16", help="float32 | bfloat16."),
     threads: int = typer.Option(None, help="CPU threads for both systems."),
     prefill_len: int = typer.Option(512, help="Prompt length of the prefill measurement."),
-    gemm: str = typer.Option("packed", help="packed | plain weight GEMMs for xytune."),
+    gemm: str = typer.Option("packed", help="packed | plain | smooth weight GEMMs for xytune."),
+    attention: str = typer.Option("reference", help="reference | meta attention for xytune."),
+    profile: Path = typer.Option(None, help="Cost table for --gemm smooth and Meta-Attention's tiles."),
     repeats: int = typer.Option(3, help="Alternating repeats per figure (medians reported)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ):
@@ -383,7 +397,8 @@ def bench_runtime(
     if dtype not in ("float32", "bfloat16") or repeats < 1 or prefill_len < 2:
         fail("--dtype must be float32 or bfloat16, --repeats >= 1, --prefill-len >= 2.")
     try:
-        results = run_bench(dtype=dtype, threads=threads, prefill_len=prefill_len, repeats=repeats, gemm=gemm)
+        results = run_bench(dtype=dtype, threads=threads, prefill_len=prefill_len, repeats=repeats, gemm=gemm,
+                            attention=attention, profile=str(profile) if profile else None)
     except (ModelLoadError, ValueError) as exc:
         fail(str(exc))
     render(results, console)
@@ -451,6 +466,65 @@ def bench_serve(
         json_out.write_text(json.dumps({"url": url, "model": model, "rates": rows, "capacity": cap}, indent=2))
     if all(row["completed"] == 0 for row in rows):
         fail("no request completed; first errors: " + "; ".join(rows[0]["errors"]))
+
+
+@bench_app.command("kernels")
+def bench_kernels(
+    profile: Path = typer.Option(..., help="Cost table: Meta-Attention tiles and SmoothGEMM segments come from it."),
+    dtype: str = typer.Option(None, help="float32 | bfloat16 [default: the table's first dtype]."),
+    requests: str = typer.Option("16,32,64", help="Mixed-batch sizes for Meta-Attention."),
+    gemms: str = typer.Option("qkv,o,gate_up,down", help="GEMMs of the model for SmoothGEMM."),
+    ms: str = typer.Option(None, help="Comma list of M for SmoothGEMM [default: 26 seeded values in 1..4096]."),
+    repeats: int = typer.Option(9, help="Alternating repeats per figure (medians reported)."),
+    threads: int = typer.Option(None, help="CPU threads."),
+    skip_attention: bool = typer.Option(False, "--skip-attention", help="Only SmoothGEMM."),
+    skip_gemm: bool = typer.Option(False, "--skip-gemm", help="Only Meta-Attention."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Use a table from another device."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
+):
+    """Meta-Attention vs SDPA loop / padded SDPA, and SmoothGEMM vs exact / pad-to-bucket / oracle, side by side."""
+    import warnings
+
+    import torch
+
+    from xytune.bench_kernels import bench_attention, bench_gemm, render
+    from xytune.cost_model import CostModel, CostModelError
+    from xytune.runtime.attention import meta_tiles_from_table
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if allow_mismatch else "default")
+            model = CostModel.load(profile, allow_mismatch=allow_mismatch)
+        dtype = dtype or model.dtypes[-1]
+        if dtype not in model.dtypes:
+            raise ValueError(f"the table has no {dtype} rows (it has {', '.join(model.dtypes)}).")
+        sizes = [int(x) for x in requests.split(",")]
+        m_list = [int(x) for x in ms.split(",")] if ms else None
+        if repeats < 1 or any(s < 1 for s in sizes) or any(m < 1 for m in (m_list or [1])):
+            raise ValueError("--repeats, --requests and --ms must be positive.")
+    except (CostModelError, ValueError) as exc:
+        fail(str(exc))
+    geo = model.geometry
+    tiles = meta_tiles_from_table(model, dtype)
+    attention, gemm = [], []
+    with console.status("timing...") as status:
+        if not skip_attention:
+            status.update("Meta-Attention vs SDPA...")
+            attention = bench_attention(sizes, geo.heads_per_rank, geo.kv_heads_per_rank, geo.head_dim,
+                                        getattr(torch, dtype), tiles, repeats)
+        if not skip_gemm:
+            status.update("SmoothGEMM vs exact / padded / oracle...")
+            try:
+                gemm = bench_gemm(model, dtype, tuple(gemms.split(",")), m_list, repeats)
+            except (ValueError, KeyError) as exc:
+                fail(str(exc))
+    meta = {"attention": f"{dtype}, tiles {tiles}", "gemm": f"{dtype}, buckets of {profile.name}"}
+    render(attention, gemm, console, meta)
+    if json_out:
+        json_out.write_text(json.dumps({"attention": attention, "gemm": gemm, "tiles": tiles, "dtype": dtype},
+                                       indent=2, default=str))
 
 
 @bench_app.command("servers")

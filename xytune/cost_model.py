@@ -160,3 +160,22 @@ class CostModel:
                 continue
             total += g.count * self.predict("gemm", {"m": m, "n": g.n, "k": g.k}, dtype).seconds
         return total
+
+    def best_config(self, op: str, target: str, dtype: str) -> dict | None:
+        """The one config that does best over every measured shape of ``target`` (None when unmeasured).
+
+        For a primitive whose config is fixed for a whole run (Meta-Attention's tile sizes): the config
+        with the least geometric mean of its time over each shape's best time, among configs measured
+        on all of the shapes.
+        """
+        rows = self.table.rows
+        rows = rows[(rows["op"] == op) & (rows["target"] == target) & (rows["dtype"] == dtype)]
+        if not len(rows):
+            return None
+        best = rows.groupby("shape")["median_s"].transform("min")
+        rows = rows.assign(rel=np.log(rows["median_s"] / best))
+        per = rows.groupby("config").agg(rel=("rel", "mean"), shapes=("shape", "nunique"))
+        per = per[per["shapes"] == rows["shape"].nunique()]
+        if not len(per):
+            return None
+        return json.loads(per["rel"].idxmin())

@@ -262,3 +262,72 @@ register(Primitive(
     work=gemm_work,
     space={"weight_format": ("ND", "NZ")},
 ))
+
+
+# -- Meta-Attention tile classes (torch backend; the profiler picks the tile sizes) --
+
+def attention_work(shape: Shape, dtype: str) -> tuple[float, float]:
+    """QK^T and PV over every (query, key) pair of the timed batch; K/V read once."""
+    rows, keys, d = shape["m"] * shape.get("q", 1), shape["n"], shape["k"]
+    flops = 4.0 * rows * keys * d * shape["heads"]
+    return flops, float(ELEM_BYTES[dtype] * (2 * shape["m"] * keys * d * shape["kv_heads"] + 2 * rows * d * shape["heads"]))
+
+
+def _attention_batch(shape: Shape, dtype: str, device: Device, decode: bool):
+    from xytune.kernels.meta_attention import AttnRequest
+
+    gen = torch.Generator().manual_seed(shape["m"] * 31 + shape["n"])
+    if decode:  # m decodes with contexts spread over [n/8, n] (serving batches mix old and new requests)
+        lens = torch.randint(max(1, shape["n"] // 8), shape["n"] + 1, (shape["m"],), generator=gen).tolist()
+        specs = [(1, c) for c in lens]
+    else:  # m prefill chunks of q tokens after n cached ones
+        specs = [(shape["q"], shape["n"])] * shape["m"]
+    slots = sum(q + c for q, c in specs)
+    perm = torch.randperm(slots, generator=gen)
+    reqs, used = [], 0
+    for q_len, ctx in specs:
+        reqs.append(AttnRequest(q_len, ctx, perm[used: used + q_len + ctx]))
+        used += q_len + ctx
+    dev = str(device.torch_device)
+    T = sum(q for q, _ in specs)
+    t = DTYPES[dtype]
+    q = torch.randn(T, shape["heads"], shape["k"], generator=gen).to(dev, t)
+    k = torch.randn(shape["kv_heads"], slots, shape["k"], generator=gen).to(dev, t)
+    v = torch.randn(shape["kv_heads"], slots, shape["k"], generator=gen).to(dev, t)
+    return reqs, q, k, v
+
+
+def _make_meta_attention(shape, config, dtype, device, decode):
+    from xytune.kernels.meta_attention import plan_meta_attention, run_meta_attention_torch
+
+    reqs, q, k, v = _attention_batch(shape, dtype, device, decode)
+    plan = plan_meta_attention(reqs, shape["heads"], shape["kv_heads"], k.shape[1], **config)
+    scale = shape["k"] ** -0.5
+    return lambda: run_meta_attention_torch(plan, q, k, v, scale)  # the plan is made once per step, not timed
+
+
+def _short_invalid(shape, config, dtype, device):
+    if config["tile_q"] < shape["heads"] // shape["kv_heads"]:
+        return "tile_q is below the GQA group: a decode token's heads would not fit one tile"
+    return None
+
+
+register(Primitive(
+    name="meta.attention_short",
+    op="attention",
+    backends=("cpu",),
+    dtypes=("float32", "bfloat16"),
+    make=functools.partial(_make_meta_attention, decode=True),
+    work=attention_work,
+    space={"tile_q": (4, 8, 16), "tile_kv": (64, 128, 256, 512)},
+    invalid=_short_invalid,
+))
+register(Primitive(
+    name="meta.attention_long",
+    op="attention",
+    backends=("cpu",),
+    dtypes=("float32", "bfloat16"),
+    make=functools.partial(_make_meta_attention, decode=False),
+    work=attention_work,
+    space={"prefill_tile": (32, 64, 128), "sdpa_min_keys": (256, 1024, 1 << 20)},
+))

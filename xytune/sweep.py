@@ -66,6 +66,8 @@ class SweepSettings:
     seed: int = 0
     timing: TimingPolicy = field(default_factory=lambda: DEFAULT_TIMING)
     checkpoint_every_s: float = 5.0
+    attention: bool = True  # also sweep Meta-Attention tile sizes
+    quick_attention: bool = False  # one shape per attention tile class
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -74,7 +76,7 @@ class SweepSettings:
 
     @classmethod
     def quick(cls, dtypes: list[str], max_tokens: int = 4096, **kw) -> "SweepSettings":
-        return cls(dtypes=dtypes, buckets=quick_buckets(max_tokens), timing=QUICK_TIMING, **kw)
+        return cls(dtypes=dtypes, buckets=quick_buckets(max_tokens), timing=QUICK_TIMING, quick_attention=True, **kw)
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,13 @@ def plan_groups(geometry: ModelGeometry, settings: SweepSettings, backend: str) 
     groups = []
     gemms = geometry.gemms()
     if settings.targets:
-        unknown = set(settings.targets) - {g.name for g in gemms}
+        unknown = set(settings.targets) - {g.name for g in gemms} - {"attention"}
         if unknown:
-            raise SweepError(f"Unknown GEMM target(s) {sorted(unknown)}; choose from {[g.name for g in gemms]}.")
+            raise SweepError(f"Unknown target(s) {sorted(unknown)}; choose from "
+                             f"{[g.name for g in gemms] + ['attention']}.")
         gemms = [g for g in gemms if g.name in settings.targets]
+    if not settings.targets or "attention" in settings.targets:
+        groups.extend(_attention_groups(geometry, settings, backend))
     for g in gemms:
         for dtype in settings.dtypes:
             prims = primitives_for("gemm", backend, dtype)
@@ -114,6 +119,31 @@ def plan_groups(geometry: ModelGeometry, settings: SweepSettings, backend: str) 
             for m in ms:
                 shape = tuple(sorted({"m": m, "n": g.n, "k": g.k}.items()))
                 groups.extend(ShapeGroup("gemm", g.name, shape, p, dtype) for p in prims)
+    return groups
+
+
+ATTENTION_DECODE = ((8, 256), (32, 512), (64, 2048))  # (requests, longest context) of the decode-class sweep
+ATTENTION_PREFILL = ((1, 512, 0), (4, 128, 256))  # (requests, chunk tokens, cached before) of the prefill class
+QUICK_ATTENTION_DECODE, QUICK_ATTENTION_PREFILL = ((32, 512),), ((1, 512, 0),)
+
+
+def _attention_groups(geometry: ModelGeometry, settings: SweepSettings, backend: str) -> list[ShapeGroup]:
+    """Meta-Attention tile classes x key lengths x head packing (the model's GQA group) to profile."""
+    if not settings.attention:
+        return []
+    heads = {"heads": geometry.heads_per_rank, "kv_heads": geometry.kv_heads_per_rank, "k": geometry.head_dim}
+    groups = []
+    for dtype in settings.dtypes:
+        for p in primitives_for("attention", backend, dtype):
+            if p.name.endswith("short"):
+                decode = QUICK_ATTENTION_DECODE if settings.quick_attention else ATTENTION_DECODE
+                shapes = [{"m": m, "n": n, **heads} for m, n in decode]
+                target = "attention.decode"
+            else:
+                prefill = QUICK_ATTENTION_PREFILL if settings.quick_attention else ATTENTION_PREFILL
+                shapes = [{"m": m, "q": q, "n": n, **heads} for m, q, n in prefill]
+                target = "attention.prefill"
+            groups.extend(ShapeGroup("attention", target, tuple(sorted(s.items())), p, dtype) for s in shapes)
     return groups
 
 

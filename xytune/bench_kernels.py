@@ -1,0 +1,201 @@
+"""``xytune bench kernels``: Meta-Attention and SmoothGEMM against their baselines, side by side.
+
+Attention: seeded mixed batches (decodes over 50-500 cached tokens, prefill
+chunks of 16-128 tokens with and without a cached prefix, a verify tree)
+through Meta-Attention, a per-request loop of torch's fused SDPA, and one
+SDPA call over the batch padded to its longest request with a mask. Index
+and mask building of the baselines is left out of their timings; the plan
+of Meta-Attention is timed on its own (a step makes it once for all layers).
+
+GEMM: SmoothGEMM against the exact-shape matmul, against padding M up to the
+table's next bucket (what CUDA-graph serving does), and against the oracle
+(every primitive timed at the exact M, the fastest taken), over M from 1 to
+4096, for the model's GEMMs. Timings alternate between the contenders.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xytune.kernels.meta_attention import CAUSAL, TREE, AttnRequest, plan_meta_attention, run_meta_attention_torch
+
+
+def mixed_batch(n: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int):
+    """3/4 decodes (50-500 cached keys), the rest prefill chunks (16-128 tokens, half after a cached prefix),
+    one of them a 5-node verify tree; K/V scattered over a paged cache."""
+    rng = np.random.default_rng(seed)
+    specs = []
+    for i in range(n):
+        if i == n // 2:
+            specs.append((TREE, 5, int(rng.integers(50, 500))))
+        elif rng.random() < 0.75:
+            specs.append((CAUSAL, 1, int(rng.integers(50, 500))))
+        else:
+            specs.append((CAUSAL, int(rng.integers(16, 129)), int(rng.integers(0, 257)) if rng.random() < 0.5 else 0))
+    slots = sum(q + c for _, q, c in specs) + 64
+    perm = torch.from_numpy(rng.permutation(slots))
+    used, requests = 0, []
+    for kind, q_len, ctx in specs:
+        key_slots = perm[used: used + ctx + q_len]
+        used += ctx + q_len
+        parents = (-1, 0, 1, 0, 3) if kind == TREE else None
+        requests.append(AttnRequest(q_len, ctx, key_slots, kind, parents))
+    gen = torch.Generator().manual_seed(seed)
+    T = sum(r.q_len for r in requests)
+    q = torch.randn(T, num_heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(num_kv_heads, slots, head_dim, generator=gen).to(dtype)
+    v = torch.randn(num_kv_heads, slots, head_dim, generator=gen).to(dtype)
+    return requests, q, k, v
+
+
+def sdpa_loop(requests, masks, q, k_cache, v_cache, scale):
+    """The baseline: one fused SDPA call per request (GQA without repeating K/V)."""
+    out = torch.empty_like(q)
+    base, gqa = 0, q.shape[1] != k_cache.shape[0]
+    for r, mask in zip(requests, masks):
+        k = k_cache[:, r.key_slots][None]
+        v = v_cache[:, r.key_slots][None]
+        qr = q[base: base + r.q_len].transpose(0, 1)[None]
+        o = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[base: base + r.q_len] = o[0].transpose(0, 1)
+        base += r.q_len
+    return out
+
+
+def padded_inputs(requests):
+    """Indices and mask of the padded-batch baseline: every request padded to the longest query and key range."""
+    n, mq, mk = len(requests), max(r.q_len for r in requests), max(r.num_keys for r in requests)
+    tok = torch.zeros(n, mq, dtype=torch.long)
+    slots = torch.zeros(n, mk, dtype=torch.long)
+    mask = torch.zeros(n, 1, mq, mk, dtype=torch.bool)
+    mask[..., 0] = True  # padding rows read one key (finite, discarded)
+    rows, base = [], 0
+    for i, r in enumerate(requests):
+        tok[i, : r.q_len] = torch.arange(base, base + r.q_len)
+        slots[i, : r.num_keys] = r.key_slots
+        mask[i, 0, : r.q_len] = False
+        mask[i, 0, : r.q_len, : r.num_keys] = r.allowed()
+        rows.append(i * mq + torch.arange(r.q_len))
+        base += r.q_len
+    return tok, slots, mask, torch.cat(rows)
+
+
+def sdpa_padded(inputs, q, k_cache, v_cache, scale):
+    tok, slots, mask, rows = inputs
+    n, mq = tok.shape
+    qg = q[tok].transpose(1, 2)
+    kg = k_cache[:, slots].transpose(0, 1)
+    vg = v_cache[:, slots].transpose(0, 1)
+    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale,
+                                       enable_gqa=q.shape[1] != k_cache.shape[0])
+    return o.transpose(1, 2).reshape(n * mq, *q.shape[1:])[rows]
+
+
+def _median_alternating(fns: dict, repeats: int) -> dict:
+    for f in fns.values():
+        f()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, f in fns.items():
+            start = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def bench_attention(sizes=(16, 32, 64), num_heads=9, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16,
+                    tiles: dict | None = None, repeats=15, seed=0) -> list[dict]:
+    rows = []
+    scale = head_dim ** -0.5
+    for n in sizes:
+        requests, q, k, v = mixed_batch(n, num_heads, num_kv_heads, head_dim, dtype, seed + n)
+        masks = [r.allowed() for r in requests]
+        padded = padded_inputs(requests)
+        t0 = time.perf_counter()
+        plan = plan_meta_attention(requests, num_heads, num_kv_heads, k.shape[1], **(tiles or {}))
+        plan_s = time.perf_counter() - t0
+        ref = sdpa_loop(requests, masks, q.float(), k.float(), v.float(), scale)
+        got = run_meta_attention_torch(plan, q, k, v, scale).float()
+        err = float((got - ref).abs().max())
+        t = _median_alternating({
+            "meta": lambda: run_meta_attention_torch(plan, q, k, v, scale),
+            "loop": lambda: sdpa_loop(requests, masks, q, k, v, scale),
+            "padded": lambda: sdpa_padded(padded, q, k, v, scale),
+        }, repeats)
+        rows.append({"requests": n, "tokens": int(q.shape[0]), "meta_ms": t["meta"] * 1e3, "loop_ms": t["loop"] * 1e3,
+                     "padded_ms": t["padded"] * 1e3, "plan_ms": plan_s * 1e3, "vs_loop": t["loop"] / t["meta"],
+                     "vs_padded": t["padded"] / t["meta"], "max_abs_err": err, "counts": plan.counts})
+    return rows
+
+
+def bench_gemm(cost_model, dtype: str, gemms=("qkv", "o", "gate_up", "down"), ms=None, repeats=7,
+               seed=0) -> list[dict]:
+    """SmoothGEMM vs exact shape vs pad-to-bucket vs oracle, per (GEMM, M)."""
+    from xytune.kernels.smooth_gemm import SmoothGEMMPlanner, run_smooth_gemm, torch_segment_kernels
+    from xytune.runtime.linear import onednn_packing_available
+
+    tdtype = getattr(torch, dtype)
+    rng = np.random.default_rng(seed)
+    if ms is None:
+        ms = sorted({int(x) for x in np.unique(np.round(np.exp(rng.uniform(0, np.log(4096), 24))))} | {1, 4096})
+    rows = []
+    for name in gemms:
+        g = cost_model.geometry.gemm(name)
+        gen = torch.Generator().manual_seed(seed)
+        w = (torch.randn(g.n, g.k, generator=gen) / g.k ** 0.5).to(tdtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 32) if onednn_packing_available() else None
+        kernels = torch_segment_kernels(w, None, packed)
+        planner = SmoothGEMMPlanner(cost_model, g.n, g.k, dtype, primitives=set(kernels))
+        for m in ms:
+            x = torch.randn(m, g.k, generator=gen).to(tdtype)
+            plan = planner.plan(m)
+            bucket, prim, cfg, _ = planner.pad_to_bucket(min(m, max(planner.buckets)))
+            bucket = max(bucket, m)
+            xp = torch.zeros(bucket, g.k, dtype=tdtype)
+            outp = torch.empty(bucket, g.n, dtype=tdtype)
+
+            def padded():  # copy into the bucket-sized buffer, run the bucket's primitive, slice
+                xp[:m].copy_(x)
+                kernels[prim](xp, outp, dict(cfg))
+                return outp[:m]
+
+            fns = {"smooth": lambda: run_smooth_gemm(plan, x, kernels, n=g.n),
+                   "exact": lambda: torch.nn.functional.linear(x, w), "padded": padded}
+            for kname in kernels:
+                fns[f"oracle:{kname}"] = lambda kname=kname: kernels[kname](x, None, {})
+            t = _median_alternating(fns, repeats)
+            oracle = min(v for k, v in t.items() if k.startswith("oracle:"))
+            rows.append({"gemm": name, "m": m, "segments": len(plan.segments), "bucket": bucket,
+                         "smooth_us": t["smooth"] * 1e6, "exact_us": t["exact"] * 1e6, "padded_us": t["padded"] * 1e6,
+                         "oracle_us": oracle * 1e6, "vs_exact": t["exact"] / t["smooth"],
+                         "vs_padded": t["padded"] / t["smooth"], "vs_oracle": oracle / t["smooth"]})
+    return rows
+
+
+def render(attention: list[dict], gemm: list[dict], console, meta: dict) -> None:
+    from rich.table import Table
+
+    if attention:
+        t = Table("requests", "tokens", "meta ms", "SDPA loop ms", "padded SDPA ms", "plan ms (once/step)",
+                  "vs loop", "vs padded", "max |err|", title=f"Meta-Attention ({meta['attention']})")
+        for r in attention:
+            t.add_row(str(r["requests"]), str(r["tokens"]), f"{r['meta_ms']:.2f}", f"{r['loop_ms']:.2f}",
+                      f"{r['padded_ms']:.2f}", f"{r['plan_ms']:.2f}", f"{r['vs_loop']:.2f}x", f"{r['vs_padded']:.2f}x",
+                      f"{r['max_abs_err']:.1e}")
+        console.print(t)
+    if gemm:
+        t = Table("gemm", "M", "segments", "pad to", "smooth us", "exact us", "padded us", "oracle us",
+                  "vs exact", "vs padded", "vs oracle", title=f"SmoothGEMM ({meta['gemm']})")
+        for r in gemm:
+            t.add_row(r["gemm"], str(r["m"]), str(r["segments"]), str(r["bucket"]), f"{r['smooth_us']:.0f}",
+                      f"{r['exact_us']:.0f}", f"{r['padded_us']:.0f}", f"{r['oracle_us']:.0f}", f"{r['vs_exact']:.2f}x",
+                      f"{r['vs_padded']:.2f}x", f"{r['vs_oracle']:.2f}x")
+        console.print(t)
+        for key, label in (("vs_exact", "exact-shape matmul"), ("vs_padded", "pad-to-bucket"),
+                           ("vs_oracle", "oracle")):
+            console.print(f"SmoothGEMM mean speed-up over {label}: {np.mean([r[key] for r in gemm]):.3f}x "
+                          f"(geometric {np.exp(np.mean(np.log([r[key] for r in gemm]))):.3f}x)")
