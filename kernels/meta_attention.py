@@ -130,6 +130,7 @@ class MetaAttentionPlan:
     long: list[LongGroup]
     counts: dict  # tiles (per KV head) by class: full, masked, skipped
     sdpa_min_keys: int = 512  # long groups with more keys run torch's fused SDPA, shorter ones batched GEMMs
+    short_requests: list = field(default_factory=list)  # (first token, AttnRequest) of the short class
 
 
 def plan_meta_attention(requests: list[AttnRequest], num_heads: int, num_kv_heads: int, cache_slots: int,
@@ -150,7 +151,8 @@ def plan_meta_attention(requests: list[AttnRequest], num_heads: int, num_kv_head
         base += r.q_len
     return MetaAttentionPlan(tile_q, tile_kv, prefill_tile, num_heads, num_kv_heads,
                              _plan_short(short, num_heads, num_kv_heads, cache_slots, tile_q, tile_kv, counts),
-                             _plan_long(long, num_kv_heads, tile_kv, prefill_tile, counts), counts, sdpa_min_keys)
+                             _plan_long(long, num_kv_heads, tile_kv, prefill_tile, counts), counts, sdpa_min_keys,
+                             short)
 
 
 def _plan_short(items, H, kvh, cache_slots, tile_q, tile_kv, counts) -> ShortTiles | None:

