@@ -255,6 +255,7 @@ def _plan_long(items, kvh, tile_kv, tq, counts) -> list[LongGroup]:
 
 
 def _long_group(tiles, tq) -> LongGroup:
+    tq = min(tq, -(-max(r1 - r0 for *_, r0, r1, _ in tiles) // 8) * 8)  # rows: as many as the group's longest tile
     B, Lg = len(tiles), tiles[0][0]
     q_tokens = torch.zeros(B, tq, dtype=torch.long)
     key_slots = torch.zeros(B, Lg, dtype=torch.long)

@@ -34,13 +34,14 @@ def _planners(cost_model, dtype: str):
 class LLM:
     def __init__(self, model: str = "smollm2-135m", dtype: str = "auto", device: str = "cpu",
                  kv_cache_gb: float = 1.0, block_size: int = 16, max_num_batched_tokens: int = 2048,
-                 max_num_seqs: int = 256, threads: int | None = None, gemm: str = "packed",
+                 max_num_seqs: int = 256, threads: int | None = None, gemm: str = "auto",
                  profile: str | None = None, allow_mismatch: bool = False, policy: str = "chunked",
                  tbt_slo_ms: float = 100.0, enable_prefix_caching: bool = True,
-                 speculative: str | None = None, num_speculative_tokens: int = 4, attention: str = "reference",
+                 speculative: str | None = None, num_speculative_tokens: int = 4, attention: str = "meta",
                  meta_tiles: dict | None = None):
         """``attention`` reference | meta; ``meta_tiles`` Meta-Attention's tile sizes (default: from ``profile``);
-        ``gemm`` packed | plain | smooth (SmoothGEMM planned from ``profile``)."""
+        ``gemm`` auto | packed | plain | smooth (SmoothGEMM planned from ``profile``; auto: smooth when a
+        profile is given, else packed)."""
         if threads is not None:
             torch.set_num_threads(threads)
         if kv_cache_gb <= 0:
@@ -59,6 +60,9 @@ class LLM:
             cost_model = CostModel.load(profile, device=device if dev.type != "cpu" else None,
                                         allow_mismatch=allow_mismatch)
             predictor = StepPredictor(cost_model, dtype_name)
+        if gemm == "auto":
+            gemm = "smooth" if cost_model is not None else "packed"
+        self.gemm, self.attention = gemm, attention
         if gemm == "smooth" and cost_model is None:
             raise ValueError("gemm smooth plans from a cost table: give profile=TABLE (--profile).")
         if attention not in ATTENTION_KINDS:

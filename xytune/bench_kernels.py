@@ -96,11 +96,20 @@ def sdpa_padded(inputs, q, k_cache, v_cache, scale):
 
 
 def _median_alternating(fns: dict, repeats: int) -> dict:
+    """Median seconds of each contender, taking turns, each call after the CPU caches were flushed.
+
+    In serving, the KV cache and the weights come from memory (30 layers pass between two uses);
+    flushing also keeps one contender from warming the caches for the next.
+    """
+    from xytune.devices import llc_bytes
+
+    flush = torch.ones(2 * llc_bytes() // 4, dtype=torch.float32)
     for f in fns.values():
         f()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, f in fns.items():
+            flush.sum()  # read, not write: no dirty lines left to write back during the timed call
             start = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - start)

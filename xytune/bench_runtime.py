@@ -98,7 +98,7 @@ def _hf_generate(model, prompts, new_tokens: int) -> float:
 def run_bench(dtype: str = "bfloat16", threads: int | None = None, prefill_len: int = 512,
               batches: tuple[int, ...] = (1, 8, 32), context: int = 64, decode_steps: int = 16,
               gen_batch: int = 32, gen_tokens: int = 64, repeats: int = 3, seed: int = 0,
-              gemm: str = "packed", attention: str = "reference", profile: str | None = None) -> dict:
+              gemm: str = "auto", attention: str = "meta", profile: str | None = None) -> dict:
     from xytune.geometry import smollm2_gguf_path
     from xytune.runtime.llm import LLM
 
@@ -138,7 +138,7 @@ def run_bench(dtype: str = "bfloat16", threads: int | None = None, prefill_len: 
          lambda: _ours_generate(llm, prompts, gen_tokens), lambda: _hf_generate(hf, prompts, gen_tokens),
          gen_batch * gen_tokens)
     return {"dtype": str(llm.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "gemm": gemm, "attention": attention, "rows": rows}
+            "torch": torch.__version__, "gemm": llm.gemm, "attention": attention, "rows": rows}
 
 
 def render(results: dict, console) -> None:

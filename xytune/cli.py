@@ -204,8 +204,8 @@ def generate(
     kv_cache_gb: float = typer.Option(1.0, help="KV cache size."),
     threads: int = typer.Option(None, help="CPU threads."),
     as_json: bool = typer.Option(False, "--json", help="Print tokens, timings and finish reason as JSON."),
-    attention: str = typer.Option("reference", help="reference | meta (Meta-Attention)."),
-    gemm: str = typer.Option("packed", help="packed | plain | smooth (SmoothGEMM; needs --profile)."),
+    attention: str = typer.Option("meta", help="meta (Meta-Attention) | reference."),
+    gemm: str = typer.Option("auto", help="auto (smooth with --profile, else packed) | smooth | packed | plain."),
     profile: Path = typer.Option(None, help="Cost table: Meta-Attention tiles and SmoothGEMM plans come from it."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Use a table from another device."),
     speculative: str = typer.Option(None, help="Speculative decoding: ngram (prompt lookup) [default: off]."),
@@ -300,8 +300,8 @@ def serve(
                                                help="Reuse the KV blocks of shared prompt prefixes."),
     speculative: str = typer.Option(None, help="Speculative decoding: ngram (prompt lookup) [default: off]."),
     num_speculative_tokens: int = typer.Option(4, help="Draft tokens verified per request per step."),
-    attention: str = typer.Option("reference", help="reference | meta (Meta-Attention, tiles from the table)."),
-    gemm: str = typer.Option("packed", help="packed | plain | smooth (SmoothGEMM planned from the table)."),
+    attention: str = typer.Option("meta", help="meta (Meta-Attention, tiles from the table) | reference."),
+    gemm: str = typer.Option("smooth", help="smooth (SmoothGEMM planned from the table) | packed | plain."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (completions and chat, streaming or not)."""
     import uvicorn
@@ -380,8 +380,8 @@ def bench_runtime(
     dtype: str = typer.Option("bfloat16", help="float32 | bfloat16."),
     threads: int = typer.Option(None, help="CPU threads for both systems."),
     prefill_len: int = typer.Option(512, help="Prompt length of the prefill measurement."),
-    gemm: str = typer.Option("packed", help="packed | plain | smooth weight GEMMs for xytune."),
-    attention: str = typer.Option("reference", help="reference | meta attention for xytune."),
+    gemm: str = typer.Option("auto", help="auto | packed | plain | smooth weight GEMMs for xytune."),
+    attention: str = typer.Option("meta", help="meta | reference attention for xytune."),
     profile: Path = typer.Option(None, help="Cost table for --gemm smooth and Meta-Attention's tiles."),
     repeats: int = typer.Option(3, help="Alternating repeats per figure (medians reported)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
