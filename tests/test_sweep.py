@@ -89,7 +89,7 @@ def test_resume_refuses_another_model(tmp_path, cpu_device):
 
 def test_bad_settings_are_refused(tmp_path, cpu_device):
     g = PRESETS["smollm2-135m"]
-    with pytest.raises(SweepError, match="Unknown GEMM target"):
+    with pytest.raises(SweepError, match="Unknown target"):
         Sweep(cpu_device, g, SweepSettings(dtypes=["float32"], buckets=[1], targets=["nope"]), tmp_path / "a")
     with pytest.raises(SweepError, match="--trials"):
         Sweep(cpu_device, g, SweepSettings(dtypes=["float32"], buckets=[1], trials=0), tmp_path / "a")
@@ -102,3 +102,27 @@ def test_off_bucket_ms_avoid_buckets_and_repeat():
     ms = off_bucket_ms(buckets, 4096, 24, seed=0)
     assert len(set(ms)) == 24 and not set(ms) & set(buckets) and all(1 <= m <= 4096 for m in ms)
     assert ms == off_bucket_ms(buckets, 4096, 24, seed=0)
+
+
+def test_attention_tiles_are_swept_and_chosen_from_the_table(tmp_path, cpu_device):
+    """`--targets attention` times Meta-Attention's tile classes; the runtime takes the best config."""
+    from xytune.cost_model import CostModel
+    from xytune.primitives import REGISTRY
+    from xytune.runtime.attention import META_DEFAULTS, meta_tiles_from_table
+
+    out = tmp_path / "attn.parquet"
+    settings = SweepSettings(dtypes=["float32"], buckets=[1], targets=["attention"], timing=TINY,
+                             quick_attention=True)
+    Sweep(cpu_device, PRESETS["smollm2-135m"], settings, out).run(progress=False)
+    rows = read_table(out).rows
+    assert set(rows["target"]) == {"attention.decode", "attention.prefill"} and (rows["op"] == "attention").all()
+    short = REGISTRY["meta.attention_short"]
+    assert len(rows[rows["target"] == "attention.decode"]) == short.space_size()  # GQA group 3: every tile_q fits
+    assert "GQA group" in short.invalid({"heads": 28, "kv_heads": 4}, {"tile_q": 4, "tile_kv": 64}, "float32",
+                                        cpu_device)  # a 7-head group does not fit 4 rows
+    model = CostModel.load(out)
+    tiles = meta_tiles_from_table(model, "float32")
+    decode = rows[rows["target"] == "attention.decode"]
+    best = decode.loc[decode["median_s"].idxmin(), "config"]
+    assert {k: tiles[k] for k in ("tile_q", "tile_kv")} == __import__("json").loads(best)
+    assert meta_tiles_from_table(None, "float32") == META_DEFAULTS
