@@ -13,6 +13,7 @@ server-side figures from /metrics (step-latency error, spec acceptance).
 from __future__ import annotations
 
 import asyncio
+import math
 import shlex
 import socket
 import subprocess
@@ -131,7 +132,7 @@ def render(result: dict, console) -> None:
     caps = result["capacity"]
     for a in names:
         for b in names:
-            if a != b and caps[a] and caps[b]:
+            if a != b and caps[a] and caps[b] and math.isfinite(caps[a] * caps[b]):
                 console.print(f"capacity {a} / {b}: {caps[a] / caps[b]:.2f}x")
 
 

@@ -1,0 +1,49 @@
+"""`xytune bench servers`: real servers per variant, one trace, capacities and ratios."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import require_default_model
+from xytune.bench_servers import parse_variant
+
+REFERENCE = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
+
+
+def test_variants_parse_and_bad_ones_are_refused():
+    v = parse_variant('ngram=--policy chunked --speculative ngram')
+    assert v.name == "ngram" and v.args == ["--policy", "chunked", "--speculative", "ngram"]
+    assert parse_variant("plain=").args == []
+    with pytest.raises(ValueError, match="NAME="):
+        parse_variant("--policy xy")
+
+
+def test_two_variants_side_by_side(tmp_path):
+    require_default_model()
+    out = tmp_path / "servers.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "xytune.cli", "bench", "servers", "--variant", "xy=--policy xy",
+         "--variant", "chunked=--policy chunked", "--serve-args",
+         f"--dtype float32 --kv-cache-gb 0.1 --profile {REFERENCE} --allow-mismatch", "--sweep-rates", "inf",
+         "--num-prompts", "3", "--input-len", "24", "--output-len", "6", "--slo-ttft-ms", "60000",
+         "--slo-tpot-ms", "60000", "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [v["name"] for v in result["variants"]] == ["xy", "chunked"]
+    for v in result["variants"]:
+        assert v["rows"][0]["completed"] == 3 and v["rows"][0]["slo_attainment"] == 1.0
+        assert "xytune_cost_model_step_error_ratio" in v["server"]
+    assert result["capacity"] == {"xy": float("inf"), "chunked": float("inf")}
+    assert "capacity xy / chunked" not in run.stdout  # no ratio of two unbounded capacities
+
+
+def test_bad_variant_exits_2():
+    run = subprocess.run([sys.executable, "-m", "xytune.cli", "bench", "servers", "--variant", "oops"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "NAME=" in run.stderr
