@@ -177,11 +177,27 @@ class Scheduler:
                    self.max_model_len - req.num_tokens - 1)
         return propose_ngram(req.all_ids, self.speculative, room)
 
+    def step_deadline(self, scheduled: list, now: float | None = None) -> float:
+        """Seconds this step may take: the TBT SLO, or more where every decoding request is ahead of its pace.
+
+        The TPOT SLO is an average over a request's tokens: one that got its tokens faster than
+        ``tbt_slo_ms`` each has slack, and a step may use the least slack of the step's decoders (at
+        most 4x the SLO) to let a prompt's prefill through sooner instead of starving it in small chunks.
+        """
+        tbt = self.config.tbt_slo_ms / 1e3
+        now = time.perf_counter() if now is None else now
+        dues = [r.first_token_time + tbt * len(r.output_ids) - now for r, _ in scheduled
+                if r.first_token_time is not None and r.output_ids]
+        if not dues:
+            return tbt
+        return min(max(tbt, min(dues)), 4 * tbt)
+
     def _prefill_budget(self, scheduled: list, budget: int) -> int:
-        """xy: the most prefill tokens whose step the predictor keeps within the TBT SLO, nudged to efficient M."""
+        """xy: the most prefill tokens whose step the predictor keeps within the step deadline, nudged to
+        efficient M."""
         from xytune.runtime.step_predictor import attention_pairs
 
-        slo = self.config.tbt_slo_ms / 1e3
+        slo = self.step_deadline(scheduled)
         busy = sum(n for _, n in scheduled)  # decode and verify tokens, each with a logits row
         decode_pairs = attention_pairs([(r.num_computed, n) for r, n in scheduled])
         head = next((r for r in sorted(self.running, key=lambda r: r.arrival) if r.remaining > 1), None)
@@ -239,7 +255,7 @@ class Scheduler:
                     budget -= n
                 elif req.status is Status.RUNNING:
                     self.preempt(req)
-        if policy == "xy":
+        if policy == "xy" and scheduled:  # with nobody decoding there is no token pace to protect
             budget = min(budget, self._prefill_budget(scheduled, budget))
         return self._schedule_prefills(budget, scheduled, align=policy == "xy")
 

@@ -4,7 +4,7 @@ The cost table knows the weight GEMMs of a step (``CostModel.predict_step``);
 attention (which grows with context), norms and per-step overheads it does
 not. So a step's latency is modelled as
 
-    seconds = a * table_gemm_seconds(tokens) + b * attention_pairs + c * tokens + d
+    seconds = a * table_gemm_seconds(tokens) + b * attention_pairs + c * tokens + e * sampled + d
 
 with non-negative coefficients fitted (scipy's NNLS, relative error) to the
 most recent measured steps and refitted as steps come in, which also tracks a
@@ -39,7 +39,7 @@ class StepPredictor:
         self.cost_model, self.dtype, self.alpha = cost_model, dtype, alpha
         self.scale = 1.0  # measured / table, a running ratio (the fallback and a health figure)
         self.calibrated = False
-        self.coef: np.ndarray | None = None  # fitted (a, b, c, d)
+        self.coef: np.ndarray | None = None  # fitted (a, b, c, e, d)
         self.refit_every = refit_every
         self._table_cache: dict[tuple[int, int], float] = {}
         self._fit_rows: deque[tuple[np.ndarray, float]] = deque(maxlen=fit_window)
@@ -52,7 +52,10 @@ class StepPredictor:
         return self._table_cache[key]
 
     def features(self, num_tokens: int, num_logits: int, attn_pairs: float) -> np.ndarray:
-        return np.array([self.table_seconds(num_tokens, num_logits), attn_pairs * 1e-6, num_tokens * 1e-3, 1.0])
+        """Table GEMM seconds, attention pairs, tokens (norms, rotary...), sampled rows (sampling, per-request
+        host work), one (per-step overhead)."""
+        return np.array([self.table_seconds(num_tokens, num_logits), attn_pairs * 1e-6, num_tokens * 1e-3,
+                         num_logits * 1e-3, 1.0])
 
     def predict(self, num_tokens: int, num_logits: int, attn_pairs: float = 0.0) -> float:
         if num_tokens < 1:

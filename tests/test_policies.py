@@ -66,7 +66,25 @@ def test_xy_sizes_prefill_to_the_slo(llm):
     assert max(s.num_prefill_tokens for s in loose_mixed) > max(s.num_prefill_tokens for s in mixed)
     # with no room at all, prompts still advance one aligned chunk per step
     outs, starved = run(llm, "xy", slo_ms=0.001)
-    assert all(len(o) == 12 for o in outs) and max(s.num_prefill_tokens for s in starved) <= 16 + 2
+    assert all(len(o) == 12 for o in outs)
+    assert max(s.num_prefill_tokens for s in starved if s.num_decode_tokens) <= 16 + 2
+    # nobody decoding: nothing to protect, a prefill step takes the whole token budget
+    assert max(s.num_prefill_tokens for s in starved if not s.num_decode_tokens) > 16 + 2
+
+
+def test_step_deadline_spends_the_slack_of_requests_ahead_of_their_pace(llm):
+    from xytune.runtime.scheduler import Request
+
+    sched = llm.engine.scheduler
+    sched.config = SchedulerConfig(64, 256, "xy", 100.0, 16)
+    now = 1000.0
+    ahead = Request("a", [1, 2], SamplingParams(), output_ids=[5] * 10, first_token_time=now - 0.7)  # 10 tokens in 0.7 s
+    late = Request("b", [1, 2], SamplingParams(), output_ids=[5] * 10, first_token_time=now - 2.0)  # 10 in 2 s
+    assert sched.step_deadline([(ahead, 1)], now) == pytest.approx(0.3)  # on a 100 ms pace token 11 is due in 0.3 s
+    assert sched.step_deadline([(ahead, 1), (late, 1)], now) == pytest.approx(0.1)  # the late one allows only the SLO
+    far_ahead = Request("c", [1], SamplingParams(), output_ids=[5] * 50, first_token_time=now - 0.1)
+    assert sched.step_deadline([(far_ahead, 1)], now) == pytest.approx(0.4)  # capped at 4x the SLO
+    assert sched.step_deadline([], now) == pytest.approx(0.1)
 
 
 def test_xy_needs_a_cost_table():
