@@ -199,6 +199,8 @@ def torch_segment_kernels(weight: torch.Tensor, bias: torch.Tensor | None = None
                 return out.add_(bias) if bias is not None else out
 
             kernels["triton.tiled_gemm"] = triton
+    if weight.device.type == "npu":
+        kernels["npu.matmul"] = _npu_matmul(weight, bias)
     return kernels
 
 
@@ -206,3 +208,24 @@ def _into(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
     if out is None:
         return y
     return out.copy_(y)
+
+
+def _npu_matmul(weight: torch.Tensor, bias: torch.Tensor | None) -> SegmentKernel:
+    """The registry's ``npu.matmul``: the transposed weight kept in ND or FRACTAL_NZ, as the config says."""
+    from xytune.primitives import NPU_FORMAT_FRACTAL_NZ
+
+    layouts: dict[str, torch.Tensor] = {}
+
+    def run(x, out, config):
+        fmt = config.get("weight_format", "ND")
+        if fmt not in layouts:  # cast once per layout
+            import torch_npu
+
+            wt = weight.t().contiguous()
+            layouts[fmt] = torch_npu.npu_format_cast(wt, NPU_FORMAT_FRACTAL_NZ) if fmt == "NZ" else wt
+        y = torch.matmul(x, layouts[fmt])
+        if bias is not None:
+            y = y + bias
+        return _into(out, y)
+
+    return run
