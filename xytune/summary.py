@@ -10,8 +10,8 @@ from xytune.table import CostTable
 
 
 def best_per_bucket(rows: pd.DataFrame) -> pd.DataFrame:
-    """The fastest (primitive, config) for each op, target, dtype and M."""
-    idx = rows.groupby(["op", "target", "dtype", "m"])["median_s"].idxmin()
+    """The fastest (primitive, config) for each op, target, dtype and shape (for GEMMs: each M)."""
+    idx = rows.groupby(["op", "target", "dtype", "shape"])["median_s"].idxmin()
     cols = ["op", "target", "dtype", "m", "n", "k", "primitive", "config", "median_s", "frac_peak"]
     return rows.loc[idx, cols].sort_values(["op", "target", "dtype", "m"]).reset_index(drop=True)
 
