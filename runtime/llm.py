@@ -36,7 +36,7 @@ class LLM:
                  kv_cache_gb: float = 1.0, block_size: int = 16, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 256, threads: int | None = None, gemm: str = "auto",
                  profile: str | None = None, allow_mismatch: bool = False, policy: str = "chunked",
-                 tbt_slo_ms: float = 100.0, enable_prefix_caching: bool = True,
+                 tbt_slo_ms: float = 100.0, ttft_slo_ms: float = 2000.0, enable_prefix_caching: bool = True,
                  speculative: str | None = None, num_speculative_tokens: int = 4, attention: str = "meta",
                  meta_tiles: dict | None = None):
         """``attention`` reference | meta; ``meta_tiles`` Meta-Attention's tile sizes (default: from ``profile``);
@@ -76,7 +76,8 @@ class LLM:
         num_blocks = int(kv_cache_gb * 2**30 // per_block)
         spec = SpeculativeConfig(speculative, num_speculative_tokens) if speculative else None
         self.engine = Engine(self.model, self.tokenizer, num_blocks, block_size,
-                             SchedulerConfig(max_num_batched_tokens, max_num_seqs, policy, tbt_slo_ms), predictor,
+                             SchedulerConfig(max_num_batched_tokens, max_num_seqs, policy, tbt_slo_ms,
+                                             ttft_slo_ms=ttft_slo_ms), predictor,
                              enable_prefix_caching=enable_prefix_caching, speculative=spec)
 
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> tuple[list[int], str | None]:

@@ -76,6 +76,7 @@ class SchedulerConfig:
     policy: str = "chunked"
     tbt_slo_ms: float = 100.0
     align: int = 16
+    ttft_slo_ms: float = 2000.0  # xy: a prompt waiting half of this gets longer steps
 
     def __post_init__(self):
         if self.max_num_batched_tokens < 1:
@@ -84,8 +85,8 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs must be at least 1.")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}.")
-        if self.tbt_slo_ms <= 0 or self.align < 1:
-            raise ValueError("tbt_slo_ms must be positive and align at least 1.")
+        if self.tbt_slo_ms <= 0 or self.ttft_slo_ms <= 0 or self.align < 1:
+            raise ValueError("tbt_slo_ms and ttft_slo_ms must be positive and align at least 1.")
 
 
 class Scheduler:
@@ -190,7 +191,12 @@ class Scheduler:
                 if r.first_token_time is not None and r.output_ids]
         if not dues:
             return tbt
-        return min(max(tbt, min(dues)), 4 * tbt)
+        deadline = min(max(tbt, min(dues)), 4 * tbt)
+        # a prompt that has waited half its TTFT SLO gets a longer step: the decoders absorb one slow token
+        waiting = [r.arrival for r in self.waiting] + [r.arrival for r in self.running if r.first_token_time is None]
+        if waiting and now - min(waiting) > self.config.ttft_slo_ms / 2e3:
+            deadline = max(deadline, 2 * tbt)
+        return deadline
 
     def _prefill_budget(self, scheduled: list, budget: int) -> int:
         """xy: the most prefill tokens whose step the predictor keeps within the step deadline, nudged to

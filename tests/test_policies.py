@@ -85,6 +85,15 @@ def test_step_deadline_spends_the_slack_of_requests_ahead_of_their_pace(llm):
     far_ahead = Request("c", [1], SamplingParams(), output_ids=[5] * 50, first_token_time=now - 0.1)
     assert sched.step_deadline([(far_ahead, 1)], now) == pytest.approx(0.4)  # capped at 4x the SLO
     assert sched.step_deadline([], now) == pytest.approx(0.1)
+    # a prompt that has waited over half its TTFT SLO (2 s) lets the step run 2x the TBT SLO
+    waiting = Request("w", [1, 2, 3], SamplingParams(), arrival=now - 1.5)
+    sched.waiting.append(waiting)
+    try:
+        assert sched.step_deadline([(late, 1)], now) == pytest.approx(0.2)
+        waiting.arrival = now - 0.5
+        assert sched.step_deadline([(late, 1)], now) == pytest.approx(0.1)
+    finally:
+        sched.waiting.remove(waiting)
 
 
 def test_xy_needs_a_cost_table():

@@ -296,6 +296,7 @@ def serve(
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Use a table from another device."),
     policy: str = typer.Option("xy", help="xy | chunked | prefill-first."),
     tbt_slo_ms: float = typer.Option(100.0, help="Time-between-tokens SLO the xy policy sizes steps for."),
+    ttft_slo_ms: float = typer.Option(2000.0, help="xy: a prompt waiting half of this gets longer steps."),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching",
                                                help="Reuse the KV blocks of shared prompt prefixes."),
     speculative: str = typer.Option(None, help="Speculative decoding: ngram (prompt lookup) [default: off]."),
@@ -323,7 +324,7 @@ def serve(
         llm = LLM(model=model, dtype=dtype, device=str(dev.torch_device), kv_cache_gb=kv_cache_gb,
                   max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, threads=threads,
                   profile=str(profile), allow_mismatch=allow_mismatch, policy=policy, tbt_slo_ms=tbt_slo_ms,
-                  enable_prefix_caching=enable_prefix_caching, speculative=speculative,
+                  ttft_slo_ms=ttft_slo_ms, enable_prefix_caching=enable_prefix_caching, speculative=speculative,
                   num_speculative_tokens=num_speculative_tokens, attention=attention, gemm=gemm)
     except (DeviceError, ModelLoadError, CostModelError, ValueError) as exc:
         fail(str(exc))
