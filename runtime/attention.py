@@ -9,6 +9,7 @@ behind the same signature.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,22 +27,22 @@ class PrefillChunk:
     num_tokens: int
     context_before: int  # keys already cached before this chunk
     key_slots: torch.Tensor  # [context_before + num_tokens] slots of every key the chunk attends to
-    tiles: list[tuple[int, int, int, torch.Tensor | None]] = None  # (row0, row1, keys, mask) per query tile
     parents: list[int] | None = None  # a verify tree: parent row of each row (-1: none); None: causal
 
-    def __post_init__(self):
-        """Cut the chunk into query tiles; a tile only reads the keys up to its last row.
+    @functools.cached_property
+    def tiles(self) -> list[tuple[int, int, int, torch.Tensor | None]]:
+        """(row0, row1, keys, mask) per query tile; a tile only reads the keys up to its last row.
 
         The causal triangle is then skipped tile by tile instead of being
         computed and masked (about 20% of a 512-token prefill's attention on
-        CPU); rows stay independent, so the result is unchanged.
+        CPU); rows stay independent, so the result is unchanged. Made on first
+        use: Meta-Attention, the default, never asks for them.
         """
-        self.tiles = []
         device = self.key_slots.device
         if self.parents is not None:
-            self.tiles.append((0, self.num_tokens, self.context_before + self.num_tokens,
-                               tree_mask(self.parents, self.context_before).to(device)))
-            return
+            return [(0, self.num_tokens, self.context_before + self.num_tokens,
+                     tree_mask(self.parents, self.context_before).to(device))]
+        tiles = []
         for r0 in range(0, self.num_tokens, QUERY_TILE):
             r1 = min(self.num_tokens, r0 + QUERY_TILE)
             keys = self.context_before + r1
@@ -49,7 +50,8 @@ class PrefillChunk:
             if self.context_before + r0 > 0:
                 pos = torch.arange(keys, device=device)
                 mask = pos[None, :] <= pos[self.context_before + r0: keys, None]
-            self.tiles.append((r0, r1, keys, mask))
+            tiles.append((r0, r1, keys, mask))
+        return tiles
 
 
 def tree_mask(parents: list[int], context_before: int) -> torch.Tensor:

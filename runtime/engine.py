@@ -181,8 +181,9 @@ class Engine:
                 self.scheduler.finish(req, reason)
                 finished.append(req)
             self.sampled.append(req)
-        for req, n in scheduled:
-            if req.draft is None and req.status is not Status.FINISHED:
+        got_tokens = {id(r) for r in self.sampled}
+        for req, n in scheduled:  # prefill chunks that sampled nothing (the others were registered above)
+            if id(req) not in got_tokens:
                 self.scheduler.cache_computed_blocks(req)
         seconds = time.perf_counter() - start
         predicted = None

@@ -7,6 +7,7 @@ import torch
 from xytune.runtime.attention import make_meta_attention, meta_tiles_from_table, reference_attention
 from xytune.runtime.engine import Engine, RequestOutput
 from xytune.runtime.kv_cache import bytes_per_block
+from xytune.runtime.linear import GEMM_MODES
 from xytune.runtime.loader import load_checkpoint, resolve_dtype
 from xytune.runtime.model import LlamaModel
 from xytune.runtime.sampling import SamplingParams
@@ -60,6 +61,8 @@ class LLM:
             cost_model = CostModel.load(profile, device=device if dev.type != "cpu" else None,
                                         allow_mismatch=allow_mismatch)
             predictor = StepPredictor(cost_model, dtype_name)
+        if gemm not in ("auto", *GEMM_MODES):
+            raise ValueError(f"gemm must be one of auto, {', '.join(GEMM_MODES)}, not {gemm!r}.")
         if gemm == "auto":
             gemm = "smooth" if cost_model is not None else "packed"
         self.gemm, self.attention = gemm, attention

@@ -18,6 +18,7 @@ import torch
 from xytune.runtime.kv_cache import KVCache, block_hashes, blocks_needed
 from xytune.runtime.sampling import SamplingParams
 from xytune.runtime.speculative import Draft, SpeculativeConfig, propose_ngram
+from xytune.runtime.step_predictor import attention_pairs
 
 
 class Status(enum.Enum):
@@ -201,8 +202,6 @@ class Scheduler:
     def _prefill_budget(self, scheduled: list, budget: int) -> int:
         """xy: the most prefill tokens whose step the predictor keeps within the step deadline, nudged to
         efficient M."""
-        from xytune.runtime.step_predictor import attention_pairs
-
         slo = self.step_deadline(scheduled)
         busy = sum(n for _, n in scheduled)  # decode and verify tokens, each with a logits row
         decode_pairs = attention_pairs([(r.num_computed, n) for r, n in scheduled])

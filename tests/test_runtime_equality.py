@@ -149,3 +149,11 @@ def test_meta_attention_and_smooth_gemm_keep_the_equality(smollm2):
     assert run(llm, prompt_ids) == expected
     assert run(llm, prompt_ids, chunk=7) == expected
     assert llm.engine.kv.allocator.num_free == llm.engine.kv.num_blocks
+
+
+def test_reference_attention_keeps_the_equality(smollm2):
+    """The plain baseline path (SDPA query tiles, padded decode batch, tree masks) still matches too."""
+    _, prompt_ids, expected = smollm2
+    llm = LLM("smollm2-135m", dtype="float32", attention="reference", gemm="packed")
+    assert run(llm, prompt_ids) == expected
+    assert run(llm, prompt_ids, chunk=7) == expected

@@ -553,10 +553,13 @@ def bench_servers(
     try:
         variants = [parse_variant(v) for v in (variant or ['xy=--policy xy', 'chunked=--policy chunked',
                                                          'prefill-first=--policy prefill-first'])]
-        rates = [float(r) for r in sweep_rates.split(",")]
         common = ["--model", model, *shlex.split(serve_args)]
     except ValueError as exc:
         fail(str(exc))
+    try:
+        rates = [float(r) for r in sweep_rates.split(",")]
+    except ValueError:
+        fail(f"--sweep-rates must be a comma list of numbers, not {sweep_rates!r}.")
     if len({v.name for v in variants}) != len(variants):
         fail("variant names must differ.")
     if any(not r > 0 for r in rates) or num_prompts < 1 or input_len < 1 or output_len < 1:
