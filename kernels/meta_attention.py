@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 
 CAUSAL, NO_MASK, TREE = "causal", "none", "tree"
+# One more long group (about nine torch calls, ~0.09 ms on a 2-core CPU) costs about as much as this many
+# padded (row, key) scores (~8 ns each with 9 heads of 64 dims).
+GROUP_COST_SCORES = 11_000
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class ShortTiles:
     out_index: torch.Tensor  # [R] rows of out.view(T*H, d) for every real packed row
     out_from: torch.Tensor  # [R] (segment * tile_q + row) each comes from; (tile * tile_q + row) unless split
     split: bool  # some segment has more than one tile: merge by log-sum-exp
+    page: int = 1  # kv_index counts pages of this many slots (rows of cache.view(kvh*S/page, page*d))
     _bias_cache: dict = field(default_factory=dict)
 
     def bias_as(self, dtype: torch.dtype) -> torch.Tensor:
@@ -97,15 +101,26 @@ class ShortTiles:
         return self._bias_cache[dtype]
 
 
+@dataclass(frozen=True)
+class PackedIndex:
+    """A long group's gathers in GQA-packed (KV head, tile, row) order, so no permute copies are needed."""
+
+    q: torch.Tensor  # [kvh, B, tq] rows of q.view(T*kvh, g*d)
+    kv: torch.Tensor  # [kvh, B, Lg/page] rows of cache.view(kvh*S/page, page*d)
+    out_dst: torch.Tensor  # [kvh*R] rows of out.view(T*kvh, g*d) written
+    out_src: torch.Tensor  # [kvh*R] rows of the packed output they come from
+
+
 @dataclass
 class LongGroup:
     """Long-class query tiles of similar key length, run as one fused attention call."""
 
     q_tokens: torch.Tensor  # [B, tq] token rows of q (0 for padding)
-    key_slots: torch.Tensor  # [B, Lg] cache slots (0 for padding)
+    key_slots: torch.Tensor  # [B, Lg] cache slots (0 for padding); Lg is a multiple of page
     mask: torch.Tensor  # [B, 1, tq, Lg] bool: may the row read the key
     out_tokens: torch.Tensor  # [R] token rows written
     out_from: torch.Tensor  # [R] (tile * tq + row) each comes from
+    page: int = 1  # key_slots run in aligned pages of this many slots: gathers move whole pages
     _bias_cache: dict = field(default_factory=dict)
 
     def packed_bias(self, kvh: int, g: int, dtype: torch.dtype) -> torch.Tensor:
@@ -116,6 +131,19 @@ class LongGroup:
             bias = torch.zeros(1, B, tq, 1, Lg, dtype=dtype).masked_fill_(~self.mask[None, :, 0, :, None, :],
                                                                             float("-inf"))
             self._bias_cache[key] = bias.expand(kvh, B, tq, g, Lg).reshape(kvh * B, tq * g, Lg)
+        return self._bias_cache[key]
+
+    def packed_index(self, kvh: int, cache_slots: int) -> PackedIndex:
+        key = ("index", kvh, cache_slots)
+        if key not in self._bias_cache:
+            B, tq = self.q_tokens.shape
+            h = torch.arange(kvh)
+            pages = self.key_slots[:, :: self.page] // self.page
+            self._bias_cache[key] = PackedIndex(
+                q=self.q_tokens[None] * kvh + h[:, None, None],
+                kv=pages[None] + h[:, None, None] * (cache_slots // self.page),
+                out_dst=(self.out_tokens[None] * kvh + h[:, None]).reshape(-1),
+                out_src=(self.out_from[None] + h[:, None] * B * tq).reshape(-1))
         return self._bias_cache[key]
 
 
@@ -131,12 +159,20 @@ class MetaAttentionPlan:
     counts: dict  # tiles (per KV head) by class: full, masked, skipped
     sdpa_min_keys: int = 512  # long groups with more keys run torch's fused SDPA, shorter ones batched GEMMs
     short_requests: list = field(default_factory=list)  # (first token, AttnRequest) of the short class
+    # short multi-token requests (verify trees, tiny chunks) in tiles of their own: sharing the decodes' tiles
+    # would pad every decode's g rows up to the longest verify's rows
+    short_multi: ShortTiles | None = None
 
 
 def plan_meta_attention(requests: list[AttnRequest], num_heads: int, num_kv_heads: int, cache_slots: int,
                         tile_q: int = 16, tile_kv: int = 256, prefill_tile: int = 64,
-                        sdpa_min_keys: int = 512) -> MetaAttentionPlan:
-    """Cut a batch into classified, GQA-packed, longest-first tiles (host side, no per-tile tensors)."""
+                        sdpa_min_keys: int = 512, page_size: int = 16) -> MetaAttentionPlan:
+    """Cut a batch into classified, GQA-packed, longest-first tiles (host side, no per-tile tensors).
+
+    ``page_size``: the paged cache's block size. When every request's keys sit in whole aligned pages (as the
+    engine's block tables put them), K/V are gathered a page at a time, which moves the same bytes in 16x
+    fewer rows; otherwise a slot at a time.
+    """
     if num_heads % num_kv_heads:
         raise ValueError("num_heads must be a multiple of num_kv_heads")
     if not requests or not any(r.q_len for r in requests):
@@ -144,18 +180,31 @@ def plan_meta_attention(requests: list[AttnRequest], num_heads: int, num_kv_head
     if min(tile_q, tile_kv, prefill_tile) < 1:
         raise ValueError("tile sizes must be positive")
     g = num_heads // num_kv_heads
+    page = page_size if page_size > 1 and cache_slots % page_size == 0 and _paged(requests, page_size) else 1
     counts = {"full": 0, "masked": 0, "skipped": 0}
     short, long, base = [], [], 0
     for r in requests:
         (short if r.q_len * g <= tile_q else long).append((base, r))
         base += r.q_len
+    decode = [(b, r) for b, r in short if r.q_len == 1]
+    multi = [(b, r) for b, r in short if r.q_len > 1]
     return MetaAttentionPlan(tile_q, tile_kv, prefill_tile, num_heads, num_kv_heads,
-                             _plan_short(short, num_heads, num_kv_heads, cache_slots, tile_q, tile_kv, counts),
-                             _plan_long(long, num_kv_heads, tile_kv, prefill_tile, counts), counts, sdpa_min_keys,
-                             short)
+                             _plan_short(decode, num_heads, num_kv_heads, cache_slots, tile_q, tile_kv, counts, page),
+                             _plan_long(long, num_kv_heads, tile_kv, prefill_tile, counts, page), counts,
+                             sdpa_min_keys, short,
+                             _plan_short(multi, num_heads, num_kv_heads, cache_slots, tile_q, tile_kv, counts, page))
 
 
-def _plan_short(items, H, kvh, cache_slots, tile_q, tile_kv, counts) -> ShortTiles | None:
+def _paged(requests: list[AttnRequest], page: int) -> bool:
+    """Does every request's key ``i`` sit at offset ``i % page`` of one page per ``page`` keys."""
+    slots = np.concatenate([r.key_slots.numpy() for r in requests])
+    lens = np.array([r.num_keys for r in requests])
+    pos = np.arange(len(slots)) - np.repeat(np.cumsum(lens) - lens, lens)
+    within = pos % page
+    return bool((slots % page == within).all() and (slots - within == slots[np.arange(len(slots)) - within]).all())
+
+
+def _plan_short(items, H, kvh, cache_slots, tile_q, tile_kv, counts, page=1) -> ShortTiles | None:
     """Vectorised over tiles: one numpy pass builds every index, bias and merge key."""
     if not items:
         return None
@@ -164,6 +213,8 @@ def _plan_short(items, H, kvh, cache_slots, tile_q, tile_kv, counts) -> ShortTil
     n = len(reqs)
     # short contexts need no tile as long as the profiled one: shrink it to the longest key range (16-aligned)
     tile_kv = min(tile_kv, -(-max(r.num_keys for r in reqs) // 16) * 16)
+    if tile_kv % page:
+        page = 1
     tile_q = min(tile_q, max(r.q_len for r in reqs) * g)  # and the rows to the most any request packs
     base = np.array([b for b, _ in items])
     qlen = np.array([r.q_len for r in reqs])
@@ -182,8 +233,9 @@ def _plan_short(items, H, kvh, cache_slots, tile_q, tile_kv, counts) -> ShortTil
     segment = req * kvh + head
     pos = chunk[:, None] * tile_kv + np.arange(tile_kv)[None, :]  # key position within the request
     valid = pos < L[req][:, None]
-    kv_index = np.where(valid, head[:, None] * cache_slots
-                        + slots[offset[req][:, None] + np.minimum(pos, L[req][:, None] - 1)], 0)
+    pos_page = pos[:, ::page]  # the first key of every page of the tile (padding pages: the request's last)
+    kv_index = (head[:, None] * (cache_slots // page)
+                + slots[offset[req][:, None] + np.minimum(pos_page, L[req][:, None] - 1)] // page)
     rows = np.arange(tile_q)
     real_row = rows[None, :] < R[req][:, None]
     q_index = np.where(real_row, (base[req][:, None] + rows // g) * H + head[:, None] * g + rows % g, 0)
@@ -222,11 +274,11 @@ def _plan_short(items, H, kvh, cache_slots, tile_q, tile_kv, counts) -> ShortTil
     return ShortTiles(
         q_index=t(q_index[order]), kv_index=t(kv_index[order]), bias=t(np.ascontiguousarray(bias[order])),
         segment=t(segment_sorted), num_segments=num_segments, key_len=t(valid.sum(1)[order]),
-        out_index=t(out_index), out_from=t(src), split=split,
+        out_index=t(out_index), out_from=t(src), split=split, page=page,
     )
 
 
-def _plan_long(items, kvh, tile_kv, tq, counts) -> list[LongGroup]:
+def _plan_long(items, kvh, tile_kv, tq, counts, page=1) -> list[LongGroup]:
     tiles = []  # (keys, base, request, row0, row1)
     for base, r in items:
         allowed = r.allowed()
@@ -243,20 +295,35 @@ def _plan_long(items, kvh, tile_kv, tq, counts) -> list[LongGroup]:
             counts["masked"] += used - full
             tiles.append((keys, base, r, r0, r1, a[:, :keys]))
     tiles.sort(key=lambda x: -x[0])
-    groups, current = [], []
-    for tile in tiles:  # a group pads to its longest tile: a new group past one query tile's worth of keys
-        if current and -(-current[0][0] // tq) != -(-tile[0] // tq):
-            groups.append(current)
-            current = []
-        current.append(tile)
-    if current:
-        groups.append(current)
-    return [_long_group(grp, tq) for grp in groups]
+    groups = _group_by_padded_cost([(keys, r1 - r0) for keys, _, _, r0, r1, _ in tiles])
+    return [_long_group(tiles[i:j], tq, page) for i, j in groups]
 
 
-def _long_group(tiles, tq) -> LongGroup:
+def _group_by_padded_cost(tiles: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Cut (keys, rows) tiles, sorted by keys descending, into groups ``[i, j)`` at the least predicted cost.
+
+    A group runs padded to its first tile's keys and its most rows; each group also costs a fixed
+    ``GROUP_COST_SCORES``. An exact dynamic program over the cut points (a step has tens of tiles).
+    """
+    n = len(tiles)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        rows = 0
+        for i in range(j - 1, -1, -1):  # group [i, j): padded to tiles[i]'s keys
+            rows = max(rows, tiles[i][1])
+            cost = best[i] + GROUP_COST_SCORES + (j - i) * rows * tiles[i][0]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j:
+        groups.append((cut[j], j))
+        j = cut[j]
+    return groups[::-1]
+
+
+def _long_group(tiles, tq, page=1) -> LongGroup:
     tq = min(tq, -(-max(r1 - r0 for *_, r0, r1, _ in tiles) // 8) * 8)  # rows: as many as the group's longest tile
-    B, Lg = len(tiles), tiles[0][0]
+    B, Lg = len(tiles), -(-tiles[0][0] // page) * page  # keys: whole pages
     q_tokens = torch.zeros(B, tq, dtype=torch.long)
     key_slots = torch.zeros(B, Lg, dtype=torch.long)
     mask = torch.zeros(B, 1, tq, Lg, dtype=torch.bool)
@@ -266,11 +333,13 @@ def _long_group(tiles, tq) -> LongGroup:
         n = r1 - r0
         q_tokens[i, :n] = base + torch.arange(r0, r1)
         key_slots[i, :keys] = r.key_slots[:keys]
+        if page > 1:  # the rest of the last page (masked): its slots, so the page gather reads that page
+            key_slots[i, keys: -(-keys // page) * page] = r.key_slots[keys - 1] + torch.arange(1, -keys % page + 1)
         mask[i, 0, :n] = False
         mask[i, 0, :n, :keys] = a
         out_tokens.append(q_tokens[i, :n])
         out_from.append(i * tq + torch.arange(n))
-    return LongGroup(q_tokens, key_slots, mask, torch.cat(out_tokens), torch.cat(out_from))
+    return LongGroup(q_tokens, key_slots, mask, torch.cat(out_tokens), torch.cat(out_from), page)
 
 
 def run_meta_attention_torch(plan: MetaAttentionPlan, q: torch.Tensor, k_cache: torch.Tensor,
@@ -278,8 +347,9 @@ def run_meta_attention_torch(plan: MetaAttentionPlan, q: torch.Tensor, k_cache: 
     """``q [T, H, d]`` against head-major caches ``[kv_heads, slots, d]`` -> ``[T, H, d]``."""
     T, H, d = q.shape
     out = torch.empty_like(q)
-    if plan.short is not None:
-        _run_short(plan, plan.short, q, k_cache, v_cache, scale, out)
+    for tiles in (plan.short, plan.short_multi):
+        if tiles is not None:
+            _run_short(plan, tiles, q, k_cache, v_cache, scale, out)
     for grp in plan.long:
         _run_long(plan, grp, q, k_cache, v_cache, scale, out)
     return out
@@ -293,8 +363,9 @@ def _gather_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _run_short(plan, st: ShortTiles, q, k_cache, v_cache, scale, out) -> None:
     T, H, d = q.shape
     qt = _gather_rows(q.reshape(T * H, d), st.q_index)  # [N, tq, d]
-    kt = _gather_rows(k_cache.reshape(-1, d), st.kv_index)  # [N, tkv, d]
-    vt = _gather_rows(v_cache.reshape(-1, d), st.kv_index)
+    N, P = st.kv_index.shape
+    kt = _gather_rows(k_cache.reshape(-1, st.page * d), st.kv_index).view(N, P * st.page, d)  # [N, tkv, d]
+    vt = _gather_rows(v_cache.reshape(-1, st.page * d), st.kv_index).view(N, P * st.page, d)
     # GEMMs in the input dtype (bf16 runs them ~2x faster on CPU), softmax statistics in float32
     s = torch.baddbmm(st.bias_as(q.dtype), qt, kt.transpose(1, 2), alpha=scale)
     if not st.split:  # one tile per segment: a plain softmax, no merge
@@ -320,19 +391,20 @@ def _run_long(plan, grp: LongGroup, q, k_cache, v_cache, scale, out) -> None:
     """Short key ranges: GQA-packed batched GEMMs (about 2x torch's CPU flash kernel there); long ones: fused SDPA."""
     B, tq = grp.q_tokens.shape
     T, H, d = q.shape
-    kvh, Lg = k_cache.shape[0], grp.key_slots.shape[1]
-    g = H // kvh
-    k = k_cache.index_select(1, grp.key_slots.reshape(-1)).view(kvh, B, Lg, d)
-    v = v_cache.index_select(1, grp.key_slots.reshape(-1)).view(kvh, B, Lg, d)
-    qg = q.index_select(0, grp.q_tokens.reshape(-1)).view(B, tq, H, d)
+    kvh, S = k_cache.shape[:2]
+    Lg, g = grp.key_slots.shape[1], H // kvh
+    idx = grp.packed_index(kvh, S)
+    k = _gather_rows(k_cache.reshape(-1, grp.page * d), idx.kv).view(kvh, B, Lg, d)
+    v = _gather_rows(v_cache.reshape(-1, grp.page * d), idx.kv).view(kvh, B, Lg, d)
     if Lg > plan.sdpa_min_keys:
+        qg = q.index_select(0, grp.q_tokens.reshape(-1)).view(B, tq, H, d)
         o = F.scaled_dot_product_attention(qg.transpose(1, 2), k.transpose(0, 1), v.transpose(0, 1),
                                            attn_mask=grp.mask, scale=scale, enable_gqa=g > 1)
         rows = o.transpose(1, 2).reshape(B * tq, H, d)
-    else:
-        # batch order (KV head, tile): the gathered K/V are used as they are, only q is permuted
-        qp = qg.view(B, tq, kvh, g, d).permute(2, 0, 1, 3, 4).reshape(kvh * B, tq * g, d)
-        s = torch.baddbmm(grp.packed_bias(kvh, g, q.dtype), qp, k.view(kvh * B, Lg, d).transpose(1, 2), alpha=scale)
-        o = torch.bmm(torch.softmax(s, -1, dtype=torch.float32).to(q.dtype), v.view(kvh * B, Lg, d))
-        rows = o.view(kvh, B, tq, g, d).permute(1, 2, 0, 3, 4).reshape(B * tq, H, d)
-    out.index_copy_(0, grp.out_tokens, rows.index_select(0, grp.out_from))
+        out.index_copy_(0, grp.out_tokens, rows.index_select(0, grp.out_from))
+        return
+    # q's g heads of one KV head are contiguous: gathering (KV head, tile, row) rows of g*d packs them directly
+    qp = _gather_rows(q.reshape(T * kvh, g * d), idx.q).view(kvh * B, tq * g, d)
+    s = torch.baddbmm(grp.packed_bias(kvh, g, q.dtype), qp, k.view(kvh * B, Lg, d).transpose(1, 2), alpha=scale)
+    o = torch.bmm(torch.softmax(s, -1, dtype=torch.float32).to(q.dtype), v.view(kvh * B, Lg, d))
+    out.view(T * kvh, g * d).index_copy_(0, idx.out_dst, o.view(-1, g * d).index_select(0, idx.out_src))

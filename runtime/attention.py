@@ -73,6 +73,7 @@ class AttentionBatch:
     decode_bias: torch.Tensor  # [Bd, 1, Lmax] 0 for real keys, -inf for padding (added to the scores)
     prefills: list[PrefillChunk]
     requests: list = None  # one AttnRequest per request, for Meta-Attention's plan
+    block_size: int = 16  # the KV cache's page size: Meta-Attention gathers whole pages
 
     def decode_bias_for(self, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
         """The padding bias repeated per KV head ``[kv_heads*Bd, 1, L]``, made once per step for all layers."""
@@ -119,6 +120,7 @@ class AttentionBatch:
             slot_mapping=torch.cat(slot_parts).to(device) if slot_parts else torch.zeros(0, dtype=torch.long),
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
             decode_slots=dslots.to(device), decode_bias=bias.to(device), prefills=prefills, requests=requests,
+            block_size=block_size,
         )
 
 
@@ -193,7 +195,7 @@ def make_meta_attention(tile_q: int = 8, tile_kv: int = 256, prefill_tile: int =
                                    kv_split=tile_kv, device=q.device)
             else:
                 plan = plan_meta_attention(batch.requests, q.shape[1], k_cache.shape[0], k_cache.shape[1], tile_q,
-                                           tile_kv, prefill_tile, sdpa_min_keys)
+                                           tile_kv, prefill_tile, sdpa_min_keys, batch.block_size)
             batch._meta_plan = plan
         if backend == "triton":
             from xytune.kernels.meta_attention_triton import run_meta_attention_triton

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from xytune.runtime.host_memory import keep_freed_memory
 from xytune.runtime.attention import AttentionBatch
 from xytune.runtime.model import LlamaModel
 from xytune.runtime.sampling import SamplingParams, make_generator, sample
@@ -69,6 +70,7 @@ class Engine:
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer, num_blocks: int, block_size: int = 16,
                  scheduler_config: SchedulerConfig | None = None, predictor=None,
                  enable_prefix_caching: bool = False, speculative: SpeculativeConfig | None = None):
+        keep_freed_memory()
         self.model, self.tokenizer = model, tokenizer
         self.kv = model.new_kv_cache(num_blocks, block_size, enable_prefix_caching)
         self.predictor = predictor  # StepPredictor: step latency from the cost table, calibrated online

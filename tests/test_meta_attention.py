@@ -28,14 +28,21 @@ def reference(requests, q, k_cache, v_cache, scale):
     return out
 
 
-def random_batch(kinds, num_heads, num_kv_heads, head_dim, seed, slots=4096):
+def random_batch(kinds, num_heads, num_kv_heads, head_dim, seed, slots=4096, page=None):
+    """K/V scattered slot by slot, or (``page``) in whole pages of a paged cache, as the engine's block tables."""
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(slots, generator=gen)
+    pages = torch.randperm(slots // page, generator=gen) if page else None
     used, requests = 0, []
     for kind, q_len, ctx in kinds:
         L = ctx + q_len
-        key_slots = perm[used: used + L]
-        used += L
+        if page:
+            n = -(-L // page)
+            key_slots = (pages[used: used + n, None] * page + torch.arange(page)).reshape(-1)[:L]
+            used += n
+        else:
+            key_slots = perm[used: used + L]
+            used += L
         if kind == TREE:
             parents = tuple(int(torch.randint(-1, i, (1,), generator=gen)) if i else -1 for i in range(q_len))
             requests.append(AttnRequest(q_len, ctx, key_slots, TREE, parents))
@@ -61,9 +68,13 @@ MIXED = [
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 8, 64), (9, 3, 64), (32, 4, 128), (16, 2, 128)])
 @pytest.mark.parametrize("tiles", [(16, 32, 16), (64, 128, 64), (8, 16, 8)])  # tile_q, tile_kv, prefill_tile
-def test_mixed_batch_matches_float64(heads, kv_heads, head_dim, tiles):
-    requests, q, k, v = random_batch(MIXED, heads, kv_heads, head_dim, seed=heads + tiles[0])
+@pytest.mark.parametrize("page", [None, 16])
+def test_mixed_batch_matches_float64(heads, kv_heads, head_dim, tiles, page):
+    requests, q, k, v = random_batch(MIXED, heads, kv_heads, head_dim, seed=heads + tiles[0], page=page)
     plan = plan_meta_attention(requests, heads, kv_heads, k.shape[1], *tiles)
+    # whole pages are gathered when the keys sit in pages and the key tile holds whole pages
+    assert plan.short.page == (16 if page and tiles[1] % 16 == 0 else 1)
+    assert all(g.page == (page or 1) for g in plan.long)
     out = run_meta_attention_torch(plan, q, k, v, head_dim ** -0.5)
     torch.testing.assert_close(out.double(), reference(requests, q, k, v, head_dim ** -0.5), rtol=1e-4, atol=1e-4)
     assert plan.counts["masked"] > 0
@@ -100,10 +111,41 @@ def test_prefill_tiles_skip_the_causal_corner_and_group_by_key_length():
     # 28 cached keys: q tiles read 92 and 128 keys, both touching 2 key blocks, so nothing skipped
     assert plan.counts["skipped"] == 6
     key_lens = [g.key_slots.shape[1] for g in plan.long]
-    assert key_lens == [256, 192, 128, 64]  # ceil(keys / 64) classes: 256 | 192 | 128, 128, 92 | 64
-    assert sum(g.q_tokens.shape[0] for g in plan.long) == 4 + 2
+    # tiles by keys: 256, 192 | 128, 128, 92, 64; padding 64 or 36 keys of 64 rows costs less than another group
+    assert key_lens == [256, 128] and [g.q_tokens.shape[0] for g in plan.long] == [2, 4]
     out = run_meta_attention_torch(plan, q, k, v, 0.125)
     torch.testing.assert_close(out.double(), reference(requests, q, k, v, 0.125), rtol=1e-4, atol=1e-4)
+
+
+def test_pages_are_used_only_when_every_request_is_page_aligned():
+    requests, q, k, v = random_batch([(CAUSAL, 1, 40), (CAUSAL, 30, 0)], 4, 2, 64, seed=5, page=16)
+    assert plan_meta_attention(requests, 4, 2, k.shape[1], tile_kv=64).short.page == 16
+    shifted = AttnRequest(1, 40, requests[0].key_slots + 1)  # key 0 at offset 1 of its page
+    plan = plan_meta_attention([shifted, requests[1]], 4, 2, k.shape[1], tile_kv=64)
+    assert plan.short.page == 1 and plan.long[0].page == 1
+    out = run_meta_attention_torch(plan, q, k, v, 0.125)
+    torch.testing.assert_close(out.double(), reference([shifted, requests[1]], q, k, v, 0.125), rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 600), st.integers(1, 64)), min_size=1, max_size=7))
+def test_long_groups_are_the_cheapest_cut(tiles):
+    """The dynamic program against every way of cutting the sorted tiles into consecutive groups."""
+    import itertools
+
+    from xytune.kernels.meta_attention import GROUP_COST_SCORES, _group_by_padded_cost
+
+    tiles = sorted(tiles, key=lambda t: -t[0])
+
+    def cost(groups):
+        return sum(GROUP_COST_SCORES + (j - i) * max(r for _, r in tiles[i:j]) * tiles[i][0] for i, j in groups)
+
+    n = len(tiles)
+    best = min(cost(list(zip((0, *cuts), (*cuts, n))))
+               for k in range(n) for cuts in itertools.combinations(range(1, n), k))
+    groups = _group_by_padded_cost(tiles)
+    assert groups[0][0] == 0 and groups[-1][1] == n and all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+    assert cost(groups) == best
 
 
 def test_bad_tree_is_rejected():
@@ -120,11 +162,13 @@ def test_bad_tree_is_rejected():
     tile_q=st.sampled_from([8, 16, 64]),
     tile_kv=st.sampled_from([16, 64]),
     prefill_tile=st.sampled_from([4, 16, 64]),
+    page=st.sampled_from([None, 8, 16]),
     seed=st.integers(0, 1000),
 )
-def test_property_random_batches(batch, ratio, head_dim, tile_q, tile_kv, prefill_tile, seed):
+def test_property_random_batches(batch, ratio, head_dim, tile_q, tile_kv, prefill_tile, page, seed):
     kv_heads = 2
-    requests, q, k, v = random_batch(batch, kv_heads * ratio, kv_heads, head_dim, seed)
-    plan = plan_meta_attention(requests, kv_heads * ratio, kv_heads, k.shape[1], tile_q, tile_kv, prefill_tile)
+    requests, q, k, v = random_batch(batch, kv_heads * ratio, kv_heads, head_dim, seed, page=page)
+    plan = plan_meta_attention(requests, kv_heads * ratio, kv_heads, k.shape[1], tile_q, tile_kv, prefill_tile,
+                               page_size=page or 16)
     out = run_meta_attention_torch(plan, q, k, v, head_dim ** -0.5)
     torch.testing.assert_close(out.double(), reference(requests, q, k, v, head_dim ** -0.5), rtol=1e-4, atol=1e-4)

@@ -52,24 +52,24 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, cpu_device, monk
     out = tmp_path / "t.parquet"
     geometry = PRESETS["smollm2-135m"]
     sweep = Sweep(cpu_device, geometry, tiny_settings(checkpoint_every_s=0.0), out)
-    real_time, calls = Sweep._time, {"n": 0}
+    real_record, calls = Sweep._record, {"n": 0}
 
-    def flaky(self, group, config):
+    def flaky(self, group, config, samples):
         calls["n"] += 1
         if calls["n"] == 8:
             raise KeyboardInterrupt
-        return real_time(self, group, config)
+        return real_record(self, group, config, samples)
 
-    monkeypatch.setattr(Sweep, "_time", flaky)
+    monkeypatch.setattr(Sweep, "_record", flaky)
     with pytest.raises(KeyboardInterrupt):
         sweep.run(progress=False)
     partial = read_table(out)
     assert not partial.complete and len(partial.rows) == 7
-    monkeypatch.setattr(Sweep, "_time", real_time)
+    monkeypatch.setattr(Sweep, "_record", real_record)
 
     resumed = Sweep(cpu_device, geometry, tiny_settings(), out, resume=True)
     timed = []
-    monkeypatch.setattr(Sweep, "_time", lambda self, g, c: timed.append(1) or real_time(self, g, c))
+    monkeypatch.setattr(Sweep, "_record", lambda self, g, c, s: timed.append(1) or real_record(self, g, c, s))
     resumed.run(progress=False)
     final = read_table(out)
     assert final.complete and len(final.rows) == ROWS and len(timed) == ROWS - 7
@@ -126,3 +126,14 @@ def test_attention_tiles_are_swept_and_chosen_from_the_table(tmp_path, cpu_devic
     best = decode.loc[decode["median_s"].idxmin(), "config"]
     assert {k: tiles[k] for k in ("tile_q", "tile_kv")} == __import__("json").loads(best)
     assert meta_tiles_from_table(None, "float32") == META_DEFAULTS
+
+
+def test_grid_configs_are_timed_in_turns(cpu_device):
+    from xytune.timing import TimingPolicy, measure_interleaved
+
+    order = []
+    fns = [lambda name=name: order.append(name) for name in "abc"]
+    samples = measure_interleaved(fns, cpu_device, TimingPolicy(warmup=1, budget_s=0.0, min_samples=4))
+    assert [len(s) for s in samples] == [4, 4, 4] and all(t >= 0 for s in samples for t in s)
+    timed = order[3:]  # after one warm-up call each
+    assert timed == list("abc") * 4

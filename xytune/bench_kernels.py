@@ -26,7 +26,7 @@ from xytune.kernels.meta_attention import CAUSAL, TREE, AttnRequest, plan_meta_a
 
 def mixed_batch(n: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int):
     """3/4 decodes (50-500 cached keys), the rest prefill chunks (16-128 tokens, half after a cached prefix),
-    one of them a 5-node verify tree; K/V scattered over a paged cache."""
+    one of them a 5-node verify tree; K/V in 16-slot pages scattered over a paged cache (as block tables do)."""
     rng = np.random.default_rng(seed)
     specs = []
     for i in range(n):
@@ -36,12 +36,14 @@ def mixed_batch(n: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype:
             specs.append((CAUSAL, 1, int(rng.integers(50, 500))))
         else:
             specs.append((CAUSAL, int(rng.integers(16, 129)), int(rng.integers(0, 257)) if rng.random() < 0.5 else 0))
-    slots = sum(q + c for _, q, c in specs) + 64
-    perm = torch.from_numpy(rng.permutation(slots))
+    page = 16
+    pages = torch.from_numpy(rng.permutation(sum(-(-(q + c) // page) for _, q, c in specs) + 4))
+    slots = len(pages) * page
     used, requests = 0, []
     for kind, q_len, ctx in specs:
-        key_slots = perm[used: used + ctx + q_len]
-        used += ctx + q_len
+        n = -(-(ctx + q_len) // page)
+        key_slots = (pages[used: used + n, None] * page + torch.arange(page)).reshape(-1)[: ctx + q_len]
+        used += n
         parents = (-1, 0, 1, 0, 3) if kind == TREE else None
         requests.append(AttnRequest(q_len, ctx, key_slots, kind, parents))
     gen = torch.Generator().manual_seed(seed)
@@ -53,12 +55,12 @@ def mixed_batch(n: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype:
 
 
 def sdpa_loop(requests, masks, q, k_cache, v_cache, scale):
-    """The baseline: one fused SDPA call per request (GQA without repeating K/V)."""
+    """The baseline: one fused SDPA call per request (GQA without repeating K/V), keys gathered by index_select."""
     out = torch.empty_like(q)
     base, gqa = 0, q.shape[1] != k_cache.shape[0]
     for r, mask in zip(requests, masks):
-        k = k_cache[:, r.key_slots][None]
-        v = v_cache[:, r.key_slots][None]
+        k = k_cache.index_select(1, r.key_slots)[None]
+        v = v_cache.index_select(1, r.key_slots)[None]
         qr = q[base: base + r.q_len].transpose(0, 1)[None]
         o = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[base: base + r.q_len] = o[0].transpose(0, 1)
@@ -118,6 +120,9 @@ def _median_alternating(fns: dict, repeats: int) -> dict:
 
 def bench_attention(sizes=(16, 32, 64), num_heads=9, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16,
                     tiles: dict | None = None, repeats=15, seed=0) -> list[dict]:
+    from xytune.runtime.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # as the engine does: no page faults on every call's fresh tensors
     rows = []
     scale = head_dim ** -0.5
     for n in sizes:
@@ -147,6 +152,9 @@ def bench_gemm(cost_model, dtype: str, gemms=("qkv", "o", "gate_up", "down"), ms
     from xytune.kernels.smooth_gemm import SmoothGEMMPlanner, run_smooth_gemm, torch_segment_kernels
     from xytune.runtime.linear import onednn_packing_available
 
+    from xytune.runtime.host_memory import keep_freed_memory
+
+    keep_freed_memory()
     tdtype = getattr(torch, dtype)
     rng = np.random.default_rng(seed)
     if ms is None:

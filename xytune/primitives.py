@@ -277,17 +277,21 @@ def _attention_batch(shape: Shape, dtype: str, device: Device, decode: bool):
     from xytune.kernels.meta_attention import AttnRequest
 
     gen = torch.Generator().manual_seed(shape["m"] * 31 + shape["n"])
-    if decode:  # m decodes with contexts spread over [n/8, n] (serving batches mix old and new requests)
+    if decode:  # m decodes with contexts spread over [n/8, n] (serving batches mix old and new requests),
+        # every eighth a 4-token speculative verify (where tile_q decides whether it joins the short class)
         lens = torch.randint(max(1, shape["n"] // 8), shape["n"] + 1, (shape["m"],), generator=gen).tolist()
-        specs = [(1, c) for c in lens]
+        specs = [(4 if i % 8 == 7 else 1, c) for i, c in enumerate(lens)]
     else:  # m prefill chunks of q tokens after n cached ones
         specs = [(shape["q"], shape["n"])] * shape["m"]
-    slots = sum(q + c for q, c in specs)
-    perm = torch.randperm(slots, generator=gen)
+    page = 16  # K/V in whole pages scattered over the cache, as the engine's block tables place them
+    pages = torch.randperm(sum(-(-(q + c) // page) for q, c in specs), generator=gen)
+    slots = len(pages) * page
     reqs, used = [], 0
     for q_len, ctx in specs:
-        reqs.append(AttnRequest(q_len, ctx, perm[used: used + q_len + ctx]))
-        used += q_len + ctx
+        n = -(-(q_len + ctx) // page)
+        reqs.append(AttnRequest(q_len, ctx, (pages[used: used + n, None] * page + torch.arange(page)).reshape(-1)
+                                [: q_len + ctx]))
+        used += n
     dev = str(device.torch_device)
     T = sum(q for q, _ in specs)
     t = DTYPES[dtype]

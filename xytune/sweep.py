@@ -20,7 +20,7 @@ from xytune.geometry import ModelGeometry
 from xytune.peaks import measure_peaks, roofline_fraction
 from xytune.primitives import Config, Primitive, Shape, primitives_for
 from xytune.table import CostTable, TableError, canonical_json, empty_rows, new_meta, read_table, write_table
-from xytune.timing import DEFAULT_TIMING, QUICK_TIMING, TimingPolicy, measure, summarize
+from xytune.timing import DEFAULT_TIMING, QUICK_TIMING, TimingPolicy, measure, measure_interleaved, summarize
 
 GRID_LIMIT = 64  # spaces up to this size are searched exhaustively under --search auto
 
@@ -123,7 +123,8 @@ def plan_groups(geometry: ModelGeometry, settings: SweepSettings, backend: str) 
 
 
 ATTENTION_DECODE = ((8, 256), (32, 512), (64, 2048))  # (requests, longest context) of the decode-class sweep
-ATTENTION_PREFILL = ((1, 512, 0), (4, 128, 256))  # (requests, chunk tokens, cached before) of the prefill class
+# (requests, chunk tokens, cached before) of the prefill class: a long prompt, later chunks, a mixed step's chunks
+ATTENTION_PREFILL = ((1, 512, 0), (4, 128, 256), (6, 48, 200))
 QUICK_ATTENTION_DECODE, QUICK_ATTENTION_PREFILL = ((32, 512),), ((1, 512, 0),)
 
 
@@ -284,7 +285,9 @@ class Sweep:
 
     def _time(self, group: ShapeGroup, config: Config) -> float:
         fn = group.primitive.make(group.shape_dict, config, group.dtype, self.device)
-        samples = measure(fn, self.device, self.settings.timing)
+        return self._record(group, config, measure(fn, self.device, self.settings.timing))
+
+    def _record(self, group: ShapeGroup, config: Config, samples: list[float]) -> float:
         row = self._row(group, config, samples)
         self.last_row = row
         self.pending.append(row)
@@ -343,13 +346,19 @@ class Sweep:
                                   trial_attrs=lambda: {"row": self.last_row})
             self._adopt_shared_rows(study)
             return
-        for config in valid_grid(group, self.device):
-            if self._key(group, config) not in self.done:
-                self._time(group, config)
+        grid = valid_grid(group, self.device)
+        advance(len(grid) - len(todo := [c for c in grid if self._key(group, c) not in self.done]))
+        # a grid's configs are compared with each other: time them in turns (see measure_interleaved)
+        fns = [group.primitive.make(group.shape_dict, c, group.dtype, self.device) for c in todo]
+        for config, samples in zip(todo, measure_interleaved(fns, self.device, self.settings.timing)):
+            self._record(group, config, samples)
             advance(1)
 
     def run(self, progress: bool = True) -> CostTable:
         """Measure peaks (fresh tables only), then every group; returns the completed table."""
+        from xytune.runtime.host_memory import keep_freed_memory
+
+        keep_freed_memory()  # time the primitives under the engine's allocator settings
         if not self.table.meta:
             peaks = measure_peaks(self.device, self.settings.dtypes)
             self.table.meta = new_meta(self.device.fingerprint(), self.geometry.to_dict(), peaks,

@@ -49,6 +49,30 @@ def measure(fn: Callable[[], Any], device: Device, policy: TimingPolicy = DEFAUL
         return samples
 
 
+def measure_interleaved(fns: list[Callable[[], Any]], device: Device,
+                        policy: TimingPolicy = DEFAULT_TIMING) -> list[list[float]]:
+    """Samples of several callables taken in turns, one sample each per round.
+
+    A CPU's speed drifts by 10-30% over seconds on a shared VM; configs timed one after another would
+    compare different minutes, configs timed in turns compare the same ones. Accelerators are timed per
+    callable with events (their clocks do not drift that way).
+    """
+    if device.backend != "cpu" or len(fns) < 2:
+        return [measure(fn, device, policy) for fn in fns]
+    with torch.inference_mode():
+        for fn in fns:
+            for _ in range(max(policy.warmup, 1)):
+                device.time_once(fn)
+        samples: list[list[float]] = [[] for _ in fns]
+        deadline = time.perf_counter() + policy.budget_s * len(fns)
+        while len(samples[0]) < policy.max_samples and (
+            len(samples[0]) < policy.min_samples or time.perf_counter() < deadline
+        ):
+            for fn, out in zip(fns, samples):
+                out.extend(device.time_samples(fn, 1, policy.cold))
+        return samples
+
+
 def summarize(samples: list[float]) -> dict[str, float]:
     """The statistics columns of a cost-table row."""
     a = np.asarray(samples, dtype=np.float64)
