@@ -123,15 +123,13 @@ class LongGroup:
     page: int = 1  # key_slots run in aligned pages of this many slots: gathers move whole pages
     _bias_cache: dict = field(default_factory=dict)
 
-    def packed_bias(self, kvh: int, g: int, dtype: torch.dtype) -> torch.Tensor:
-        """The mask as a 0/-inf bias over GQA-packed rows ``[kvh*B, tq*g, Lg]``, made once per plan."""
-        key = (kvh, g, dtype)
-        if key not in self._bias_cache:
-            B, _, tq, Lg = self.mask.shape
-            bias = torch.zeros(1, B, tq, 1, Lg, dtype=dtype).masked_fill_(~self.mask[None, :, 0, :, None, :],
-                                                                            float("-inf"))
-            self._bias_cache[key] = bias.expand(kvh, B, tq, g, Lg).reshape(kvh * B, tq * g, Lg)
-        return self._bias_cache[key]
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as a 0/-inf bias ``[1, B, tq, 1, Lg]`` that broadcasts over KV heads and packed query heads
+        (9x smaller than a bias per packed row, so it stays in cache), made once per plan."""
+        if dtype not in self._bias_cache:
+            self._bias_cache[dtype] = torch.zeros(self.mask.shape, dtype=dtype).masked_fill_(
+                ~self.mask, float("-inf")).permute(1, 0, 2, 3)[:, :, :, None, :]
+        return self._bias_cache[dtype]
 
     def packed_index(self, kvh: int, cache_slots: int) -> PackedIndex:
         key = ("index", kvh, cache_slots)
@@ -404,7 +402,8 @@ def _run_long(plan, grp: LongGroup, q, k_cache, v_cache, scale, out) -> None:
         out.index_copy_(0, grp.out_tokens, rows.index_select(0, grp.out_from))
         return
     # q's g heads of one KV head are contiguous: gathering (KV head, tile, row) rows of g*d packs them directly
-    qp = _gather_rows(q.reshape(T * kvh, g * d), idx.q).view(kvh * B, tq * g, d)
-    s = torch.baddbmm(grp.packed_bias(kvh, g, q.dtype), qp, k.view(kvh * B, Lg, d).transpose(1, 2), alpha=scale)
+    qp = _gather_rows(q.reshape(T * kvh, g * d), idx.q).mul_(scale).view(kvh * B, tq * g, d)
+    s = torch.bmm(qp, k.view(kvh * B, Lg, d).transpose(1, 2))
+    s.view(kvh, B, tq, g, Lg).add_(grp.bias(q.dtype))
     o = torch.bmm(torch.softmax(s, -1, dtype=torch.float32).to(q.dtype), v.view(kvh * B, Lg, d))
     out.view(T * kvh, g * d).index_copy_(0, idx.out_dst, o.view(-1, g * d).index_select(0, idx.out_src))
