@@ -41,14 +41,14 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    """Normalised in float32, scaled in the model's dtype, as transformers does (one fused kernel for the first)."""
+    return weight * F.rms_norm(x.to(torch.float32), x.shape[-1:], eps=eps).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` with the sign of rotate_half folded into ``signed_sin``: the same
+    products and sum, so the same bits, with one roll instead of a negation and a concatenation."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 @dataclass
@@ -101,7 +101,9 @@ class LlamaModel:
         freqs = pos[:, None] * inv[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(self.device, dtype)
-        self.sin = emb.sin().to(self.device, dtype)
+        sin = emb.sin()
+        half = config.head_dim // 2
+        self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.device, dtype)
         self.scale = config.head_dim ** -0.5
 
     def new_kv_cache(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> KVCache:
@@ -117,14 +119,14 @@ class LlamaModel:
         T = input_ids.shape[0]
         H, kvh, d = c.num_heads, c.num_kv_heads, c.head_dim
         q_size, kv_size = H * d, kvh * d
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        cos, sin = self.cos[positions][:, None, :], self.signed_sin[positions][:, None, :]
         h = self.embed[input_ids]
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.ln1, c.rms_norm_eps)
             qkv = layer.qkv(x)
             # Q and K are adjacent in the fused output: rotate all their heads in one pass.
             qk = qkv[:, : q_size + kv_size].view(T, H + kvh, d)
-            qk = qk * cos + rotate_half(qk) * sin
+            qk = apply_rotary(qk, cos, sin)
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, q_size + kv_size:].view(T, kvh, d)
             kv.k[i].index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
@@ -133,6 +135,6 @@ class LlamaModel:
             h = h + layer.o(attn.reshape(T, q_size))
             x = rms_norm(h, layer.ln2, c.rms_norm_eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
+            h = h + layer.down(F.silu(gate).mul_(up))
         h = rms_norm(h[logits_rows], self.norm, c.rms_norm_eps)
         return self.lm_head(h).float()
