@@ -13,7 +13,7 @@ import asyncio
 import threading
 from dataclasses import dataclass
 
-from xytune.runtime.engine import Engine
+from xytune.runtime.engine import Engine, RequestError
 from xytune.runtime.sampling import SamplingParams
 from xytune.runtime.scheduler import Request, Status
 
@@ -28,6 +28,70 @@ class Update:
     num_prompt_tokens: int
     stop_text: str | None  # the output cut at a stop string, once one matched
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+def update_of(req: Request) -> Update:
+    return Update(list(req.output_ids), req.status is Status.FINISHED, req.finish_reason, len(req.prompt_ids),
+                  req.text, req.num_cached_tokens)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the HTTP side needs to know about the engine, fixed for its lifetime."""
+
+    eos_ids: tuple[int, ...]
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+
+    @classmethod
+    def of(cls, engine: Engine) -> "EngineInfo":
+        return cls(tuple(sorted(engine.eos_ids)), engine.max_model_len, engine.model.config.vocab_size,
+                   engine.kv.num_blocks)
+
+    def validate_prompt(self, prompt_ids: list[int]) -> None:
+        """The engine's own checks (``Engine.validate_prompt``), made before a request is sent to it."""
+        if not prompt_ids:
+            raise RequestError("The prompt is empty.")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(f"The prompt has {len(prompt_ids)} tokens; this engine's context holds "
+                               f"{self.max_model_len} (prompt plus at least one new token).")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"Token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1}).")
+
+
+@dataclass(frozen=True)
+class FinishRecord:
+    """A finished request's timings, for the latency histograms."""
+
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    arrival: float
+    first_token_time: float | None
+    finish_time: float | None
+
+    @classmethod
+    def of(cls, req: Request) -> "FinishRecord":
+        return cls(req.finish_reason, len(req.prompt_ids), len(req.output_ids), req.arrival, req.first_token_time,
+                   req.finish_time)
+
+
+def engine_snapshot(engine: Engine) -> dict:
+    """The engine's gauges (queue, KV, prefix cache, speculation, cost model) as plain numbers."""
+    sched, kv, spec = engine.scheduler, engine.kv, engine.spec
+    alloc = kv.allocator
+    snap = {"waiting": len(sched.waiting), "running": len(sched.running), "kv_blocks_free": alloc.num_free,
+            "kv_blocks_total": kv.num_blocks, "preemptions": sched.num_preemptions,
+            "prefix_queried_tokens": alloc.queried_tokens, "prefix_hit_tokens": alloc.hit_tokens,
+            "prefix_hit_rate": alloc.hit_rate, "spec_draft_tokens": spec.proposed,
+            "spec_accepted_tokens": spec.accepted, "spec_acceptance_rate": spec.acceptance_rate,
+            "spec_tokens_per_step": spec.tokens_per_step, "cost_error": None, "cost_scale": None}
+    if engine.predictor is not None:
+        snap["cost_error"] = engine.predictor.error_summary()["median_ape"]
+        snap["cost_scale"] = engine.predictor.scale
+    return snap
 
 
 class AsyncEngine:
@@ -57,6 +121,13 @@ class AsyncEngine:
     def num_active(self) -> int:
         return len(self._queues) + len(self._inbox)
 
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo.of(self.engine)
+
+    def snapshot(self) -> dict:
+        return engine_snapshot(self.engine)
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> asyncio.Queue:
         """Validate and enqueue a request; its updates arrive on the returned queue."""
         self.engine.validate_prompt(prompt_ids)
@@ -76,11 +147,9 @@ class AsyncEngine:
         if entry is None:
             return
         queue, loop = entry
-        done = req.status is Status.FINISHED
-        update = Update(list(req.output_ids), done, req.finish_reason, len(req.prompt_ids), req.text,
-                        req.num_cached_tokens)
+        update = update_of(req)
         loop.call_soon_threadsafe(queue.put_nowait, update)
-        if done:
+        if update.finished:
             self._queues.pop(req.request_id, None)
 
     def _loop(self) -> None:
@@ -109,7 +178,7 @@ class AsyncEngine:
                     if self.metrics is not None and engine.step_stats:
                         self.metrics.on_step(engine.step_stats[-1].seconds)
                         for req in finished:
-                            self.metrics.on_finish(req)
+                            self.metrics.on_finish(FinishRecord.of(req))
         except BaseException as exc:  # surface the failure to every waiting client instead of hanging them
             self.error = exc
             for rid, (queue, loop) in list(self._queues.items()):

@@ -101,14 +101,9 @@ class Engine:
 
     def validate_prompt(self, prompt_ids: list[int]) -> None:
         """Raise ``RequestError`` for a prompt this engine cannot run."""
-        if not prompt_ids:
-            raise RequestError("The prompt is empty.")
-        if len(prompt_ids) >= self.max_model_len:
-            raise RequestError(f"The prompt has {len(prompt_ids)} tokens; this engine's context holds "
-                               f"{self.max_model_len} (prompt plus at least one new token).")
-        bad = [t for t in prompt_ids if not 0 <= t < self.model.config.vocab_size]
-        if bad:
-            raise RequestError(f"Token id {bad[0]} is outside the vocabulary (0..{self.model.config.vocab_size - 1}).")
+        from xytune.runtime.async_engine import EngineInfo
+
+        EngineInfo.of(self).validate_prompt(prompt_ids)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)

@@ -43,33 +43,31 @@ class ServingMetrics:
     def on_step(self, seconds: float) -> None:
         self.step.observe(seconds)
 
-    def on_finish(self, req) -> None:
-        self.requests.labels(req.finish_reason or "unknown").inc()
-        self.prompt_tokens.inc(len(req.prompt_ids))
-        self.generated_tokens.inc(len(req.output_ids))
-        if req.first_token_time is not None:
-            self.ttft.observe(req.first_token_time - req.arrival)
-            if len(req.output_ids) > 1 and req.finish_time is not None:
-                self.tpot.observe((req.finish_time - req.first_token_time) / (len(req.output_ids) - 1))
+    def on_finish(self, rec) -> None:
+        """``rec``: a FinishRecord (the engine may run in another process)."""
+        self.requests.labels(rec.finish_reason or "unknown").inc()
+        self.prompt_tokens.inc(rec.num_prompt_tokens)
+        self.generated_tokens.inc(rec.num_output_tokens)
+        if rec.first_token_time is not None:
+            self.ttft.observe(rec.first_token_time - rec.arrival)
+            if rec.num_output_tokens > 1 and rec.finish_time is not None:
+                self.tpot.observe((rec.finish_time - rec.first_token_time) / (rec.num_output_tokens - 1))
 
-    def render(self, engine) -> bytes:
-        """Refresh the gauges from the engine and return the exposition text."""
-        sched, kv = engine.scheduler, engine.kv
-        self.waiting.set(len(sched.waiting))
-        self.running.set(len(sched.running))
-        self.kv_usage.set(1 - kv.allocator.num_free / kv.num_blocks)
-        self.preemptions.set(sched.num_preemptions)
-        alloc, spec = kv.allocator, engine.spec
-        self.prefix_queried.set(alloc.queried_tokens)
-        self.prefix_hits.set(alloc.hit_tokens)
-        self.prefix_hit_rate.set(alloc.hit_rate)
-        self.spec_draft.set(spec.proposed)
-        self.spec_accepted.set(spec.accepted)
-        self.spec_acceptance.set(spec.acceptance_rate)
-        self.spec_tokens_per_step.set(spec.tokens_per_step)
-        if engine.predictor is not None:
-            err = engine.predictor.error_summary()
-            if err["median_ape"] is not None:
-                self.cost_error.set(err["median_ape"])
-            self.cost_scale.set(engine.predictor.scale)
+    def render(self, snap: dict) -> bytes:
+        """Refresh the gauges from an engine snapshot (``engine_snapshot``) and return the exposition text."""
+        self.waiting.set(snap["waiting"])
+        self.running.set(snap["running"])
+        self.kv_usage.set(1 - snap["kv_blocks_free"] / snap["kv_blocks_total"])
+        self.preemptions.set(snap["preemptions"])
+        self.prefix_queried.set(snap["prefix_queried_tokens"])
+        self.prefix_hits.set(snap["prefix_hit_tokens"])
+        self.prefix_hit_rate.set(snap["prefix_hit_rate"])
+        self.spec_draft.set(snap["spec_draft_tokens"])
+        self.spec_accepted.set(snap["spec_accepted_tokens"])
+        self.spec_acceptance.set(snap["spec_acceptance_rate"])
+        self.spec_tokens_per_step.set(snap["spec_tokens_per_step"])
+        if snap["cost_error"] is not None:
+            self.cost_error.set(snap["cost_error"])
+        if snap["cost_scale"] is not None:
+            self.cost_scale.set(snap["cost_scale"])
         return generate_latest(self.registry)

@@ -117,7 +117,8 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
               default_max_tokens: int = 256) -> FastAPI:
     app = FastAPI(title="xytune", version="0.1.0")
     created = int(time.time())
-    eos_ids = set(engine.engine.eos_ids)
+    info = engine.info
+    eos_ids = set(info.eos_ids)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, exc: RequestValidationError):
@@ -136,8 +137,8 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
     async def health():
         if engine.error is not None:
             return _error(503, f"engine failed: {engine.error}", "server_error")
-        kv = engine.engine.kv
-        return {"status": "ok", "kv_blocks_free": kv.allocator.num_free, "kv_blocks_total": kv.num_blocks,
+        snap = engine.snapshot()
+        return {"status": "ok", "kv_blocks_free": snap["kv_blocks_free"], "kv_blocks_total": snap["kv_blocks_total"],
                 "requests_active": engine.num_active}
 
     @app.get("/metrics")
@@ -147,13 +148,13 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
 
         if engine.metrics is None:
             return _error(404, "metrics are off")
-        return Response(engine.metrics.render(engine.engine), media_type=CONTENT_TYPE_LATEST)
+        return Response(engine.metrics.render(engine.snapshot()), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "xytune", "max_model_len": engine.engine.max_model_len,
-                                            "vocab_size": engine.engine.model.config.vocab_size}]}
+                                            "owned_by": "xytune", "max_model_len": info.max_model_len,
+                                            "vocab_size": info.vocab_size}]}
 
     def check_model(body: SamplingFields):
         if body.model not in (None, model_name):
@@ -210,17 +211,22 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
             if chat:
                 head = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                 yield f"data: {json.dumps(_chunk(rid, chunk_kind, model_name, head))}\n\n"
-            async for u in updates(queue, rid, request):
-                delta = text.delta(u)
-                if not delta and not u.finished:
-                    continue
-                piece = {"content": delta} if chat else None
-                choice = {"index": 0, "finish_reason": u.finish_reason if u.finished else None}
-                choice.update({"delta": piece} if chat else {"text": delta, "logprobs": None})
-                data = _chunk(rid, chunk_kind, model_name, choice)
-                if u.finished:
-                    data["usage"] = usage(u)
-                yield f"data: {json.dumps(data)}\n\n"
+            try:
+                async for u in updates(queue, rid, request):
+                    delta = text.delta(u)
+                    if not delta and not u.finished:
+                        continue
+                    piece = {"content": delta} if chat else None
+                    choice = {"index": 0, "finish_reason": u.finish_reason if u.finished else None}
+                    choice.update({"delta": piece} if chat else {"text": delta, "logprobs": None})
+                    data = _chunk(rid, chunk_kind, model_name, choice)
+                    if u.finished:
+                        data["usage"] = usage(u)
+                    yield f"data: {json.dumps(data)}\n\n"
+            except RuntimeError as exc:  # the engine failed mid-stream: say so in the stream (OpenAI clients raise)
+                error = {"message": str(exc), "type": "server_error", "code": 500}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                return
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
@@ -234,6 +240,8 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
             return await respond(request, body, ids, body.sampling_params(default_max_tokens), chat=False)
         except RequestError as exc:
             return _error(400, str(exc))
+        except RuntimeError as exc:  # the engine failed
+            return _error(503, str(exc), "server_error")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
@@ -247,6 +255,8 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
             return await respond(request, body, ids, body.sampling_params(default_max_tokens), chat=True)
         except (RequestError, ValueError) as exc:
             return _error(400, str(exc))
+        except RuntimeError as exc:
+            return _error(503, str(exc), "server_error")
 
     return app
 

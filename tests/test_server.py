@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -24,16 +25,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+REFERENCE_TABLE = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    """``xytune serve`` on a free loopback port (float32, the reference table), once /health answers."""
     require_default_model()
     port = _free_port()
-    reference_table = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
     proc = subprocess.Popen([sys.executable, "-m", "xytune.cli", "serve", "--port", str(port), "--dtype", "float32",
-                             "--api-key", KEY, "--kv-cache-gb", "0.25", "--profile", str(reference_table),
-                             "--allow-mismatch", "--speculative", "ngram", "--num-speculative-tokens", "4"],
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             "--profile", str(REFERENCE_TABLE), "--allow-mismatch", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -41,18 +42,27 @@ def server():
             pytest.fail(f"server exited: {proc.stderr.read()}")
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
+                return proc, base
         except httpx.HTTPError:
             time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not come up")
-    yield base
+    proc.kill()
+    pytest.fail("server did not come up")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, base = start_server("--api-key", KEY, "--kv-cache-gb", "0.25", "--speculative", "ngram",
+                              "--num-speculative-tokens", "4")
+    yield base
+    stop_server(proc)
 
 
 @pytest.fixture
@@ -236,19 +246,7 @@ def test_sigterm_drains_in_flight_requests():
     import signal
     import threading
 
-    port = _free_port()
-    reference_table = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
-    proc = subprocess.Popen([sys.executable, "-m", "xytune.cli", "serve", "--port", str(port), "--dtype", "float32",
-                             "--profile", str(reference_table), "--allow-mismatch", "--kv-cache-gb", "0.1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
+    proc, base = start_server("--kv-cache-gb", "0.1")
     result = {}
 
     def call():
@@ -264,3 +262,54 @@ def test_sigterm_drains_in_flight_requests():
     # uvicorn drains, then re-raises the captured SIGTERM, so the exit status is 0 or -SIGTERM
     assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
     assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] == 48
+
+
+def _engine_processes(pid: int) -> list[int]:
+    """Child processes of the server that multiprocessing spawned (not its resource tracker)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(c) for c in f.read().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the engine process through /proc")
+def test_a_dead_engine_process_fails_requests_instead_of_hanging_them():
+    import os
+    import signal
+
+    proc, base = start_server("--kv-cache-gb", "0.1")
+    try:
+        (core,) = _engine_processes(proc.pid)
+        body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # streaming has begun
+            os.kill(core, signal.SIGKILL)
+            start = time.time()
+            rest = [line for line in lines if line]
+        # the stream ends with an error event, well before 400 tokens and without [DONE]
+        assert time.time() - start < 30
+        assert "engine" in json.loads(rest[-1][len("data: "):])["error"]["message"]
+        assert "data: [DONE]" not in rest
+        health = httpx.get(f"{base}/health", timeout=5)
+        assert health.status_code == 503 and "engine failed" in health.json()["error"]["message"]
+        refused = httpx.post(f"{base}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=10)
+        assert refused.status_code == 503 and "engine" in refused.json()["error"]["message"]
+    finally:
+        stop_server(proc)
+
+
+def test_the_engine_also_runs_in_the_server_process(reference):
+    from xytune.runtime.sampling import SamplingParams
+
+    proc, base = start_server("--kv-cache-gb", "0.1", "--no-engine-process")
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+        out = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=12,
+                                        temperature=0)
+        expected = reference.generate("The capital of France is", SamplingParams(max_tokens=12, temperature=0))[0]
+        assert out.choices[0].text == expected.text
+        if Path("/proc/self/task").exists():
+            assert _engine_processes(proc.pid) == []
+    finally:
+        stop_server(proc)

@@ -303,6 +303,9 @@ def serve(
     num_speculative_tokens: int = typer.Option(4, help="Draft tokens verified per request per step."),
     attention: str = typer.Option("meta", help="meta (Meta-Attention, tiles from the table) | reference."),
     gemm: str = typer.Option("smooth", help="smooth (SmoothGEMM planned from the table) | packed | plain."),
+    engine_process: bool = typer.Option(True, "--engine-process/--no-engine-process",
+                                        help="Run the engine in a process of its own, apart from HTTP and "
+                                        "streaming (else in a thread of the server's process)."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (completions and chat, streaming or not)."""
     import uvicorn
@@ -317,24 +320,33 @@ def serve(
         fail(f"--port must be in 1..65535, got {port}.")
     from xytune.cost_model import CostModelError
 
+    from xytune.runtime.engine_core import EngineProcess, EngineStartError
+    from xytune.runtime.metrics import ServingMetrics
+
     try:
         dev = get_device(device, threads=threads)
         if profile is None:
             profile = _cached_quick_profile(dev, model)
-        llm = LLM(model=model, dtype=dtype, device=str(dev.torch_device), kv_cache_gb=kv_cache_gb,
-                  max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, threads=threads,
-                  profile=str(profile), allow_mismatch=allow_mismatch, policy=policy, tbt_slo_ms=tbt_slo_ms,
-                  ttft_slo_ms=ttft_slo_ms, enable_prefix_caching=enable_prefix_caching, speculative=speculative,
-                  num_speculative_tokens=num_speculative_tokens, attention=attention, gemm=gemm)
-    except (DeviceError, ModelLoadError, CostModelError, ValueError) as exc:
+        llm_kwargs = dict(model=model, dtype=dtype, device=str(dev.torch_device), kv_cache_gb=kv_cache_gb,
+                          max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                          threads=threads, profile=str(profile), allow_mismatch=allow_mismatch, policy=policy,
+                          tbt_slo_ms=tbt_slo_ms, ttft_slo_ms=ttft_slo_ms,
+                          enable_prefix_caching=enable_prefix_caching, speculative=speculative,
+                          num_speculative_tokens=num_speculative_tokens, attention=attention, gemm=gemm)
+        if engine_process:
+            engine = EngineProcess(llm_kwargs, ServingMetrics())
+            engine.start()
+            tokenizer, dtype_name = engine.tokenizer, engine.dtype
+        else:
+            llm = LLM(**llm_kwargs)
+            engine = AsyncEngine(llm.engine, ServingMetrics())
+            engine.start()
+            tokenizer, dtype_name = llm.tokenizer, str(llm.dtype).replace("torch.", "")
+    except (DeviceError, ModelLoadError, CostModelError, EngineStartError, ValueError) as exc:
         fail(str(exc))
-    from xytune.runtime.metrics import ServingMetrics
-
-    engine = AsyncEngine(llm.engine, ServingMetrics())
-    engine.start()
-    app = build_app(engine, llm.tokenizer, served_model_name or model, api_key=api_key)
-    err_console.print(f"serving {served_model_name or model} ({str(llm.dtype).replace('torch.', '')}) on "
-                      f"http://{host}:{port}/v1", highlight=False)
+    app = build_app(engine, tokenizer, served_model_name or model, api_key=api_key)
+    err_console.print(f"serving {served_model_name or model} ({dtype_name}) on http://{host}:{port}/v1"
+                      f"{' (engine in its own process)' if engine_process else ''}", highlight=False)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:

@@ -1,0 +1,195 @@
+"""The engine in a process of its own (the engine core), so HTTP work never stalls a step.
+
+In one process the HTTP loop and the engine thread share the GIL: a torch call
+that returns waits for the loop's Python (JSON, SSE, detokenizing many streams)
+to let go, so steps slow down under load by more than any step predictor sees.
+Here the server process only parses, detokenizes and streams; the core process
+owns the model, the KV cache and the scheduler and runs steps back to back.
+One pipe joins them: requests, aborts and the stop go in; per step, the token
+updates, finished requests' timings and a snapshot of the gauges come out.
+``EngineProcess`` has the interface of ``AsyncEngine``, so the server takes
+either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import signal
+import threading
+
+from xytune.runtime.async_engine import EngineInfo, FinishRecord, engine_snapshot, update_of
+from xytune.runtime.engine import RequestError
+from xytune.runtime.sampling import SamplingParams
+
+
+class EngineStartError(RuntimeError):
+    """The core could not build its engine; the message is the engine's own one-line error."""
+
+
+def _core_main(conn, llm_kwargs: dict) -> None:
+    """The core process: build the engine, then step while there is work, reading the pipe between steps."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server drains and then stops the core over the pipe
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from xytune.runtime.llm import LLM
+
+    try:
+        llm = LLM(**llm_kwargs)
+    except Exception as exc:  # noqa: BLE001 - sent to the server, which prints it as one line
+        conn.send(("failed", str(exc) or type(exc).__name__))
+        return
+    engine = llm.engine
+    conn.send(("ready", EngineInfo.of(engine), llm.tokenizer, str(llm.dtype).replace("torch.", ""),
+               engine_snapshot(engine)))
+    stopping = False
+    try:
+        while not (stopping and not engine.has_work()):
+            wait = 0 if engine.has_work() else 0.5
+            while conn.poll(wait):
+                wait = 0
+                msg = conn.recv()
+                if msg[0] == "add":
+                    _, rid, prompt_ids, params = msg
+                    try:
+                        engine.add_request(prompt_ids, params, request_id=rid)
+                    except RequestError as exc:
+                        conn.send(("rejected", rid, str(exc)))
+                elif msg[0] == "abort":
+                    engine.abort(msg[1])
+                elif msg[0] == "stop":
+                    stopping = True
+            if not engine.has_work():
+                if stopping:
+                    break
+                conn.send(("idle", engine_snapshot(engine)))  # aborts may have freed blocks
+                continue
+            finished = engine.step()
+            updates = [(req.request_id, update_of(req)) for req in engine.sampled]
+            records = [FinishRecord.of(req) for req in finished]
+            for req in finished:
+                engine.requests.pop(req.request_id, None)
+            seconds = engine.step_stats[-1].seconds if engine.step_stats else 0.0
+            conn.send(("step", updates, seconds, records, engine_snapshot(engine)))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the server is gone
+    except BaseException as exc:  # noqa: BLE001 - every waiting client hears of it instead of hanging
+        conn.send(("crashed", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("stopped",))
+
+
+class EngineProcess:
+    """The server side of the core: submits, aborts, and fans the core's updates out to asyncio queues."""
+
+    def __init__(self, llm_kwargs: dict, metrics=None, start_timeout_s: float = 600):
+        self.llm_kwargs, self.metrics, self.start_timeout_s = llm_kwargs, metrics, start_timeout_s
+        self.error: BaseException | None = None
+        self.info: EngineInfo | None = None
+        self.tokenizer = None
+        self.dtype: str | None = None
+        self._snapshot: dict = {}
+        self._queues: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._send_lock = threading.Lock()
+        self._proc = None
+        self._conn = None
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the core and wait until its engine is built; raise EngineStartError if it cannot be."""
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_core_main, args=(child, self.llm_kwargs), name="xytune-engine-core",
+                                 daemon=True)
+        self._proc.start()
+        child.close()
+        if not self._conn.poll(self.start_timeout_s):
+            self._proc.kill()
+            raise EngineStartError(f"the engine process did not start within {self.start_timeout_s:.0f} s.")
+        try:
+            msg = self._conn.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise EngineStartError(f"the engine process exited with code {self._proc.exitcode}.") from None
+        if msg[0] == "failed":
+            self._proc.join(5)
+            raise EngineStartError(msg[1])
+        _, self.info, self.tokenizer, self.dtype, self._snapshot = msg
+        self._reader = threading.Thread(target=self._read, name="xytune-engine-reader", daemon=True)
+        self._reader.start()
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """Let the core finish what it holds, then end it."""
+        if self._proc is None:
+            return
+        try:
+            self._send(("stop",))
+        except (OSError, ValueError):
+            pass
+        if self._reader is not None:
+            self._reader.join(timeout_s)
+        self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+    @property
+    def num_active(self) -> int:
+        return len(self._queues)
+
+    def snapshot(self) -> dict:
+        return self._snapshot
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> asyncio.Queue:
+        """Validate and send a request; its updates arrive on the returned queue."""
+        if self.error is not None:
+            raise RuntimeError(f"engine failed: {self.error}")
+        self.info.validate_prompt(prompt_ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = (queue, asyncio.get_running_loop())
+        self._send(("add", request_id, list(prompt_ids), params))
+        return queue
+
+    def abort(self, request_id: str) -> None:
+        if self._queues.pop(request_id, None) is not None and self.error is None:
+            self._send(("abort", request_id))
+
+    def _send(self, msg: tuple) -> None:
+        with self._send_lock:
+            self._conn.send(msg)
+
+    def _deliver(self, rid: str, item) -> None:
+        entry = self._queues.get(rid)
+        if entry is not None:
+            queue, loop = entry
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _read(self) -> None:
+        """The reader thread: one message per step from the core."""
+        try:
+            while True:
+                msg = self._conn.recv()
+                kind = msg[0]
+                if kind == "step":
+                    _, updates, seconds, records, self._snapshot = msg
+                    for rid, update in updates:
+                        self._deliver(rid, update)
+                        if update.finished:
+                            self._queues.pop(rid, None)
+                    if self.metrics is not None:
+                        self.metrics.on_step(seconds)
+                        for rec in records:
+                            self.metrics.on_finish(rec)
+                elif kind == "idle":
+                    self._snapshot = msg[1]
+                elif kind == "rejected":
+                    self._deliver(msg[1], RuntimeError(msg[2]))
+                    self._queues.pop(msg[1], None)
+                elif kind == "crashed":
+                    raise RuntimeError(msg[1])
+                elif kind == "stopped":
+                    return
+        except BaseException as exc:  # noqa: BLE001 - a dead core fails every waiting request, never hangs it
+            self.error = exc if not isinstance(exc, EOFError) else RuntimeError("the engine process exited")
+            for rid in list(self._queues):
+                self._deliver(rid, self.error)
+            self._queues.clear()
+
