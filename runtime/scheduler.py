@@ -13,6 +13,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from xytune.runtime.kv_cache import KVCache, block_hashes, blocks_needed
@@ -179,25 +180,43 @@ class Scheduler:
                    self.max_model_len - req.num_tokens - 1)
         return propose_ngram(req.all_ids, self.speculative, room)
 
-    def step_deadline(self, scheduled: list, now: float | None = None) -> float:
-        """Seconds this step may take: the TBT SLO, or more where every decoding request is ahead of its pace.
+    def step_deadline(self, scheduled: list, now: float | None = None, recent_step_s: float | None = None) -> float:
+        """Seconds this step may take without pushing any decoding request's TPOT past the SLO.
 
-        The TPOT SLO is an average over a request's tokens: one that got its tokens faster than
-        ``tbt_slo_ms`` each has slack, and a step may use the least slack of the step's decoders (at
-        most 4x the SLO) to let a prompt's prefill through sooner instead of starving it in small chunks.
+        The TPOT SLO (``tbt_slo_ms``) is an average over a request's tokens. A request that has ``n`` tokens,
+        ``E`` seconds after its first, and ``H`` more to come (at most 16 are counted: it may stop early) ends
+        at ``(E + S + (H - 1) * s) / (n + H - 1)`` per token if this step takes ``S`` and the rest take the
+        recent step time ``s``; the step may take the largest ``S`` that keeps that within the SLO for every
+        decoder (at least the SLO itself, at most 8x). With ``s`` at the SLO this is the plain pace rule
+        (token ``n + 1`` is due at ``n`` SLOs after the first); fast decode steps leave slack that lets a
+        prompt's prefill through in a few large steps instead of starving it in small ones.
         """
         tbt = self.config.tbt_slo_ms / 1e3
         now = time.perf_counter() if now is None else now
-        dues = [r.first_token_time + tbt * len(r.output_ids) - now for r, _ in scheduled
-                if r.first_token_time is not None and r.output_ids]
-        if not dues:
+        if recent_step_s is None:
+            recent_step_s = self.recent_step_seconds()
+        allowed = []
+        for r, _ in scheduled:
+            if r.first_token_time is None or not r.output_ids:
+                continue
+            n = len(r.output_ids)
+            h = max(1, min(16, r.params.max_tokens - n))
+            allowed.append(tbt * (n + h - 1) - (now - r.first_token_time) - (h - 1) * recent_step_s)
+        if not allowed:
             return tbt
-        deadline = min(max(tbt, min(dues)), 4 * tbt)
+        deadline = min(max(tbt, min(allowed)), 8 * tbt)
         # a prompt that has waited half its TTFT SLO gets a longer step: the decoders absorb one slow token
         waiting = [r.arrival for r in self.waiting] + [r.arrival for r in self.running if r.first_token_time is None]
         if waiting and now - min(waiting) > self.config.ttft_slo_ms / 2e3:
             deadline = max(deadline, 2 * tbt)
         return deadline
+
+    def recent_step_seconds(self) -> float:
+        """Median measured time of the last 16 steps (the SLO itself until there are any)."""
+        records = list(self.predictor.records)[-16:] if self.predictor is not None else []
+        if not records:
+            return self.config.tbt_slo_ms / 1e3
+        return float(np.median([actual for _, _, actual in records]))
 
     def _prefill_budget(self, scheduled: list, budget: int) -> int:
         """xy: the most prefill tokens whose step the predictor keeps within the step deadline, nudged to

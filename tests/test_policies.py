@@ -52,10 +52,13 @@ def test_policies_agree_on_outputs_and_differ_in_steps(llm):
     assert llm.engine.predictor.error_summary(skip=0)["steps"] > 0
 
 
-def test_xy_sizes_prefill_to_the_slo(llm):
+def test_xy_sizes_prefill_to_the_slo(llm, monkeypatch):
     run(llm, "xy", slo_ms=1000.0)  # calibrates the predictor on this machine
     predictor = llm.engine.predictor
     slo_ms = predictor.predict(2 + 32, 3) * 1e3  # room for about 32 prefill tokens beside two decodes
+    sched = llm.engine.scheduler
+    # the rest of every request's tokens expected at the SLO itself: no slack, the plain pace rule
+    monkeypatch.setattr(sched, "recent_step_seconds", lambda: sched.config.tbt_slo_ms / 1e3)
     _, steps = run(llm, "xy", slo_ms=slo_ms)
     mixed = [s for s in steps if s.num_decode_tokens and s.num_prefill_tokens]
     assert mixed, "some steps should mix decode and prefill tokens"
@@ -70,6 +73,11 @@ def test_xy_sizes_prefill_to_the_slo(llm):
     assert max(s.num_prefill_tokens for s in starved if s.num_decode_tokens) <= 16 + 2
     # nobody decoding: nothing to protect, a prefill step takes the whole token budget
     assert max(s.num_prefill_tokens for s in starved if not s.num_decode_tokens) > 16 + 2
+    # decode steps measured at a fifth of the SLO leave slack: the same SLO admits larger prefill chunks
+    monkeypatch.setattr(sched, "recent_step_seconds", lambda: sched.config.tbt_slo_ms / 5e3)
+    _, slack = run(llm, "xy", slo_ms=slo_ms)
+    slack_mixed = [s for s in slack if s.num_decode_tokens and s.num_prefill_tokens]
+    assert max(s.num_prefill_tokens for s in slack_mixed) > max(s.num_prefill_tokens for s in mixed)
 
 
 def test_step_deadline_spends_the_slack_of_requests_ahead_of_their_pace(llm):
@@ -80,18 +88,28 @@ def test_step_deadline_spends_the_slack_of_requests_ahead_of_their_pace(llm):
     now = 1000.0
     ahead = Request("a", [1, 2], SamplingParams(), output_ids=[5] * 10, first_token_time=now - 0.7)  # 10 tokens in 0.7 s
     late = Request("b", [1, 2], SamplingParams(), output_ids=[5] * 10, first_token_time=now - 2.0)  # 10 in 2 s
-    assert sched.step_deadline([(ahead, 1)], now) == pytest.approx(0.3)  # on a 100 ms pace token 11 is due in 0.3 s
-    assert sched.step_deadline([(ahead, 1), (late, 1)], now) == pytest.approx(0.1)  # the late one allows only the SLO
+    slo = 0.1  # with the rest of the tokens expected at the SLO, the rule is the plain pace
+    assert sched.step_deadline([(ahead, 1)], now, slo) == pytest.approx(0.3)  # token 11 is due 0.3 s from now
+    assert sched.step_deadline([(ahead, 1), (late, 1)], now, slo) == pytest.approx(0.1)  # the late one: the SLO
     far_ahead = Request("c", [1], SamplingParams(), output_ids=[5] * 50, first_token_time=now - 0.1)
-    assert sched.step_deadline([(far_ahead, 1)], now) == pytest.approx(0.4)  # capped at 4x the SLO
-    assert sched.step_deadline([], now) == pytest.approx(0.1)
+    assert sched.step_deadline([(far_ahead, 1)], now, slo) == pytest.approx(0.8)  # capped at 8x the SLO
+    assert sched.step_deadline([], now, slo) == pytest.approx(0.1)
+    # fast steps leave slack: a request that just got its first token, expecting 15 more at 30 ms each, can
+    # take 16 x 0.1 - 15 x 0.03 = 1.15 s (capped to 0.8 s); one with 3 tokens to go 3 x 0.1 - 2 x 0.03 = 0.24 s
+    fresh = Request("f", [1, 2], SamplingParams(max_tokens=48), output_ids=[5], first_token_time=now)
+    short = Request("s", [1, 2], SamplingParams(max_tokens=4), output_ids=[5], first_token_time=now)
+    assert sched.step_deadline([(fresh, 1)], now, 0.03) == pytest.approx(0.8)
+    assert sched.step_deadline([(short, 1)], now, 0.03) == pytest.approx(0.24)
+    assert sched.step_deadline([(fresh, 1), (short, 1)], now, 0.03) == pytest.approx(0.24)
+    # slow steps take slack away: 3 x 0.1 - 2 x 0.2 < the SLO, so the step gets the SLO
+    assert sched.step_deadline([(short, 1)], now, 0.2) == pytest.approx(0.1)
     # a prompt that has waited over half its TTFT SLO (2 s) lets the step run 2x the TBT SLO
     waiting = Request("w", [1, 2, 3], SamplingParams(), arrival=now - 1.5)
     sched.waiting.append(waiting)
     try:
-        assert sched.step_deadline([(late, 1)], now) == pytest.approx(0.2)
+        assert sched.step_deadline([(late, 1)], now, 0.1) == pytest.approx(0.2)
         waiting.arrival = now - 0.5
-        assert sched.step_deadline([(late, 1)], now) == pytest.approx(0.1)
+        assert sched.step_deadline([(late, 1)], now, 0.1) == pytest.approx(0.1)
     finally:
         sched.waiting.remove(waiting)
 
