@@ -14,8 +14,14 @@ requests into two tile classes:
   bias.
 - **long** (prefill chunks): ``prefill_tile``-token query tiles, each reading
   only the keys up to its last row (tiles past the causal frontier are
-  ``skipped``, never computed), grouped by key length so one fused attention
-  call runs a whole group.
+  ``skipped``, never computed), grouped by key length so one batched
+  attention call runs a whole group.
+
+Short multi-token requests (verify trees, tiny chunks) form a short class
+of their own, so decodes keep tiles of ``group`` rows. Long groups are cut
+by a small dynamic program that weighs padding against a group's fixed cost.
+When every request's keys sit in aligned pages of the paged cache, K/V are
+gathered a page at a time.
 
 Tiles are ordered longest key range first (what a parallel backend needs to
 balance its workers). The torch backend runs each class in a handful of
