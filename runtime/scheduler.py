@@ -283,10 +283,23 @@ class Scheduler:
             budget = min(budget, self._prefill_budget(scheduled, budget))
         return self._schedule_prefills(budget, scheduled, align=policy == "xy")
 
+    def _slo_order(self, queue: list[Request], now: float | None = None) -> list[Request]:
+        """Prompts that can still meet the TTFT SLO first (oldest first), then those that already missed it.
+
+        Under overload, serving a prompt that is already late only makes the next ones late too; it is not
+        dropped, it runs as soon as the prompts that can still make it are through.
+        """
+        now = time.perf_counter() if now is None else now
+        limit = self.config.ttft_slo_ms / 1e3
+        return sorted(queue, key=lambda r: now - r.arrival > limit)  # stable: FCFS within each half
+
     def _schedule_prefills(self, budget: int, scheduled: list, align: bool) -> list[tuple[Request, int]]:
         """Prefill chunks, oldest first, within ``budget`` tokens and the KV pool."""
         prefilling = [r for r in sorted(self.running, key=lambda r: r.arrival) if r.remaining > 1]
-        for req in prefilling + list(self.waiting):
+        queue = prefilling + list(self.waiting)
+        if self.config.policy == "xy":
+            queue = self._slo_order(queue)
+        for req in queue:
             if budget == 0:
                 break
             if req.status is Status.WAITING and len(self.running) >= self.config.max_num_seqs:

@@ -122,3 +122,17 @@ def test_xy_needs_a_cost_table():
         Scheduler(SchedulerConfig(policy="xy"), KVCache(1, 4, 16, 1, 8, __import__("torch").float32))
     with pytest.raises(ValueError, match="policy must be"):
         SchedulerConfig(policy="fastest")
+
+
+def test_xy_serves_prompts_that_can_still_meet_their_ttft_first(llm):
+    from xytune.runtime.scheduler import Request
+
+    sched = llm.engine.scheduler
+    sched.config = SchedulerConfig(64, 256, "xy", 100.0, 16, ttft_slo_ms=2000.0)
+    now = 1000.0
+    late_old = Request("a", [1, 2], SamplingParams(), arrival=now - 3.0)  # missed its 2 s TTFT already
+    late = Request("b", [1, 2], SamplingParams(), arrival=now - 2.5)
+    fresh_old = Request("c", [1, 2], SamplingParams(), arrival=now - 1.5)
+    fresh = Request("d", [1, 2], SamplingParams(), arrival=now - 0.1)
+    order = sched._slo_order([late_old, late, fresh_old, fresh], now)
+    assert [r.request_id for r in order] == ["c", "d", "a", "b"]  # FCFS within each half, nobody dropped
