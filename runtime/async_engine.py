@@ -13,7 +13,7 @@ import asyncio
 import threading
 from dataclasses import dataclass
 
-from xytune.runtime.engine import Engine, RequestError
+from xytune.runtime.engine import Engine, check_prompt
 from xytune.runtime.sampling import SamplingParams
 from xytune.runtime.scheduler import Request, Status
 
@@ -51,14 +51,7 @@ class EngineInfo:
 
     def validate_prompt(self, prompt_ids: list[int]) -> None:
         """The engine's own checks (``Engine.validate_prompt``), made before a request is sent to it."""
-        if not prompt_ids:
-            raise RequestError("The prompt is empty.")
-        if len(prompt_ids) >= self.max_model_len:
-            raise RequestError(f"The prompt has {len(prompt_ids)} tokens; this engine's context holds "
-                               f"{self.max_model_len} (prompt plus at least one new token).")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestError(f"Token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1}).")
+        check_prompt(prompt_ids, self.max_model_len, self.vocab_size)
 
 
 @dataclass(frozen=True)

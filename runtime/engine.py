@@ -66,6 +66,18 @@ class SpecStats:
         return self.emitted / self.verify_steps if self.verify_steps else 0.0
 
 
+def check_prompt(prompt_ids: list[int], max_model_len: int, vocab_size: int) -> None:
+    """Raise ``RequestError`` for a prompt an engine with this context and vocabulary cannot run."""
+    if not prompt_ids:
+        raise RequestError("The prompt is empty.")
+    if len(prompt_ids) >= max_model_len:
+        raise RequestError(f"The prompt has {len(prompt_ids)} tokens; this engine's context holds "
+                           f"{max_model_len} (prompt plus at least one new token).")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"Token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1}).")
+
+
 class Engine:
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer, num_blocks: int, block_size: int = 16,
                  scheduler_config: SchedulerConfig | None = None, predictor=None,
@@ -101,9 +113,7 @@ class Engine:
 
     def validate_prompt(self, prompt_ids: list[int]) -> None:
         """Raise ``RequestError`` for a prompt this engine cannot run."""
-        from xytune.runtime.async_engine import EngineInfo
-
-        EngineInfo.of(self).validate_prompt(prompt_ids)
+        check_prompt(prompt_ids, self.max_model_len, self.model.config.vocab_size)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)

@@ -17,10 +17,14 @@ import asyncio
 import multiprocessing as mp
 import signal
 import threading
+import time
 
 from xytune.runtime.async_engine import EngineInfo, FinishRecord, engine_snapshot, update_of
 from xytune.runtime.engine import RequestError
 from xytune.runtime.sampling import SamplingParams
+
+
+SNAPSHOT_EVERY_S = 0.2  # the gauges travel with a step at most this often (and every 0.5 s when idle)
 
 
 class EngineStartError(RuntimeError):
@@ -41,7 +45,7 @@ def _core_main(conn, llm_kwargs: dict) -> None:
     engine = llm.engine
     conn.send(("ready", EngineInfo.of(engine), llm.tokenizer, str(llm.dtype).replace("torch.", ""),
                engine_snapshot(engine)))
-    stopping = False
+    stopping, snapshot_at = False, time.monotonic()
     try:
         while not (stopping and not engine.has_work()):
             wait = 0 if engine.has_work() else 0.5
@@ -69,7 +73,10 @@ def _core_main(conn, llm_kwargs: dict) -> None:
             for req in finished:
                 engine.requests.pop(req.request_id, None)
             seconds = engine.step_stats[-1].seconds if engine.step_stats else 0.0
-            conn.send(("step", updates, seconds, records, engine_snapshot(engine)))
+            snapshot = None  # the gauges (the cost-model error is a median over thousands of steps) at most 5x/s
+            if time.monotonic() - snapshot_at >= SNAPSHOT_EVERY_S:
+                snapshot, snapshot_at = engine_snapshot(engine), time.monotonic()
+            conn.send(("step", updates, seconds, records, snapshot))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the server is gone
     except BaseException as exc:  # noqa: BLE001 - every waiting client hears of it instead of hanging
@@ -169,7 +176,8 @@ class EngineProcess:
                 msg = self._conn.recv()
                 kind = msg[0]
                 if kind == "step":
-                    _, updates, seconds, records, self._snapshot = msg
+                    _, updates, seconds, records, snapshot = msg
+                    self._snapshot = snapshot or self._snapshot
                     for rid, update in updates:
                         self._deliver(rid, update)
                         if update.finished:
