@@ -372,22 +372,19 @@ def _run_short(plan, st: ShortTiles, q, k_cache, v_cache, scale, out) -> None:
     vt = _gather_rows(v_cache.reshape(-1, st.page * d), st.kv_index).view(N, P * st.page, d)
     # GEMMs in the input dtype (bf16 runs them ~2x faster on CPU), softmax statistics in float32
     s = torch.baddbmm(st.bias_as(q.dtype), qt, kt.transpose(1, 2), alpha=scale)
-    if not st.split:  # one tile per segment: a plain softmax, no merge
-        o = torch.bmm(torch.softmax(s, -1, dtype=torch.float32).to(q.dtype), vt)
-        rows = o.reshape(-1, d)
+    if not st.split:  # one tile per segment: a plain softmax (float32 inside, the input dtype out), no merge
+        rows = torch.bmm(torch.softmax(s, -1), vt).reshape(-1, d)
     else:
-        s = s.float()
-        m = s.amax(-1)
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        p = torch.exp(s - m[..., None])
-        o = torch.bmm(p.to(q.dtype), vt).float()  # unnormalised
+        # Every tile is exponentiated against its segment's maximum (over all of the segment's tiles), so the
+        # partial sums merge by plain addition: no per-tile rescaling, and rows a tile masks entirely add 0.
         tq = st.q_index.shape[1]
-        big = torch.full((st.num_segments, tq), float("-inf"))
-        big = big.scatter_reduce(0, st.segment[:, None].expand_as(m), m, "amax")
-        w = torch.exp(m - big[st.segment])
-        num = torch.zeros(st.num_segments, tq, d).index_add_(0, st.segment, o * w[..., None])
-        den = torch.zeros(st.num_segments, tq).index_add_(0, st.segment, p.sum(-1) * w)
-        rows = (num / den[..., None]).reshape(-1, d)
+        big = torch.full((st.num_segments, tq), float("-inf"), dtype=s.dtype)
+        big = big.scatter_reduce_(0, st.segment[:, None].expand(-1, tq), s.amax(-1), "amax")
+        p = s.float().sub_(big[st.segment][..., None]).exp_()
+        o = torch.bmm(p.to(q.dtype), vt).float()  # unnormalised
+        num = torch.zeros(st.num_segments, tq, d).index_add_(0, st.segment, o)
+        den = torch.zeros(st.num_segments, tq).index_add_(0, st.segment, p.sum(-1))
+        rows = num.div_(den[..., None]).reshape(-1, d)
     out.view(T * H, d).index_copy_(0, st.out_index, rows.index_select(0, st.out_from).to(q.dtype))
 
 
@@ -411,5 +408,5 @@ def _run_long(plan, grp: LongGroup, q, k_cache, v_cache, scale, out) -> None:
     qp = _gather_rows(q.reshape(T * kvh, g * d), idx.q).mul_(scale).view(kvh * B, tq * g, d)
     s = torch.bmm(qp, k.view(kvh * B, Lg, d).transpose(1, 2))
     s.view(kvh, B, tq, g, Lg).add_(grp.bias(q.dtype))
-    o = torch.bmm(torch.softmax(s, -1, dtype=torch.float32).to(q.dtype), v.view(kvh * B, Lg, d))
+    o = torch.bmm(torch.softmax(s, -1), v.view(kvh * B, Lg, d))  # softmax in float32 inside, q's dtype out
     out.view(T * kvh, g * d).index_copy_(0, idx.out_dst, o.view(-1, g * d).index_select(0, idx.out_src))

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from xytune.primitives import primitives_for
 from xytune.table import KEY_COLUMNS, CostTable, read_table, write_table
 
 PRIMS = len(primitives_for("gemm", "cpu", "float32"))
+REFERENCE = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
 
 SMALL = ["--buckets", "1,2,8", "--targets", "qkv,o", "--dtypes", "float32", "--budget-ms", "1", "--no-progress"]
 
@@ -120,3 +122,19 @@ def test_sigkill_leaves_the_last_checkpoint_readable_and_resumable(tmp_path):
     final = read_table(table)
     assert final.complete and len(final.rows) == 40 * 2 * PRIMS
     assert not final.rows.duplicated(KEY_COLUMNS).any()
+
+
+def test_bench_kernels_writes_its_figures_and_meta_matches_the_sdpa_loop(tmp_path):
+    """Small sizes on the reference table: every row measured, Meta-Attention's output equal to the loop's."""
+    out = tmp_path / "kernels.json"
+    xytune("bench", "kernels", "--profile", REFERENCE, "--allow-mismatch",
+           "--requests", "3,5", "--ms", "1,40", "--gemms", "qkv,down", "--repeats", "1", "--json", out, check=0)
+    got = json.loads(out.read_text())
+    assert [r["requests"] for r in got["attention"]] == [3, 5]
+    for r in got["attention"]:
+        assert r["max_abs_err"] < 0.05  # bf16 against the float32 loop
+        assert r["meta_ms"] > 0 and r["vs_loop"] == pytest.approx(r["loop_ms"] / r["meta_ms"])
+    assert {(r["gemm"], r["m"]) for r in got["gemm"]} == {(g, m) for g in ("qkv", "down") for m in (1, 40)}
+    bad = xytune("bench", "kernels", "--profile", REFERENCE, "--allow-mismatch",
+                 "--requests", "0")
+    assert bad.returncode != 0 and "positive" in bad.stderr and "Traceback" not in bad.stderr

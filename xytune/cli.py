@@ -525,8 +525,10 @@ def bench_kernels(
     with console.status("timing...") as status:
         if not skip_attention:
             status.update("Meta-Attention vs SDPA...")
+            layer_bytes = sum(g.n * g.k for g in geo.gemms() if g.name != "lm_head") * getattr(torch, dtype).itemsize
             attention = bench_attention(sizes, geo.heads_per_rank, geo.kv_heads_per_rank, geo.head_dim,
-                                        getattr(torch, dtype), tiles, repeats)
+                                        getattr(torch, dtype), tiles, repeats, layers=geo.num_layers,
+                                        layer_weight_bytes=layer_bytes)
         if not skip_gemm:
             status.update("SmoothGEMM vs exact / padded / oracle...")
             try:
