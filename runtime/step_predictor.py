@@ -7,9 +7,12 @@ not. So a step's latency is modelled as
     seconds = a * table_gemm_seconds(tokens) + b * attention_pairs + c * tokens + e * sampled + d
 
 with non-negative coefficients fitted (scipy's NNLS, relative error) to the
-most recent measured steps and refitted as steps come in, which also tracks a
-machine whose speed drifts. Until enough steps are measured, the table figure
-times a running measured/table ratio stands in. Every step's prediction and
+most recent measured steps and refitted as steps come in. The fit spans
+hundreds of steps, so on top of it a prediction is scaled by the median
+measured/fitted ratio of the last few steps: a machine whose speed drifts
+(a shared VM, thermal limits, a neighbour process) is tracked within a few
+steps. Until enough steps are measured, the table figure times a running
+measured/table ratio stands in. Every step's prediction and
 measurement are kept for reports.
 """
 
@@ -23,6 +26,7 @@ from scipy.optimize import nnls
 from xytune.cost_model import CostModel
 
 MIN_FIT_STEPS = 12
+DRIFT_STEPS = 4  # the last steps whose measured/fitted ratio scales the next prediction
 
 
 def attention_pairs(chunks: list[tuple[int, int]]) -> float:
@@ -44,6 +48,8 @@ class StepPredictor:
         self._table_cache: dict[tuple[int, int], float] = {}
         self._fit_rows: deque[tuple[np.ndarray, float]] = deque(maxlen=fit_window)
         self.records: deque[tuple[int, float, float]] = deque(maxlen=history)  # (tokens, predicted, actual)
+        self._drift: deque[float] = deque(maxlen=DRIFT_STEPS)  # measured / fitted of the last steps
+        self.drift = 1.0  # their median
 
     def table_seconds(self, num_tokens: int, num_logits: int) -> float:
         key = (num_tokens, max(num_logits, 1))
@@ -63,7 +69,7 @@ class StepPredictor:
         f = self.features(num_tokens, num_logits, attn_pairs)
         if self.coef is None:
             return self.scale * f[0]
-        return float(f @ self.coef)
+        return float(f @ self.coef) * self.drift
 
     def observe(self, num_tokens: int, num_logits: int, actual_s: float, attn_pairs: float = 0.0) -> None:
         """Record a finished step (its prediction made before seeing it) and learn from it."""
@@ -76,6 +82,9 @@ class StepPredictor:
             self.scale = ratio if not self.calibrated else (1 - self.alpha) * self.scale + self.alpha * ratio
             self.calibrated = True
         self._fit_rows.append((f, actual_s))
+        if self.coef is not None and (fitted := float(f @ self.coef)) > 0:
+            self._drift.append(actual_s / fitted)
+            self.drift = float(np.median(self._drift))
         if len(self._fit_rows) >= MIN_FIT_STEPS and len(self.records) % self.refit_every == 0:
             self._refit()
 

@@ -60,6 +60,30 @@ def test_fit_recovers_a_latency_law_the_table_does_not_know(tmp_path):
     assert pred.error_summary(skip=40)["median_ape"] < 0.03
 
 
+def test_a_machine_that_slows_down_is_tracked_within_a_few_steps(tmp_path):
+    """After 200 steps of one law, every step suddenly takes 1.5x (a shared VM's neighbour wakes up): the fit
+    spans hundreds of steps, the drift ratio of the last few steps catches up at once."""
+    pred = StepPredictor(_model(tmp_path, linear), "float32")
+    rng = np.random.default_rng(1)
+
+    def truth(n, pairs):
+        return 2.0 * pred.table_seconds(n, n) + 3e-8 * pairs + 4e-3
+
+    def step(speed):
+        n, ctx = int(rng.integers(1, 256)), int(rng.integers(0, 2000))
+        pairs = attention_pairs([(ctx, n)])
+        pred.observe(n, n, speed * truth(n, pairs), pairs)
+
+    for _ in range(200):
+        step(1.0)
+    for _ in range(6):
+        step(1.5)
+    assert pred.drift == pytest.approx(1.5, rel=0.02)
+    for n, ctx in ((8, 100), (64, 1500), (200, 50)):
+        pairs = attention_pairs([(ctx, n)])
+        assert pred.predict(n, n, pairs) == pytest.approx(1.5 * truth(n, pairs), rel=0.03)
+
+
 def test_before_any_fit_the_table_is_scaled_by_the_measured_ratio(tmp_path):
     pred = StepPredictor(_model(tmp_path, linear), "float32")
     assert pred.predict(32, 1) == pred.table_seconds(32, 1)
