@@ -599,6 +599,66 @@ def bench_servers(
         json_out.write_text(json.dumps(result, indent=2))
 
 
+@bench_app.command("engines")
+def bench_engines(
+    policies: str = typer.Option("xy,chunked,prefill-first", help="Comma list of scheduling policies."),
+    sweep_rates: str = typer.Option("1,2,3,4", help="Comma list of request rates (inf: all at once)."),
+    num_prompts: int = typer.Option(60, help="Requests per rate and policy."),
+    input_len: int = typer.Option(256, help="Mean prompt tokens (synthetic)."),
+    output_len: int = typer.Option(48, help="Mean new tokens (synthetic)."),
+    slo_ttft_ms: float = typer.Option(2000.0, help="Time-to-first-token SLO."),
+    slo_tpot_ms: float = typer.Option(120.0, help="Time-per-output-token SLO."),
+    model: str = typer.Option("smollm2-135m", help="smollm2-135m, a .gguf file or a Hugging Face folder."),
+    dtype: str = typer.Option("auto", help="float32 | bfloat16 | float16 | auto."),
+    profile: Path = typer.Option(..., help="Cost table (the xy policy's step-latency model)."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Use a table from another device."),
+    max_num_batched_tokens: int = typer.Option(512, help="Token budget of one step (every policy)."),
+    tbt_slo_ms: float = typer.Option(120.0, help="Time-between-tokens SLO the xy policy sizes steps for."),
+    ttft_slo_ms: float = typer.Option(2000.0, help="xy: a prompt waiting half of this gets longer steps."),
+    enable_prefix_caching: bool = typer.Option(False, "--enable-prefix-caching/--no-enable-prefix-caching",
+                                               help="Reuse the KV blocks of shared prompt prefixes."),
+    threads: int = typer.Option(None, help="CPU threads."),
+    seed: int = typer.Option(0, help="Seed of lengths, tokens and arrivals."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
+):
+    """Scheduling policies on the engine alone (no HTTP, no client on the CPU): the trace of `bench servers`."""
+    import torch
+
+    from xytune.bench_engines import run
+    from xytune.bench_serve import synthetic_prompts
+    from xytune.bench_servers import render
+    from xytune.cost_model import CostModelError
+    from xytune.runtime.config import ModelLoadError
+    from xytune.runtime.loader import load_checkpoint
+    from xytune.runtime.scheduler import POLICIES
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    unknown = [p for p in names if p not in POLICIES]
+    if not names or unknown or len(set(names)) != len(names):
+        fail(f"--policies takes distinct names out of {', '.join(POLICIES)}, not {policies!r}.")
+    try:
+        rates = [float(r) for r in sweep_rates.split(",")]
+    except ValueError:
+        fail(f"--sweep-rates must be a comma list of numbers, not {sweep_rates!r}.")
+    if any(not r > 0 for r in rates) or min(num_prompts, input_len, output_len) < 1:
+        fail("rates, --num-prompts, --input-len and --output-len must be positive.")
+    if threads:
+        torch.set_num_threads(threads)
+    kwargs = dict(model=model, dtype=dtype, profile=str(profile), allow_mismatch=allow_mismatch,
+                  max_num_batched_tokens=max_num_batched_tokens, tbt_slo_ms=tbt_slo_ms, ttft_slo_ms=ttft_slo_ms,
+                  enable_prefix_caching=enable_prefix_caching)
+    try:
+        vocab = load_checkpoint(model)[0].vocab_size
+        prompts = synthetic_prompts(num_prompts, input_len, output_len, vocab, seed)
+        with console.status("loading...") as status:
+            result = run(names, kwargs, prompts, rates, seed, slo_ttft_ms, slo_tpot_ms, progress=status.update)
+    except (ModelLoadError, CostModelError, ValueError, OSError) as exc:
+        fail(str(exc))
+    render(result, console)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,75 @@
+"""``xytune bench engines``: scheduling policies side by side on the engine alone.
+
+The trace of ``bench servers`` (the same seeded prompts and Poisson
+arrivals) is replayed in real time against one in-process engine per policy,
+with no HTTP server and no benchmark client sharing the CPU. On a small
+machine those two wake up inside the engine's steps at random, and the
+noise they add can be larger than the differences between policies; here
+what is left is the policy.
+
+Each engine is built once and keeps its state (cost-model fit, recent step
+times) from rate to rate, as a server would; at every rate the policies
+take turns. A request's TTFT counts from the moment it was due, not from
+when the loop got to it (a request that arrives during a step waits for
+it, as it would behind a server), and TPOT from the engine's own
+timestamps of its first and last token.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from xytune.bench_serve import BenchPrompt, RequestResult, capacity, summarize
+
+
+def replay(engine, prompts: list[BenchPrompt], rate: float, seed: int) -> tuple[list[RequestResult], float]:
+    """Run ``prompts`` (token ids) through ``engine`` with Poisson arrivals at ``rate``; results and wall time."""
+    from xytune.runtime.sampling import SamplingParams
+
+    rng = np.random.default_rng(seed)
+    due = np.cumsum(rng.exponential(1.0 / rate, size=len(prompts)))  # the arrivals bench serve sends
+    start = time.perf_counter()
+    reqs, nxt = [], 0
+    while nxt < len(prompts) or engine.has_work():
+        now = time.perf_counter() - start
+        while nxt < len(prompts) and due[nxt] <= now:
+            p = prompts[nxt]
+            req = engine.add_request(p.prompt, SamplingParams(max_tokens=p.max_tokens, temperature=0, ignore_eos=True))
+            req.arrival = start + float(due[nxt])  # it waited for the step that was running when it arrived
+            reqs.append(req)
+            nxt += 1
+        if engine.has_work():
+            for req in engine.step():
+                engine.requests.pop(req.request_id, None)
+        else:
+            time.sleep(max(0.0, min(float(due[nxt]) - now, 0.05)))
+    wall = time.perf_counter() - start
+    results = [RequestResult(ok=True, ttft_s=r.first_token_time - r.arrival, latency_s=r.finish_time - r.arrival,
+                             output_tokens=len(r.output_ids)) for r in reqs]
+    return results, wall
+
+
+def run(policies: list[str], llm_kwargs: dict, prompts: list[BenchPrompt], rates: list[float], seed: int,
+        slo_ttft_ms: float, slo_tpot_ms: float, progress=None) -> dict:
+    """Capacity of each policy on one trace, in the result format of ``bench servers`` (so one renderer)."""
+    from xytune.runtime.llm import LLM
+
+    if progress:
+        progress("loading one engine per policy...")
+    engines = {p: LLM(policy=p, **llm_kwargs).engine for p in policies}
+    rows: dict[str, list[dict]] = {p: [] for p in policies}
+    for rate in rates:
+        for p, engine in engines.items():
+            if progress:
+                progress(f"rate {rate:g} req/s on {p}: {len(prompts)} requests...")
+            results, wall = replay(engine, prompts, rate, seed)
+            rows[p].append(summarize(results, wall, rate, slo_ttft_ms, slo_tpot_ms))
+    variants = []
+    for p, engine in engines.items():
+        err = engine.predictor.error_summary()["median_ape"] if engine.predictor is not None else None
+        variants.append({"name": p, "args": ["--policy", p], "rows": rows[p],
+                         "server": {"xytune_cost_model_step_error_ratio": err}})
+    return {"rates": rates, "slo_ttft_ms": slo_ttft_ms, "slo_tpot_ms": slo_tpot_ms,
+            "capacity": {p: capacity(rows[p]) for p in policies}, "variants": variants}
