@@ -82,6 +82,19 @@ def test_mixed_batch_matches_float64(heads, kv_heads, head_dim, tiles, page):
         assert plan.counts["skipped"] > 0
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 4e-2), (torch.float16, 6e-3)])
+@pytest.mark.parametrize("tile_kv", [32, 512])  # split key ranges (merged by segment) and whole ones
+def test_reduced_precision_stays_close_to_float64(dtype, tol, tile_kv):
+    """GEMMs in the input dtype, softmax statistics in float32: within a few ulps of the dtype."""
+    requests, q, k, v = random_batch(MIXED, 9, 3, 64, seed=7, page=16)
+    plan = plan_meta_attention(requests, 9, 3, k.shape[1], tile_q=8, tile_kv=tile_kv)
+    assert plan.short.split == (tile_kv == 32)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = run_meta_attention_torch(plan, q, k, v, 0.125)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), reference(requests, q, k, v, 0.125), rtol=0, atol=tol)
+
+
 def test_decode_heads_are_packed_into_one_tile():
     requests, q, k, v = random_batch([(CAUSAL, 1, 40)] * 6, 32, 4, 64, seed=1)
     plan = plan_meta_attention(requests, 32, 4, k.shape[1], tile_q=16, tile_kv=64)
