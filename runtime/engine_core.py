@@ -24,7 +24,7 @@ from xytune.runtime.engine import RequestError
 from xytune.runtime.sampling import SamplingParams
 
 
-SNAPSHOT_EVERY_S = 0.2  # the gauges travel with a step at most this often (and every 0.5 s when idle)
+SNAPSHOT_EVERY_S = 0.2  # the gauges travel with a step at most this often, or when it finishes a request
 
 
 class EngineStartError(RuntimeError):
@@ -73,8 +73,10 @@ def _core_main(conn, llm_kwargs: dict) -> None:
             for req in finished:
                 engine.requests.pop(req.request_id, None)
             seconds = engine.step_stats[-1].seconds if engine.step_stats else 0.0
-            snapshot = None  # the gauges (the cost-model error is a median over thousands of steps) at most 5x/s
-            if time.monotonic() - snapshot_at >= SNAPSHOT_EVERY_S:
+            # The gauges (the cost-model error is a median over thousands of steps) at most 5x/s, and with every
+            # step that finishes a request: a client that has its response then reads /metrics that count it.
+            snapshot = None
+            if finished or time.monotonic() - snapshot_at >= SNAPSHOT_EVERY_S:
                 snapshot, snapshot_at = engine_snapshot(engine), time.monotonic()
             conn.send(("step", updates, seconds, records, snapshot))
     except (EOFError, BrokenPipeError, ConnectionResetError):

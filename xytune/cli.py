@@ -419,6 +419,17 @@ def bench_runtime(
         json_out.write_text(json.dumps(results, indent=2))
 
 
+def _checked_rates(sweep_rates: str, num_prompts: int, input_len: int, output_len: int) -> list[float]:
+    """The rates of a benchmark sweep, checked with the trace sizes (one line and exit 2 when bad)."""
+    try:
+        rates = [float(r) for r in sweep_rates.split(",")]
+    except ValueError:
+        fail(f"--sweep-rates must be a comma list of numbers, not {sweep_rates!r}.")
+    if any(not r > 0 for r in rates) or min(num_prompts, input_len, output_len) < 1:
+        fail("rates, --num-prompts, --input-len and --output-len must be positive.")
+    return rates
+
+
 @bench_app.command("serve")
 def bench_serve(
     url: str = typer.Option("http://127.0.0.1:8000", help="Base URL of an OpenAI-compatible server."),
@@ -446,12 +457,7 @@ def bench_serve(
 
     if (rate is None) == (sweep_rates is None):
         fail("give exactly one of --rate or --sweep-rates.")
-    try:
-        rates = [rate] if rate is not None else [float(r) for r in sweep_rates.split(",")]
-    except ValueError:
-        fail(f"--sweep-rates must be a comma list of numbers, not {sweep_rates!r}.")
-    if any(not r > 0 for r in rates) or num_prompts < 1 or input_len < 1 or output_len < 1:
-        fail("rates, --num-prompts, --input-len and --output-len must be positive.")
+    rates = _checked_rates(str(rate) if rate is not None else sweep_rates, num_prompts, input_len, output_len)
     url = url.rstrip("/")
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     try:
@@ -570,14 +576,9 @@ def bench_servers(
         common = ["--model", model, *shlex.split(serve_args)]
     except ValueError as exc:
         fail(str(exc))
-    try:
-        rates = [float(r) for r in sweep_rates.split(",")]
-    except ValueError:
-        fail(f"--sweep-rates must be a comma list of numbers, not {sweep_rates!r}.")
     if len({v.name for v in variants}) != len(variants):
         fail("variant names must differ.")
-    if any(not r > 0 for r in rates) or num_prompts < 1 or input_len < 1 or output_len < 1:
-        fail("rates, --num-prompts, --input-len and --output-len must be positive.")
+    rates = _checked_rates(sweep_rates, num_prompts, input_len, output_len)
     try:
         if dataset == "synthetic":
             from xytune.runtime.loader import load_checkpoint
@@ -636,12 +637,7 @@ def bench_engines(
     unknown = [p for p in names if p not in POLICIES]
     if not names or unknown or len(set(names)) != len(names):
         fail(f"--policies takes distinct names out of {', '.join(POLICIES)}, not {policies!r}.")
-    try:
-        rates = [float(r) for r in sweep_rates.split(",")]
-    except ValueError:
-        fail(f"--sweep-rates must be a comma list of numbers, not {sweep_rates!r}.")
-    if any(not r > 0 for r in rates) or min(num_prompts, input_len, output_len) < 1:
-        fail("rates, --num-prompts, --input-len and --output-len must be positive.")
+    rates = _checked_rates(sweep_rates, num_prompts, input_len, output_len)
     if threads:
         torch.set_num_threads(threads)
     kwargs = dict(model=model, dtype=dtype, profile=str(profile), allow_mismatch=allow_mismatch,
