@@ -195,21 +195,37 @@ class Scheduler:
         now = time.perf_counter() if now is None else now
         if recent_step_s is None:
             recent_step_s = self.recent_step_seconds()
-        allowed = []
+        allowed, decoders = [], 0
         for r, _ in scheduled:
             if r.first_token_time is None or not r.output_ids:
+                continue
+            decoders += 1
+            if self._lost(r, now):
                 continue
             n = len(r.output_ids)
             h = max(1, min(16, r.params.max_tokens - n))
             allowed.append(tbt * (n + h - 1) - (now - r.first_token_time) - (h - 1) * recent_step_s)
-        if not allowed:
-            return tbt
+        if not allowed:  # nobody decoding: the SLO; only decoders that missed their SLOs: nothing to protect
+            return 8 * tbt if decoders else tbt
         deadline = min(max(tbt, min(allowed)), 8 * tbt)
         # a prompt that has waited half its TTFT SLO gets a longer step: the decoders absorb one slow token
         waiting = [r.arrival for r in self.waiting] + [r.arrival for r in self.running if r.first_token_time is None]
         if waiting and now - min(waiting) > self.config.ttft_slo_ms / 2e3:
             deadline = max(deadline, 2 * tbt)
         return deadline
+
+    def _lost(self, r: Request, now: float) -> bool:
+        """Has this decoder already missed its SLOs, whatever the next steps do?
+
+        Its first token came after the TTFT SLO, or more time has passed since its first token than the
+        TPOT SLO allows for all of its tokens up to ``max_tokens``, so its TPOT ends over the SLO even if
+        every step from now took no time. Pacing steps for such a request only shrinks them for everyone:
+        under overload that cuts throughput and makes the next requests late too. It still decodes in
+        every step; it just sets no deadline.
+        """
+        if r.first_token_time - r.arrival > self.config.ttft_slo_ms / 1e3:
+            return True
+        return now - r.first_token_time > self.config.tbt_slo_ms / 1e3 * max(1, r.params.max_tokens - 1)
 
     def recent_step_seconds(self) -> float:
         """Median measured time of the last 16 steps (the SLO itself until there are any)."""

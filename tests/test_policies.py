@@ -86,18 +86,26 @@ def test_step_deadline_spends_the_slack_of_requests_ahead_of_their_pace(llm):
     sched = llm.engine.scheduler
     sched.config = SchedulerConfig(64, 256, "xy", 100.0, 16)
     now = 1000.0
-    ahead = Request("a", [1, 2], SamplingParams(), output_ids=[5] * 10, first_token_time=now - 0.7)  # 10 tokens in 0.7 s
-    late = Request("b", [1, 2], SamplingParams(), output_ids=[5] * 10, first_token_time=now - 2.0)  # 10 in 2 s
+    def decoding(rid, tokens, since, max_tokens=16, ttft=0.2):
+        return Request(rid, [1, 2], SamplingParams(max_tokens=max_tokens), arrival=now - since - ttft,
+                       output_ids=[5] * tokens, first_token_time=now - since)
+
+    ahead = decoding("a", 10, 0.7)  # 10 tokens in 0.7 s
+    late = decoding("b", 10, 2.0, max_tokens=48)  # 10 in 2 s: behind its pace, but 38 more tokens can catch up
     slo = 0.1  # with the rest of the tokens expected at the SLO, the rule is the plain pace
     assert sched.step_deadline([(ahead, 1)], now, slo) == pytest.approx(0.3)  # token 11 is due 0.3 s from now
     assert sched.step_deadline([(ahead, 1), (late, 1)], now, slo) == pytest.approx(0.1)  # the late one: the SLO
-    far_ahead = Request("c", [1], SamplingParams(), output_ids=[5] * 50, first_token_time=now - 0.1)
+    # decoders that missed their SLOs whatever happens next set no deadline: 10 of at most 16 tokens in 2 s
+    # (over 15 x 0.1 s already), or a first token after the 2 s TTFT SLO
+    lost_tpot, lost_ttft = decoding("l", 10, 2.0), decoding("t", 10, 0.7, ttft=2.5)
+    assert sched.step_deadline([(ahead, 1), (lost_tpot, 1), (lost_ttft, 1)], now, slo) == pytest.approx(0.3)
+    assert sched.step_deadline([(lost_tpot, 1), (lost_ttft, 1)], now, slo) == pytest.approx(0.8)  # nothing to protect
+    far_ahead = decoding("c", 50, 0.1)
     assert sched.step_deadline([(far_ahead, 1)], now, slo) == pytest.approx(0.8)  # capped at 8x the SLO
     assert sched.step_deadline([], now, slo) == pytest.approx(0.1)
     # fast steps leave slack: a request that just got its first token, expecting 15 more at 30 ms each, can
     # take 16 x 0.1 - 15 x 0.03 = 1.15 s (capped to 0.8 s); one with 3 tokens to go 3 x 0.1 - 2 x 0.03 = 0.24 s
-    fresh = Request("f", [1, 2], SamplingParams(max_tokens=48), output_ids=[5], first_token_time=now)
-    short = Request("s", [1, 2], SamplingParams(max_tokens=4), output_ids=[5], first_token_time=now)
+    fresh, short = decoding("f", 1, 0.0, max_tokens=48), decoding("s", 1, 0.0, max_tokens=4)
     assert sched.step_deadline([(fresh, 1)], now, 0.03) == pytest.approx(0.8)
     assert sched.step_deadline([(short, 1)], now, 0.03) == pytest.approx(0.24)
     assert sched.step_deadline([(fresh, 1), (short, 1)], now, 0.03) == pytest.approx(0.24)
