@@ -28,11 +28,13 @@ class Update:
     num_prompt_tokens: int
     stop_text: str | None  # the output cut at a stop string, once one matched
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    logprobs: list | None = None  # per output token: (logprob, [(token id, logprob), ...]) when asked for
 
 
 def update_of(req: Request) -> Update:
     return Update(list(req.output_ids), req.status is Status.FINISHED, req.finish_reason, len(req.prompt_ids),
-                  req.text, req.num_cached_tokens)
+                  req.text, req.num_cached_tokens,
+                  list(req.output_logprobs) if req.params.logprobs is not None else None)
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,9 @@ class EngineInfo:
         return cls(tuple(sorted(engine.eos_ids)), engine.max_model_len, engine.model.config.vocab_size,
                    engine.kv.num_blocks)
 
-    def validate_prompt(self, prompt_ids: list[int]) -> None:
+    def validate_prompt(self, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
         """The engine's own checks (``Engine.validate_prompt``), made before a request is sent to it."""
-        check_prompt(prompt_ids, self.max_model_len, self.vocab_size)
+        check_prompt(prompt_ids, self.max_model_len, self.vocab_size, params)
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ class AsyncEngine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> asyncio.Queue:
         """Validate and enqueue a request; its updates arrive on the returned queue."""
-        self.engine.validate_prompt(prompt_ids)
+        self.engine.validate_prompt(prompt_ids, params)
         queue: asyncio.Queue = asyncio.Queue()
         with self._wake:
             self._inbox.append((list(prompt_ids), params, request_id, queue, asyncio.get_running_loop()))

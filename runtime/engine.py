@@ -16,7 +16,7 @@ import torch
 from xytune.runtime.host_memory import keep_freed_memory
 from xytune.runtime.attention import AttentionBatch
 from xytune.runtime.model import LlamaModel
-from xytune.runtime.sampling import SamplingParams, make_generator, sample
+from xytune.runtime.sampling import SamplingParams, adjust_logits, make_generator, sample, top_logprobs
 from xytune.runtime.speculative import SpeculativeConfig, verify
 from xytune.runtime.step_predictor import attention_pairs
 from xytune.runtime.scheduler import Request, Scheduler, SchedulerConfig, Status
@@ -36,6 +36,7 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str | None
     metrics: dict = field(default_factory=dict)
+    logprobs: list | None = None  # per token of token_ids (SamplingParams.logprobs): (logprob, [(id, logprob)])
 
 
 @dataclass
@@ -66,8 +67,10 @@ class SpecStats:
         return self.emitted / self.verify_steps if self.verify_steps else 0.0
 
 
-def check_prompt(prompt_ids: list[int], max_model_len: int, vocab_size: int) -> None:
-    """Raise ``RequestError`` for a prompt an engine with this context and vocabulary cannot run."""
+def check_prompt(prompt_ids: list[int], max_model_len: int, vocab_size: int,
+                 params: SamplingParams | None = None) -> None:
+    """Raise ``RequestError`` for a prompt (and sampling parameters) an engine with this context and
+    vocabulary cannot run."""
     if not prompt_ids:
         raise RequestError("The prompt is empty.")
     if len(prompt_ids) >= max_model_len:
@@ -76,6 +79,9 @@ def check_prompt(prompt_ids: list[int], max_model_len: int, vocab_size: int) -> 
     bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
     if bad:
         raise RequestError(f"Token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1}).")
+    bad = [t for t in (params.logit_bias if params else ()) if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"logit_bias names token id {bad[0]}, outside the vocabulary (0..{vocab_size - 1}).")
 
 
 class Engine:
@@ -103,7 +109,7 @@ class Engine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
                     request_id: str | None = None) -> Request:
-        self.validate_prompt(prompt_ids)
+        self.validate_prompt(prompt_ids, params)
         rid = request_id or f"req-{next(self._ids)}"
         req = Request(rid, list(prompt_ids), params, prompt=prompt,
                       generator=make_generator(params, self.model.device))
@@ -111,9 +117,9 @@ class Engine:
         self.scheduler.add(req)
         return req
 
-    def validate_prompt(self, prompt_ids: list[int]) -> None:
-        """Raise ``RequestError`` for a prompt this engine cannot run."""
-        check_prompt(prompt_ids, self.max_model_len, self.model.config.vocab_size)
+    def validate_prompt(self, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
+        """Raise ``RequestError`` for a prompt (and sampling parameters) this engine cannot run."""
+        check_prompt(prompt_ids, self.max_model_len, self.model.config.vocab_size, params)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -168,8 +174,17 @@ class Engine:
         if sampled_reqs:
             reqs = [r for r, _ in sampled_reqs]
             rows = torch.tensor([i for _, i in sampled_reqs], dtype=torch.long, device=logits.device)
-            tokens = sample(logits[rows], [r.params for r in reqs], [r.generator for r in reqs],
-                            [self._banned(r) for r in reqs])
+            z = logits[rows]
+            raw = {i: z[i].clone() for i, r in enumerate(reqs) if r.params.logprobs is not None}
+            for i, r in enumerate(reqs):
+                if r.params.reshapes_logits:
+                    adjust_logits(z[i], r.params, r.prompt_ids, r.output_ids)
+            tokens = sample(z, [r.params for r in reqs], [r.generator for r in reqs], [self._banned(r) for r in reqs])
+            if raw:
+                picked = [tokens[i] for i in raw]
+                for i, lp in zip(raw, top_logprobs(torch.stack(list(raw.values())), picked,
+                                                   [reqs[i].params.logprobs for i in raw])):
+                    reqs[i].output_logprobs.append(lp)
             new_tokens.extend((r, [t]) for r, t in zip(reqs, tokens))
         for req, first in verify_reqs:
             new_tokens.append((req, self._verify(req, logits[first: first + len(req.draft) + 1])))
@@ -261,7 +276,7 @@ class Engine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, text, list(ids), req.finish_reason, {
             "ttft_s": (req.first_token_time - req.arrival) if req.first_token_time else None,
             "latency_s": end - req.arrival, "num_preemptions": req.num_preemptions,
-        })
+        }, list(req.output_logprobs) if req.params.logprobs is not None else None)
 
     def run_to_completion(self, reqs: list[Request]) -> list[RequestOutput]:
         while any(r.status is not Status.FINISHED for r in reqs):

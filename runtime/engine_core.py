@@ -151,7 +151,7 @@ class EngineProcess:
         """Validate and send a request; its updates arrive on the returned queue."""
         if self.error is not None:
             raise RuntimeError(f"engine failed: {self.error}")
-        self.info.validate_prompt(prompt_ids)
+        self.info.validate_prompt(prompt_ids, params)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = (queue, asyncio.get_running_loop())
         self._send(("add", request_id, list(prompt_ids), params))

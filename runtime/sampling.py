@@ -20,10 +20,16 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
+    presence_penalty: float = 0.0  # OpenAI: minus this for every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # vLLM / CTRL: logits of prompt and output tokens divided (positive) or multiplied
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None  # the sampled token's log-probability and this many top alternatives
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
         if self.temperature < 0:
@@ -36,10 +42,62 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}.")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}.")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}.")
+        if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be in [-100, 100].")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}.")
+
+    @property
+    def reshapes_logits(self) -> bool:
+        """Do penalties or a bias change the logits? (Such requests decode without speculation: a draft's
+        tokens would change the penalties of the positions after them.)"""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+MAX_LOGPROBS = 20
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
+                  output_ids: list[int]) -> torch.Tensor:
+    """Logit bias, then the repetition penalty (over prompt and output tokens), then the frequency and
+    presence penalties (over output tokens), in place on one row of float32 logits (vLLM's order)."""
+    if params.logit_bias:  # token ids were checked against the vocabulary when the request came in
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        logits.index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype))
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        z = logits[seen]
+        logits[seen] = torch.where(z > 0, z / params.repetition_penalty, z * params.repetition_penalty)
+    if (params.frequency_penalty or params.presence_penalty) and output_ids:
+        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=logits.shape[-1])
+        counts = counts[: logits.shape[-1]].to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def top_logprobs(logits: torch.Tensor, tokens: list[int], n: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row: the log-probability of ``tokens[i]`` under the model's own distribution (log-softmax of the
+    raw logits, before penalties and temperature, as vLLM reports by default) and the ``n[i]`` most likely
+    tokens with theirs."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    k = max(n, default=0)
+    top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
+    chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()
+    out = []
+    for i, c in enumerate(chosen):
+        alts = list(zip(top_i[i, : n[i]].tolist(), top_v[i, : n[i]].tolist())) if n[i] else []
+        out.append((c, alts))
+    return out
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

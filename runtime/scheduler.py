@@ -48,6 +48,7 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # of its full, computed blocks (prefix cache)
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     draft: Draft | None = None  # speculative tokens to verify in this step
+    output_logprobs: list = field(default_factory=list)  # per output token (params.logprobs): (logprob, top)
 
     @property
     def all_ids(self) -> list[int]:
@@ -174,8 +175,8 @@ class Scheduler:
 
     def _propose(self, req: Request, budget: int) -> Draft | None:
         """An n-gram draft for a decoding request, within the step budget, max_tokens and the context."""
-        if self.speculative is None:
-            return None
+        if self.speculative is None or req.params.reshapes_logits or req.params.logprobs is not None:
+            return None  # penalties and logprobs are per sampled position: plain decoding
         room = min(budget, req.params.max_tokens - len(req.output_ids) - 1,
                    self.max_model_len - req.num_tokens - 1)
         return propose_ngram(req.all_ids, self.speculative, room)

@@ -17,16 +17,18 @@ from typing import Literal, Union
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from xytune.runtime.async_engine import AsyncEngine, Update
 from xytune.runtime.engine import RequestError
-from xytune.runtime.sampling import SamplingParams
+from xytune.runtime.openai_logprobs import chat_logprobs, completion_logprobs
+from xytune.runtime.sampling import MAX_LOGPROBS, SamplingParams
 from xytune.runtime.tokenizer import Tokenizer
 
 
 class SamplingFields(BaseModel):
-    """OpenAI sampling fields plus vLLM's extras (top_k, seed, ignore_eos, min_tokens, stop_token_ids)."""
+    """OpenAI sampling fields plus vLLM's extras (top_k, seed, ignore_eos, min_tokens, stop_token_ids,
+    repetition_penalty)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -41,8 +43,23 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    logit_bias: dict[int, float] | None = None  # JSON keys are strings; pydantic reads them as token ids
     stream: bool = False
     user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v and any(not -100 <= b <= 100 for b in v.values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        return v
+
+    def num_logprobs(self) -> int | None:
+        """How many top alternatives per token the client asked for (None: no logprobs)."""
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -58,7 +75,9 @@ class SamplingFields(BaseModel):
                 max_tokens=self.max_tokens or default_max, temperature=self.temperature, top_k=self.top_k,
                 top_p=self.top_p, seed=self.seed, stop=list(self.stop or []),
                 stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
-                min_tokens=self.min_tokens)
+                min_tokens=self.min_tokens, presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                logit_bias=dict(self.logit_bias or {}), logprobs=self.num_logprobs())
         except ValueError as exc:
             raise RequestError(str(exc)) from None
 
@@ -66,6 +85,23 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.echo:
+            raise ValueError("echo is not supported (prompt logprobs are not computed)")
+        if self.best_of not in (None, 1):
+            raise ValueError("best_of must be 1 (one completion per request)")
+        if self.suffix:
+            raise ValueError("suffix is not supported (no fill-in-the-middle)")
+        return self
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -76,6 +112,17 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -93,14 +140,34 @@ class TextStream:
         self.tokenizer, self.params, self.eos_ids = tokenizer, params, eos_ids
         self.sent = ""
         self.hold = max((len(s) for s in params.stop), default=1) - 1
+        self.logprobs_sent, self.offset = 0, 0  # logprob entries and their characters already streamed
+
+    def shown_ids(self, u: Update) -> list[int]:
+        """The output tokens the text stands for: all but a final EOS or stop token id."""
+        ids = u.token_ids
+        if u.finish_reason == "stop" and ids and (ids[-1] in self.eos_ids or ids[-1] in self.params.stop_token_ids):
+            ids = ids[:-1]
+        return ids
 
     def final_text(self, u: Update) -> str:
         if u.stop_text is not None:
             return u.stop_text
-        ids = u.token_ids
-        if u.finish_reason == "stop" and ids and (ids[-1] in self.eos_ids or ids[-1] in self.params.stop_token_ids):
-            ids = ids[:-1]
-        return self.tokenizer.decode(ids)
+        return self.tokenizer.decode(self.shown_ids(u))
+
+    def logprobs(self, u: Update, chat: bool) -> dict | None:
+        """The OpenAI logprobs object for the shown tokens not yet sent (None when not asked for)."""
+        if u.logprobs is None:
+            return None
+        ids = self.shown_ids(u)
+        start, end = self.logprobs_sent, min(len(ids), len(u.logprobs))
+        self.logprobs_sent = max(start, end)
+        if chat:
+            return chat_logprobs(self.tokenizer, ids[start:end], u.logprobs[start:end])
+        out = completion_logprobs(self.tokenizer, ids[start:end], u.logprobs[start:end], self.offset)
+        if out["tokens"]:
+            last = ids[end - 1]
+            self.offset = out["text_offset"][-1] + len(self.tokenizer.token_bytes(last).decode("utf-8", "ignore"))
+        return out
 
     def delta(self, u: Update) -> str:
         if u.finished:
@@ -124,7 +191,8 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
     async def _invalid(_, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(400, f"{where}: {first['msg']}" if where else first["msg"])
+        msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+        return _error(400, f"{where}: {msg}" if where else msg)
 
     @app.middleware("http")
     async def _auth(request: HTTPRequest, call_next):
@@ -201,7 +269,7 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
             if last is None:
                 return _error(499, "client closed the request")
             final = text.final_text(last)
-            choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
+            choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": text.logprobs(last, chat)}
             choice.update({"message": {"role": "assistant", "content": final}} if chat else {"text": final})
             return {"id": rid, "object": kind, "created": int(time.time()), "model": model_name,
                     "choices": [choice], "usage": usage(last)}
@@ -214,11 +282,14 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
             try:
                 async for u in updates(queue, rid, request):
                     delta = text.delta(u)
-                    if not delta and not u.finished:
+                    logprobs = text.logprobs(u, chat)
+                    has_logprobs = logprobs is not None and (logprobs.get("content") or logprobs.get("tokens"))
+                    if not delta and not u.finished and not has_logprobs:
                         continue
                     piece = {"content": delta} if chat else None
-                    choice = {"index": 0, "finish_reason": u.finish_reason if u.finished else None}
-                    choice.update({"delta": piece} if chat else {"text": delta, "logprobs": None})
+                    choice = {"index": 0, "finish_reason": u.finish_reason if u.finished else None,
+                              "logprobs": logprobs}
+                    choice.update({"delta": piece} if chat else {"text": delta})
                     data = _chunk(rid, chunk_kind, model_name, choice)
                     if u.finished:
                         data["usage"] = usage(u)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -70,6 +71,15 @@ def _folder_info(folder: Path) -> dict:
     return info
 
 
+@functools.cache
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character -> the byte it stands for (GPT-2's scheme: printable
+    Latin-1 bytes stand for themselves, the other 68 bytes take the characters from U+0100 on, in order)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(0x100 + i): b for i, b in enumerate(others)}}
+
+
 class Tokenizer:
     """Encode/decode and the model's chat template."""
 
@@ -114,6 +124,16 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for (a byte-level BPE token may hold part of a UTF-8 character,
+        which ``decode`` would turn into U+FFFD)."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is not None and isinstance(self._tok.decoder, decoders.ByteLevel):
+            table = _byte_level_table()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render ``messages`` with the model's own Jinja chat template."""

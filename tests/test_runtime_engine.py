@@ -130,3 +130,30 @@ def test_generate_cli(llm):
                          (["--temperature", "-2"], "temperature"), (["--device", "cuda:7"], "cuda")]:
         proc = _cli("--prompt", "hi", *args)
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_adjust_logits_applies_bias_then_repetition_then_output_penalties():
+    from xytune.runtime.sampling import adjust_logits, top_logprobs
+
+    z = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0])
+    p = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25, logit_bias={4: 10.0})
+    out = adjust_logits(z.clone(), p, prompt_ids=[0], output_ids=[1, 3, 3])
+    # 0: prompt only, 2.0 / 2; 1: once in the output, -1 * 2 - 0.5 - 0.25; 2: untouched;
+    # 3: twice, 3 / 2 - 1.0 - 0.25; 4: biased to 8.0, not seen
+    assert out.tolist() == pytest.approx([1.0, -2.75, 0.5, 0.25, 8.0])
+    lp, top = top_logprobs(z[None], [3], [2])[0]
+    ref = torch.log_softmax(z, -1)
+    assert lp == pytest.approx(float(ref[3]))
+    assert top == [(3, pytest.approx(float(ref[3]))), (0, pytest.approx(float(ref[0])))]
+    for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(repetition_penalty=0),
+                dict(logit_bias={1: 101}), dict(logprobs=21), dict(logprobs=-1)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused(llm):
+    with pytest.raises(RequestError, match="logit_bias names token id"):
+        llm.engine.add_request([1, 2, 3], SamplingParams(logit_bias={10**9: 1.0}))
+    forced = llm.generate(["Hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True,
+                                                    logit_bias={42: 100.0}))[0]
+    assert forced.token_ids == [42] * 5

@@ -44,10 +44,14 @@ def hf_greedy(model, prompt_ids: list[int], new_tokens: int, eos: set[int]) -> l
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def hf():
     path = require_default_model()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    hf.eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                             dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def smollm2(hf):
     llm = LLM("smollm2-135m", dtype="float32")
     prompt_ids = [llm.tokenizer.encode(p) for p in PROMPTS]
     expected = [hf_greedy(hf, ids, NEW_TOKENS, llm.engine.eos_ids) for ids in prompt_ids]
@@ -157,3 +161,50 @@ def test_reference_attention_keeps_the_equality(smollm2):
     llm = LLM("smollm2-135m", dtype="float32", attention="reference", gemm="packed")
     assert run(llm, prompt_ids) == expected
     assert run(llm, prompt_ids, chunk=7) == expected
+
+
+def test_logprobs_match_transformers(smollm2, hf):
+    """Each sampled token's logprob and its top 5 equal transformers' log-softmax at that position."""
+    llm, prompt_ids, _ = smollm2
+    outs = llm.generate(prompt_ids[:3], SamplingParams(max_tokens=12, temperature=0, logprobs=5))
+    for ids, out in zip(prompt_ids[:3], outs):
+        assert len(out.logprobs) == len(out.token_ids)
+        with torch.inference_mode():
+            logits = hf(torch.tensor([ids + out.token_ids[:-1]])).logits[0, len(ids) - 1:].float()
+        expected = torch.log_softmax(logits, -1)
+        for pos, (tok, (lp, top)) in enumerate(zip(out.token_ids, out.logprobs)):
+            assert lp == pytest.approx(float(expected[pos, tok]), abs=2e-3)
+            want = expected[pos].topk(5)
+            assert [t for t, _ in top] == want.indices.tolist()
+            assert [v for _, v in top] == pytest.approx(want.values.tolist(), abs=2e-3)
+
+
+def _reference_penalised_greedy(hf, prompt: list[int], n: int, rep: float, freq: float, pres: float,
+                                bias: dict[int, float]) -> list[int]:
+    """Greedy decoding with the penalties written out from their definitions, on transformers' logits."""
+    out: list[int] = []
+    for _ in range(n):
+        with torch.inference_mode():
+            z = hf(torch.tensor([prompt + out])).logits[0, -1].float()
+        z = z.clone()  # a normal tensor: edited below
+        for t, b in bias.items():
+            z[t] += b
+        for t in set(prompt + out):
+            z[t] = z[t] / rep if z[t] > 0 else z[t] * rep
+        for t in set(out):
+            z[t] -= freq * out.count(t) + pres
+        out.append(int(z.argmax()))
+    return out
+
+
+def test_penalties_and_logit_bias_match_their_definitions(smollm2, hf):
+    llm, prompt_ids, expected = smollm2
+    ids = llm.tokenizer.encode("one two one two one two one two")
+    bias = {llm.tokenizer.encode(" three", add_special_tokens=False)[0]: 4.0}
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, repetition_penalty=1.3,
+                            frequency_penalty=0.5, presence_penalty=0.4, logit_bias=bias)
+    got = llm.generate([ids, prompt_ids[0]], [params, SamplingParams(max_tokens=NEW_TOKENS, temperature=0)])
+    assert got[0].token_ids == _reference_penalised_greedy(hf, ids, 10, 1.3, 0.5, 0.4, bias)
+    assert got[1].token_ids == expected[0]  # a plain request in the same batch is untouched
+    plain = llm.generate([ids], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    assert plain.token_ids != got[0].token_ids  # the penalties did change this output

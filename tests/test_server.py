@@ -185,6 +185,55 @@ def test_bad_requests_are_4xx(client, server):
     assert raw.status_code == 400 and "error" in raw.json()
 
 
+def test_logprobs_penalties_and_logit_bias(client, reference):
+    """On the speculative server: logprobs equal the plain engine's (such requests decode without drafts),
+    streamed ones add up to the whole, chat ones spell the message; penalties and bias as in the engine."""
+    from xytune.runtime.sampling import SamplingParams
+
+    prompt = "Repeat: apple, pear, apple, pear, apple, pear, apple,"
+    kwargs = dict(model="smollm2-135m", prompt=prompt, max_tokens=12, temperature=0, logprobs=3)
+    whole = client.completions.create(**kwargs).choices[0]
+    ref = reference.generate(prompt, SamplingParams(max_tokens=12, temperature=0, logprobs=3))[0]
+    lp = whole.logprobs
+    assert whole.text == ref.text and "".join(lp.tokens) == whole.text
+    assert lp.token_logprobs == pytest.approx([v for v, _ in ref.logprobs], abs=1e-3)
+    assert [len(t) for t in lp.top_logprobs] == [3] * 12 and all(v <= 0 for v in lp.token_logprobs)
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(12)]
+    chunks = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kwargs)]
+    streamed = [(t, v, o) for c in chunks if c for t, v, o in zip(c.tokens, c.token_logprobs, c.text_offset)]
+    assert streamed == [(t, pytest.approx(v, abs=1e-6), o)
+                        for t, v, o in zip(lp.tokens, lp.token_logprobs, lp.text_offset)]
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=8, temperature=0,
+                                          logprobs=True, top_logprobs=2).choices[0]
+    content = chat.logprobs.content
+    assert bytes(b for t in content for b in t.bytes).decode() == chat.message.content
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content)
+    assert client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=4,
+                                          temperature=0).choices[0].logprobs is None
+
+    bias = {reference.tokenizer.encode(" banana", add_special_tokens=False)[0]: 5.0}
+    out = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=12, temperature=0,
+                                    frequency_penalty=1.0, presence_penalty=0.5, logit_bias={str(k): v for k, v in bias.items()},
+                                    extra_body={"repetition_penalty": 1.2})
+    ref = reference.generate(prompt, SamplingParams(max_tokens=12, temperature=0, frequency_penalty=1.0,
+                                                    presence_penalty=0.5, repetition_penalty=1.2, logit_bias=bias))[0]
+    assert out.choices[0].text == ref.text != whole.text
+
+
+def test_unsupported_or_out_of_range_fields_are_400(client):
+    for kwargs, message in [(dict(echo=True), "echo is not supported"), (dict(best_of=2), "best_of must be 1"),
+                            (dict(presence_penalty=2.5), "presence_penalty"), (dict(logprobs=21), "logprobs"),
+                            (dict(logit_bias={"99999999": 1}), "outside the vocabulary"),
+                            (dict(logit_bias={"7": 500}), "logit_bias")]:
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.completions.create(model="smollm2-135m", prompt="x", max_tokens=2, **kwargs)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "x"}],
+                                       top_logprobs=2)
+
+
 def test_disconnected_stream_frees_its_kv(server):
     headers = {"authorization": f"Bearer {KEY}"}
     total = httpx.get(f"{server}/health").json()["kv_blocks_total"]
