@@ -9,6 +9,7 @@ aborted, which frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -25,6 +26,8 @@ from xytune.runtime.openai_logprobs import chat_logprobs, completion_logprobs
 from xytune.runtime.sampling import MAX_LOGPROBS, SamplingParams
 from xytune.runtime.tokenizer import Tokenizer
 
+MAX_CHOICES = 16  # n: choices per request, each an engine request of its own
+
 
 class SamplingFields(BaseModel):
     """OpenAI sampling fields plus vLLM's extras (top_k, seed, ignore_eos, min_tokens, stop_token_ids,
@@ -37,7 +40,7 @@ class SamplingFields(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=-1, ge=-1)
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     seed: int | None = None
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[int] | None = None
@@ -94,8 +97,8 @@ class CompletionRequest(SamplingFields):
     def _supported(self):
         if self.echo:
             raise ValueError("echo is not supported (prompt logprobs are not computed)")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of must be 1 (one completion per request)")
+        if self.best_of not in (None, self.n):
+            raise ValueError("best_of must equal n (completions are not ranked)")
         if self.suffix:
             raise ValueError("suffix is not supported (no fill-in-the-middle)")
         return self
@@ -230,69 +233,93 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
                           "not_found_error")
         return None
 
-    async def updates(queue: asyncio.Queue, rid: str, request: HTTPRequest):
-        """Yield updates until the request finishes; abort it if the client goes away."""
-        finished = False
+    async def updates(streams: list[tuple[str, asyncio.Queue]], request: HTTPRequest):
+        """Yield ``(choice index, update)`` until every request finishes; abort the rest if the client goes
+        away (or stops reading) first."""
+        pending = dict(enumerate(streams))
+        getters: dict[int, asyncio.Future] = {}
         try:
-            while True:
-                try:
-                    u = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+            while pending:
+                for i, (_, queue) in pending.items():
+                    if i not in getters:
+                        getters[i] = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait(getters.values(), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
                     if await request.is_disconnected():
                         return
                     continue
-                if isinstance(u, BaseException):
-                    raise RuntimeError(f"engine failed: {u}")
-                finished = u.finished
-                yield u
-                if finished:
-                    return
+                for i in sorted(i for i, f in getters.items() if f in done):
+                    u = getters.pop(i).result()
+                    if isinstance(u, BaseException):
+                        raise RuntimeError(f"engine failed: {u}")
+                    if u.finished:
+                        del pending[i]
+                    yield i, u
         finally:
-            if not finished:
+            for f in getters.values():
+                f.cancel()
+            for rid, _ in pending.values():
                 engine.abort(rid)
 
-    def usage(u: Update) -> dict:
-        return {"prompt_tokens": u.num_prompt_tokens, "completion_tokens": len(u.token_ids),
-                "total_tokens": u.num_prompt_tokens + len(u.token_ids),
-                "prompt_tokens_details": {"cached_tokens": u.num_cached_tokens}}
+    def usage(last: list[Update]) -> dict:
+        prompt, completion = last[0].num_prompt_tokens, sum(len(u.token_ids) for u in last)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": last[0].num_cached_tokens}}
 
     async def respond(request: HTTPRequest, body: SamplingFields, prompt_ids: list[int], params: SamplingParams,
                       chat: bool):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        queue = engine.submit(prompt_ids, params, rid)
-        text = TextStream(tokenizer, params, eos_ids)
+        # n choices are n engine requests; with a seed, choice i samples with seed + i (reproducible, distinct)
+        choice_params = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                         for i in range(body.n)]
+        streams = []
+        try:
+            for i, p in enumerate(choice_params):
+                streams.append((f"{rid}-{i}", engine.submit(prompt_ids, p, f"{rid}-{i}")))
+        except BaseException:
+            for sub_id, _ in streams:
+                engine.abort(sub_id)
+            raise
+        texts = [TextStream(tokenizer, p, eos_ids) for p in choice_params]
         kind = "chat.completion" if chat else "text_completion"
         if not body.stream:
-            last = None
-            async for u in updates(queue, rid, request):
-                last = u
-            if last is None:
+            last: dict[int, Update] = {}
+            async for i, u in updates(streams, request):
+                last[i] = u
+            if len(last) < body.n or not all(u.finished for u in last.values()):
                 return _error(499, "client closed the request")
-            final = text.final_text(last)
-            choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": text.logprobs(last, chat)}
-            choice.update({"message": {"role": "assistant", "content": final}} if chat else {"text": final})
+            choices = []
+            for i, u in sorted(last.items()):
+                final = texts[i].final_text(u)
+                choice = {"index": i, "finish_reason": u.finish_reason, "logprobs": texts[i].logprobs(u, chat)}
+                choice.update({"message": {"role": "assistant", "content": final}} if chat else {"text": final})
+                choices.append(choice)
             return {"id": rid, "object": kind, "created": int(time.time()), "model": model_name,
-                    "choices": [choice], "usage": usage(last)}
+                    "choices": choices, "usage": usage([last[i] for i in range(body.n)])}
 
         async def sse():
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
             if chat:
-                head = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                yield f"data: {json.dumps(_chunk(rid, chunk_kind, model_name, head))}\n\n"
+                for i in range(body.n):
+                    head = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    yield f"data: {json.dumps(_chunk(rid, chunk_kind, model_name, head))}\n\n"
+            last: dict[int, Update] = {}
             try:
-                async for u in updates(queue, rid, request):
+                async for i, u in updates(streams, request):
+                    last[i] = u
+                    text = texts[i]
                     delta = text.delta(u)
                     logprobs = text.logprobs(u, chat)
                     has_logprobs = logprobs is not None and (logprobs.get("content") or logprobs.get("tokens"))
                     if not delta and not u.finished and not has_logprobs:
                         continue
                     piece = {"content": delta} if chat else None
-                    choice = {"index": 0, "finish_reason": u.finish_reason if u.finished else None,
+                    choice = {"index": i, "finish_reason": u.finish_reason if u.finished else None,
                               "logprobs": logprobs}
                     choice.update({"delta": piece} if chat else {"text": delta})
                     data = _chunk(rid, chunk_kind, model_name, choice)
-                    if u.finished:
-                        data["usage"] = usage(u)
+                    if len(last) == body.n and all(v.finished for v in last.values()):  # the last chunk of all
+                        data["usage"] = usage([last[k] for k in range(body.n)])
                     yield f"data: {json.dumps(data)}\n\n"
             except RuntimeError as exc:  # the engine failed mid-stream: say so in the stream (OpenAI clients raise)
                 error = {"message": str(exc), "type": "server_error", "code": 500}

@@ -164,7 +164,7 @@ def test_stop_strings_and_seeded_sampling(client):
 def test_bad_requests_are_4xx(client, server):
     cases = [
         dict(prompt="x", temperature=-1),
-        dict(prompt="x", n=2),
+        dict(prompt="x", n=17),
         dict(prompt="x", top_p=0),
         dict(prompt="x", max_tokens=0),
         dict(prompt=[7] * 9000),
@@ -222,8 +222,32 @@ def test_logprobs_penalties_and_logit_bias(client, reference):
     assert out.choices[0].text == ref.text != whole.text
 
 
+def test_n_choices_streamed_and_not(client):
+    """n choices are n seeded samples (choice i with seed + i): reproducible, the first equal to n=1."""
+    kwargs = dict(model="smollm2-135m", prompt="My favourite animal is", max_tokens=10, temperature=1.0, seed=5,
+                  extra_body={"ignore_eos": True})
+    three = client.completions.create(n=3, **kwargs)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    texts = [c.text for c in three.choices]
+    assert len(set(texts)) > 1 and three.usage.completion_tokens == 30
+    assert [c.text for c in client.completions.create(n=3, **kwargs).choices] == texts
+    assert client.completions.create(n=1, **kwargs).choices[0].text == texts[0]
+    streamed = {0: "", 1: "", 2: ""}
+    finished = []
+    for chunk in client.completions.create(n=3, stream=True, **kwargs):
+        c = chunk.choices[0]
+        streamed[c.index] += c.text
+        if c.finish_reason:
+            finished.append(c.index)
+    assert [streamed[i] for i in range(3)] == texts and sorted(finished) == [0, 1, 2]
+    chat = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
+
+
 def test_unsupported_or_out_of_range_fields_are_400(client):
-    for kwargs, message in [(dict(echo=True), "echo is not supported"), (dict(best_of=2), "best_of must be 1"),
+    for kwargs, message in [(dict(echo=True), "echo is not supported"), (dict(best_of=2), "best_of must equal n"),
                             (dict(presence_penalty=2.5), "presence_penalty"), (dict(logprobs=21), "logprobs"),
                             (dict(logit_bias={"99999999": 1}), "outside the vocabulary"),
                             (dict(logit_bias={"7": 500}), "logit_bias")]:
@@ -234,11 +258,12 @@ def test_unsupported_or_out_of_range_fields_are_400(client):
                                        top_logprobs=2)
 
 
-def test_disconnected_stream_frees_its_kv(server):
+@pytest.mark.parametrize("n", [1, 3])
+def test_disconnected_stream_frees_its_kv(server, n):
     headers = {"authorization": f"Bearer {KEY}"}
     total = httpx.get(f"{server}/health").json()["kv_blocks_total"]
     body = {"prompt": "Tell me a very long story.", "max_tokens": 2000, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+            "stream": True, "n": n}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=headers, timeout=60) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
