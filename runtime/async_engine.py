@@ -29,12 +29,14 @@ class Update:
     stop_text: str | None  # the output cut at a stop string, once one matched
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list | None = None  # per output token: (logprob, [(token id, logprob), ...]) when asked for
+    prompt_logprobs: list | None = None  # per prompt token (None for the first), once the prompt is through
 
 
 def update_of(req: Request) -> Update:
     return Update(list(req.output_ids), req.status is Status.FINISHED, req.finish_reason, len(req.prompt_ids),
                   req.text, req.num_cached_tokens,
-                  list(req.output_logprobs) if req.params.logprobs is not None else None)
+                  list(req.output_logprobs) if req.params.logprobs is not None else None,
+                  list(req.prompt_logprobs) if req.params.prompt_logprobs is not None and req.output_ids else None)
 
 
 @dataclass(frozen=True)

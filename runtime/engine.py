@@ -37,6 +37,7 @@ class RequestOutput:
     finish_reason: str | None
     metrics: dict = field(default_factory=dict)
     logprobs: list | None = None  # per token of token_ids (SamplingParams.logprobs): (logprob, [(id, logprob)])
+    prompt_logprobs: list | None = None  # per prompt token (SamplingParams.prompt_logprobs), None for the first
 
 
 @dataclass
@@ -141,6 +142,7 @@ class Engine:
         start = time.perf_counter()
         ids, positions, chunks, logit_rows = [], [], [], []
         sampled_reqs, verify_reqs = [], []  # (req, first logits row)
+        prompt_rows = []  # (req, first logits row, first position, end position): prompt logprobs to record
         row = 0
         for req, n in scheduled:
             nc = req.num_computed
@@ -156,6 +158,12 @@ class Engine:
                 ids.extend(req.all_ids[nc: nc + n])
                 positions.extend(range(nc, nc + n))
                 chunks.append((req.blocks, nc, n))
+                # positions before the prompt's last predict a prompt token; each is recorded once (a request
+                # recomputed after preemption runs them again)
+                lo, end = max(nc, len(req.prompt_logprobs) - 1), min(nc + n, len(req.prompt_ids) - 1)
+                if req.params.prompt_logprobs is not None and lo < end:
+                    prompt_rows.append((req, len(logit_rows), lo, end))
+                    logit_rows.extend(range(row + lo - nc, row + end - nc))
                 if nc + n == req.num_tokens:
                     sampled_reqs.append((req, len(logit_rows)))
                     logit_rows.append(row + n - 1)
@@ -186,6 +194,9 @@ class Engine:
                                                    [reqs[i].params.logprobs for i in raw])):
                     reqs[i].output_logprobs.append(lp)
             new_tokens.extend((r, [t]) for r, t in zip(reqs, tokens))
+        for req, first, lo, hi in prompt_rows:
+            req.prompt_logprobs.extend(top_logprobs(logits[first: first + hi - lo], req.prompt_ids[lo + 1: hi + 1],
+                                                    [req.params.prompt_logprobs] * (hi - lo)))
         for req, first in verify_reqs:
             new_tokens.append((req, self._verify(req, logits[first: first + len(req.draft) + 1])))
         finished = []
@@ -276,7 +287,8 @@ class Engine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, text, list(ids), req.finish_reason, {
             "ttft_s": (req.first_token_time - req.arrival) if req.first_token_time else None,
             "latency_s": end - req.arrival, "num_preemptions": req.num_preemptions,
-        }, list(req.output_logprobs) if req.params.logprobs is not None else None)
+        }, list(req.output_logprobs) if req.params.logprobs is not None else None,
+            list(req.prompt_logprobs) if req.params.prompt_logprobs is not None else None)
 
     def run_to_completion(self, reqs: list[Request]) -> list[RequestOutput]:
         while any(r.status is not Status.FINISHED for r in reqs):

@@ -25,6 +25,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # vLLM / CTRL: logits of prompt and output tokens divided (positive) or multiplied
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     logprobs: int | None = None  # the sampled token's log-probability and this many top alternatives
+    prompt_logprobs: int | None = None  # every prompt token's (after the first) log-probability, and top ones
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -49,8 +50,10 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}.")
         if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
             raise ValueError("logit_bias values must be in [-100, 100].")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}.")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and not 0 <= n <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {n}.")
 
     @property
     def reshapes_logits(self) -> bool:

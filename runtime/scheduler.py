@@ -49,6 +49,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     draft: Draft | None = None  # speculative tokens to verify in this step
     output_logprobs: list = field(default_factory=list)  # per output token (params.logprobs): (logprob, top)
+    prompt_logprobs: list = field(default_factory=lambda: [None])  # per prompt token after the first: the same
 
     @property
     def all_ids(self) -> list[int]:
@@ -142,8 +143,8 @@ class Scheduler:
     def attach_cached_prefix(self, req: Request) -> None:
         """Start a request on the cached blocks of its longest cached prefix (at least one token stays to run)."""
         alloc, bs = self.kv.allocator, self.kv.block_size
-        if not alloc.enable_prefix_caching or req.blocks:
-            return
+        if not alloc.enable_prefix_caching or req.blocks or req.params.prompt_logprobs is not None:
+            return  # prompt logprobs need every prompt position computed
         hashes = block_hashes(req.all_ids, bs, (req.num_tokens - 1) // bs)
         req.blocks = alloc.lookup(hashes)
         req.block_hashes = hashes[: len(req.blocks)]

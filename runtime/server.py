@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from xytune.runtime.async_engine import AsyncEngine, Update
 from xytune.runtime.engine import RequestError
-from xytune.runtime.openai_logprobs import chat_logprobs, completion_logprobs
+from xytune.runtime.openai_output import ChoiceStream
 from xytune.runtime.sampling import MAX_LOGPROBS, SamplingParams
 from xytune.runtime.tokenizer import Tokenizer
 
@@ -87,7 +87,7 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0: with echo, score the prompt and generate nothing
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1)
@@ -95,8 +95,8 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _supported(self):
-        if self.echo:
-            raise ValueError("echo is not supported (prompt logprobs are not computed)")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo (scoring the prompt alone)")
         if self.best_of not in (None, self.n):
             raise ValueError("best_of must equal n (completions are not ranked)")
         if self.suffix:
@@ -130,57 +130,6 @@ class ChatCompletionRequest(SamplingFields):
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
-
-
-class TextStream:
-    """Turns growing token lists into text deltas, holding back what may still change.
-
-    Held back: a trailing partial UTF-8 character, and while stop strings are
-    set, as many trailing characters as a stop string could still need.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, eos_ids: set[int]):
-        self.tokenizer, self.params, self.eos_ids = tokenizer, params, eos_ids
-        self.sent = ""
-        self.hold = max((len(s) for s in params.stop), default=1) - 1
-        self.logprobs_sent, self.offset = 0, 0  # logprob entries and their characters already streamed
-
-    def shown_ids(self, u: Update) -> list[int]:
-        """The output tokens the text stands for: all but a final EOS or stop token id."""
-        ids = u.token_ids
-        if u.finish_reason == "stop" and ids and (ids[-1] in self.eos_ids or ids[-1] in self.params.stop_token_ids):
-            ids = ids[:-1]
-        return ids
-
-    def final_text(self, u: Update) -> str:
-        if u.stop_text is not None:
-            return u.stop_text
-        return self.tokenizer.decode(self.shown_ids(u))
-
-    def logprobs(self, u: Update, chat: bool) -> dict | None:
-        """The OpenAI logprobs object for the shown tokens not yet sent (None when not asked for)."""
-        if u.logprobs is None:
-            return None
-        ids = self.shown_ids(u)
-        start, end = self.logprobs_sent, min(len(ids), len(u.logprobs))
-        self.logprobs_sent = max(start, end)
-        if chat:
-            return chat_logprobs(self.tokenizer, ids[start:end], u.logprobs[start:end])
-        out = completion_logprobs(self.tokenizer, ids[start:end], u.logprobs[start:end], self.offset)
-        if out["tokens"]:
-            last = ids[end - 1]
-            self.offset = out["text_offset"][-1] + len(self.tokenizer.token_bytes(last).decode("utf-8", "ignore"))
-        return out
-
-    def delta(self, u: Update) -> str:
-        if u.finished:
-            text = self.final_text(u)
-        else:
-            text = self.tokenizer.decode(u.token_ids).rstrip("\ufffd")
-            text = text[: len(text) - self.hold] if self.hold else text
-        new = text[len(self.sent):] if text.startswith(self.sent) else ""  # sent text is never taken back
-        self.sent += new
-        return new
 
 
 def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
@@ -261,13 +210,14 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
             for rid, _ in pending.values():
                 engine.abort(rid)
 
-    def usage(last: list[Update]) -> dict:
-        prompt, completion = last[0].num_prompt_tokens, sum(len(u.token_ids) for u in last)
+    def usage(last: list[Update], score_only: bool = False) -> dict:
+        prompt, completion = last[0].num_prompt_tokens, 0 if score_only else sum(len(u.token_ids) for u in last)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": last[0].num_cached_tokens}}
 
     async def respond(request: HTTPRequest, body: SamplingFields, prompt_ids: list[int], params: SamplingParams,
-                      chat: bool):
+                      chat: bool, echo: str | None = None):
+        """``echo``: the prompt's text, shown before each choice's output (completions)."""
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         # n choices are n engine requests; with a seed, choice i samples with seed + i (reproducible, distinct)
         choice_params = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
@@ -280,7 +230,9 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
             for sub_id, _ in streams:
                 engine.abort(sub_id)
             raise
-        texts = [TextStream(tokenizer, p, eos_ids) for p in choice_params]
+        score_only = echo is not None and body.max_tokens == 0
+        texts = [ChoiceStream(tokenizer, p, eos_ids, None if echo is None else (echo, prompt_ids), score_only)
+                 for p in choice_params]
         kind = "chat.completion" if chat else "text_completion"
         if not body.stream:
             last: dict[int, Update] = {}
@@ -295,7 +247,7 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
                 choice.update({"message": {"role": "assistant", "content": final}} if chat else {"text": final})
                 choices.append(choice)
             return {"id": rid, "object": kind, "created": int(time.time()), "model": model_name,
-                    "choices": choices, "usage": usage([last[i] for i in range(body.n)])}
+                    "choices": choices, "usage": usage([last[i] for i in range(body.n)], score_only)}
 
         async def sse():
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
@@ -319,7 +271,7 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
                     choice.update({"delta": piece} if chat else {"text": delta})
                     data = _chunk(rid, chunk_kind, model_name, choice)
                     if len(last) == body.n and all(v.finished for v in last.values()):  # the last chunk of all
-                        data["usage"] = usage([last[k] for k in range(body.n)])
+                        data["usage"] = usage([last[k] for k in range(body.n)], score_only)
                     yield f"data: {json.dumps(data)}\n\n"
             except RuntimeError as exc:  # the engine failed mid-stream: say so in the stream (OpenAI clients raise)
                 error = {"message": str(exc), "type": "server_error", "code": 500}
@@ -335,7 +287,14 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
             return err
         try:
             ids = list(body.prompt) if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
-            return await respond(request, body, ids, body.sampling_params(default_max_tokens), chat=False)
+            params = body.sampling_params(default_max_tokens)
+            echo = None
+            if body.echo:
+                echo = body.prompt if isinstance(body.prompt, str) else tokenizer.decode(ids)
+                params.prompt_logprobs = body.logprobs
+                if body.max_tokens == 0:  # the engine samples one token, which is not shown
+                    params.max_tokens, params.min_tokens = 1, 0
+            return await respond(request, body, ids, params, chat=False, echo=echo)
         except RequestError as exc:
             return _error(400, str(exc))
         except RuntimeError as exc:  # the engine failed

@@ -35,12 +35,17 @@ def test_blocks_return_to_the_pool(llm):
 
 
 def test_preemption_under_a_small_cache_keeps_outputs_exact(llm):
-    greedy = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
-    expected = [o.token_ids for o in llm.generate(PROMPTS, greedy)]
+    greedy = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    expected = llm.generate(PROMPTS, greedy)
     engine = Engine(llm.model, llm.tokenizer, num_blocks=12, block_size=16)  # 6 requests need 24 blocks
     outs = engine.run_to_completion([engine.add_request(llm.tokenizer.encode(p), greedy) for p in PROMPTS])
     assert engine.scheduler.num_preemptions > 0, "the cache was meant to be too small for all requests"
-    assert [o.token_ids for o in outs] == expected
+    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+    for got, want in zip(outs, expected):  # recomputed requests record each logprob once
+        assert len(got.prompt_logprobs) == len(got.prompt_token_ids) and got.prompt_logprobs[0] is None
+        assert [e[0] for e in got.prompt_logprobs[1:]] == pytest.approx([e[0] for e in want.prompt_logprobs[1:]],
+                                                                          abs=1e-4)
+        assert [e[0] for e in got.logprobs] == pytest.approx([e[0] for e in want.logprobs], abs=1e-4)
     assert sum(o.metrics["num_preemptions"] for o in outs) == engine.scheduler.num_preemptions
     assert engine.kv.allocator.num_free == 12
 

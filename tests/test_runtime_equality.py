@@ -179,6 +179,25 @@ def test_logprobs_match_transformers(smollm2, hf):
             assert [v for _, v in top] == pytest.approx(want.values.tolist(), abs=2e-3)
 
 
+@pytest.mark.parametrize("chunk", [7, 2048])
+def test_prompt_logprobs_match_transformers(smollm2, hf, chunk):
+    """Every prompt token's logprob (after the first) and its top 3, in prefill chunks or whole."""
+    llm, prompt_ids, _ = smollm2
+    llm.engine.scheduler.config.max_num_batched_tokens = chunk
+    try:
+        outs = llm.generate(prompt_ids[:2], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))
+    finally:
+        llm.engine.scheduler.config.max_num_batched_tokens = 2048
+    for ids, out in zip(prompt_ids[:2], outs):
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+        with torch.inference_mode():
+            expected = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+        for pos in range(1, len(ids)):
+            lp, top = out.prompt_logprobs[pos]
+            assert lp == pytest.approx(float(expected[pos - 1, ids[pos]]), abs=2e-3)
+            assert [t for t, _ in top] == expected[pos - 1].topk(3).indices.tolist()
+
+
 def _reference_penalised_greedy(hf, prompt: list[int], n: int, rep: float, freq: float, pres: float,
                                 bias: dict[int, float]) -> list[int]:
     """Greedy decoding with the penalties written out from their definitions, on transformers' logits."""

@@ -222,6 +222,31 @@ def test_logprobs_penalties_and_logit_bias(client, reference):
     assert out.choices[0].text == ref.text != whole.text
 
 
+def test_echo_scores_the_prompt_as_lm_eval_asks(client, reference):
+    """lm-eval's loglikelihood request: context + continuation, echo, max_tokens 0, logprobs 1."""
+    from xytune.runtime.sampling import SamplingParams
+
+    context, continuation = "The capital of France is", " Paris"
+    out = client.completions.create(model="smollm2-135m", prompt=context + continuation, max_tokens=0, echo=True,
+                                    logprobs=1, temperature=0)
+    choice, lp = out.choices[0], out.choices[0].logprobs
+    assert choice.text == context + continuation and out.usage.completion_tokens == 0
+    ref = reference.generate(context + continuation, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))[0]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([e[0] for e in ref.prompt_logprobs[1:]], abs=1e-3)
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    # echo with generation: the prompt, then the output, in one text and one logprobs list, streamed alike
+    kwargs = dict(model="smollm2-135m", prompt=context, max_tokens=4, echo=True, logprobs=1, temperature=0)
+    whole = client.completions.create(**kwargs).choices[0]
+    plain = client.completions.create(model="smollm2-135m", prompt=context, max_tokens=4, temperature=0).choices[0]
+    assert whole.text == context + plain.text and len(whole.logprobs.tokens) == len(ref.prompt_token_ids) - 1 + 4
+    chunks = list(client.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.text_offset] == \
+        whole.logprobs.text_offset
+
+
 def test_n_choices_streamed_and_not(client):
     """n choices are n seeded samples (choice i with seed + i): reproducible, the first equal to n=1."""
     kwargs = dict(model="smollm2-135m", prompt="My favourite animal is", max_tokens=10, temperature=1.0, seed=5,
@@ -247,12 +272,12 @@ def test_n_choices_streamed_and_not(client):
 
 
 def test_unsupported_or_out_of_range_fields_are_400(client):
-    for kwargs, message in [(dict(echo=True), "echo is not supported"), (dict(best_of=2), "best_of must equal n"),
+    for kwargs, message in [(dict(max_tokens=0), "max_tokens 0 needs echo"), (dict(best_of=2), "best_of must equal n"),
                             (dict(presence_penalty=2.5), "presence_penalty"), (dict(logprobs=21), "logprobs"),
                             (dict(logit_bias={"99999999": 1}), "outside the vocabulary"),
                             (dict(logit_bias={"7": 500}), "logit_bias")]:
         with pytest.raises(openai.BadRequestError, match=message):
-            client.completions.create(model="smollm2-135m", prompt="x", max_tokens=2, **kwargs)
+            client.completions.create(**{"model": "smollm2-135m", "prompt": "x", "max_tokens": 2, **kwargs})
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
         client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "x"}],
                                        top_logprobs=2)
@@ -268,6 +293,9 @@ def test_disconnected_stream_frees_its_kv(server, n):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
+        deadline = time.time() + 10  # the engine's gauges travel at most every 0.2 s
+        while httpx.get(f"{server}/health").json()["kv_blocks_free"] == total and time.time() < deadline:
+            next(lines)
         assert httpx.get(f"{server}/health").json()["kv_blocks_free"] < total
     deadline = time.time() + 30
     while time.time() < deadline:
