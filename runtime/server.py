@@ -26,7 +26,8 @@ from xytune.runtime.openai_output import ChoiceStream
 from xytune.runtime.sampling import MAX_LOGPROBS, SamplingParams
 from xytune.runtime.tokenizer import Tokenizer
 
-MAX_CHOICES = 16  # n: choices per request, each an engine request of its own
+MAX_CHOICES = 16  # n: choices per prompt, each an engine request of its own
+MAX_BATCH = 256  # prompts x n: engine requests one HTTP request may start
 
 
 class SamplingFields(BaseModel):
@@ -86,7 +87,7 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[int]]
+    prompt: Union[str, list[int], list[str], list[list[int]]]  # one prompt, or several (a batch)
     max_tokens: int | None = Field(default=16, ge=0)  # 0: with echo, score the prompt and generate nothing
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -95,6 +96,10 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _supported(self):
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt is an empty list")
+        if len(self.prompts()) * self.n > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} choices per request (prompts x n)")
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens 0 needs echo (scoring the prompt alone)")
         if self.best_of not in (None, self.n):
@@ -105,6 +110,12 @@ class CompletionRequest(SamplingFields):
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: a string or a token list is one prompt."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class ChatMessage(BaseModel):
@@ -210,35 +221,40 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
             for rid, _ in pending.values():
                 engine.abort(rid)
 
-    def usage(last: list[Update], score_only: bool = False) -> dict:
-        prompt, completion = last[0].num_prompt_tokens, 0 if score_only else sum(len(u.token_ids) for u in last)
+    def usage(last: list[Update], n: int, score_only: bool = False) -> dict:
+        """Totals over the choices; each prompt counts once (its ``n`` choices share it)."""
+        prompt = sum(u.num_prompt_tokens for u in last[::n])
+        completion = 0 if score_only else sum(len(u.token_ids) for u in last)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": last[0].num_cached_tokens}}
+                "prompt_tokens_details": {"cached_tokens": sum(u.num_cached_tokens for u in last[::n])}}
 
-    async def respond(request: HTTPRequest, body: SamplingFields, prompt_ids: list[int], params: SamplingParams,
-                      chat: bool, echo: str | None = None):
-        """``echo``: the prompt's text, shown before each choice's output (completions)."""
+    async def respond(request: HTTPRequest, body: SamplingFields, prompts: list[list[int]], params: SamplingParams,
+                      chat: bool, echo: list[str] | None = None):
+        """One choice per prompt and sample: choice ``p * n + i`` is prompt ``p``'s ``i``-th (OpenAI's order).
+        ``echo``: the prompts' texts, shown before their choices' outputs (completions)."""
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         # n choices are n engine requests; with a seed, choice i samples with seed + i (reproducible, distinct)
         choice_params = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
                          for i in range(body.n)]
+        jobs = [(ids, p, None if echo is None else (echo[k], ids))
+                for k, ids in enumerate(prompts) for p in choice_params]
         streams = []
         try:
-            for i, p in enumerate(choice_params):
-                streams.append((f"{rid}-{i}", engine.submit(prompt_ids, p, f"{rid}-{i}")))
+            for i, (ids, p, _) in enumerate(jobs):
+                streams.append((f"{rid}-{i}", engine.submit(ids, p, f"{rid}-{i}")))
         except BaseException:
             for sub_id, _ in streams:
                 engine.abort(sub_id)
             raise
         score_only = echo is not None and body.max_tokens == 0
-        texts = [ChoiceStream(tokenizer, p, eos_ids, None if echo is None else (echo, prompt_ids), score_only)
-                 for p in choice_params]
+        texts = [ChoiceStream(tokenizer, p, eos_ids, shown, score_only) for _, p, shown in jobs]
+        total = len(jobs)
         kind = "chat.completion" if chat else "text_completion"
         if not body.stream:
             last: dict[int, Update] = {}
             async for i, u in updates(streams, request):
                 last[i] = u
-            if len(last) < body.n or not all(u.finished for u in last.values()):
+            if len(last) < total or not all(u.finished for u in last.values()):
                 return _error(499, "client closed the request")
             choices = []
             for i, u in sorted(last.items()):
@@ -247,12 +263,12 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
                 choice.update({"message": {"role": "assistant", "content": final}} if chat else {"text": final})
                 choices.append(choice)
             return {"id": rid, "object": kind, "created": int(time.time()), "model": model_name,
-                    "choices": choices, "usage": usage([last[i] for i in range(body.n)], score_only)}
+                    "choices": choices, "usage": usage([last[i] for i in range(total)], body.n, score_only)}
 
         async def sse():
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
             if chat:
-                for i in range(body.n):
+                for i in range(total):
                     head = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                     yield f"data: {json.dumps(_chunk(rid, chunk_kind, model_name, head))}\n\n"
             last: dict[int, Update] = {}
@@ -270,8 +286,8 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
                               "logprobs": logprobs}
                     choice.update({"delta": piece} if chat else {"text": delta})
                     data = _chunk(rid, chunk_kind, model_name, choice)
-                    if len(last) == body.n and all(v.finished for v in last.values()):  # the last chunk of all
-                        data["usage"] = usage([last[k] for k in range(body.n)], score_only)
+                    if len(last) == total and all(v.finished for v in last.values()):  # the last chunk of all
+                        data["usage"] = usage([last[k] for k in range(total)], body.n, score_only)
                     yield f"data: {json.dumps(data)}\n\n"
             except RuntimeError as exc:  # the engine failed mid-stream: say so in the stream (OpenAI clients raise)
                 error = {"message": str(exc), "type": "server_error", "code": 500}
@@ -286,15 +302,16 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
         if (err := check_model(body)) is not None:
             return err
         try:
-            ids = list(body.prompt) if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
+            given = body.prompts()
+            prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in given]
             params = body.sampling_params(default_max_tokens)
             echo = None
             if body.echo:
-                echo = body.prompt if isinstance(body.prompt, str) else tokenizer.decode(ids)
+                echo = [p if isinstance(p, str) else tokenizer.decode(ids) for p, ids in zip(given, prompts)]
                 params.prompt_logprobs = body.logprobs
                 if body.max_tokens == 0:  # the engine samples one token, which is not shown
                     params.max_tokens, params.min_tokens = 1, 0
-            return await respond(request, body, ids, params, chat=False, echo=echo)
+            return await respond(request, body, prompts, params, chat=False, echo=echo)
         except RequestError as exc:
             return _error(400, str(exc))
         except RuntimeError as exc:  # the engine failed
@@ -309,7 +326,7 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
                 body.max_tokens = body.max_completion_tokens
             prompt = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
             ids = tokenizer.encode(prompt, add_special_tokens=False)
-            return await respond(request, body, ids, body.sampling_params(default_max_tokens), chat=True)
+            return await respond(request, body, [ids], body.sampling_params(default_max_tokens), chat=True)
         except (RequestError, ValueError) as exc:
             return _error(400, str(exc))
         except RuntimeError as exc:

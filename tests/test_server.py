@@ -271,6 +271,27 @@ def test_n_choices_streamed_and_not(client):
     assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
 
 
+def test_a_batch_of_prompts_gets_prompt_major_choices(client):
+    """OpenAI's batch form (a list of prompts, as lm-eval sends them): choice p * n + i is prompt p's i-th."""
+    prompts = ["The capital of France is", "1, 2, 3,", "Roses are red,"]
+    single = [client.completions.create(model="smollm2-135m", prompt=p, max_tokens=5, temperature=0) for p in prompts]
+    batch = client.completions.create(model="smollm2-135m", prompt=prompts, max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in batch.choices] == list(range(6))
+    assert [c.text for c in batch.choices] == [s.choices[0].text for s in single for _ in range(2)]
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in single)
+    assert batch.usage.completion_tokens == 2 * sum(s.usage.completion_tokens for s in single)
+    ids = client.completions.create(model="smollm2-135m", prompt=[[504, 2988, 282], [33, 28, 33]], max_tokens=3,
+                                    temperature=0)
+    streamed = {0: "", 1: ""}
+    for chunk in client.completions.create(model="smollm2-135m", prompt=[[504, 2988, 282], [33, 28, 33]],
+                                           max_tokens=3, temperature=0, stream=True):
+        streamed[chunk.choices[0].index] += chunk.choices[0].text
+    assert [streamed[0], streamed[1]] == [c.text for c in ids.choices]
+    for bad in ([], [""], ["a", 3]):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="smollm2-135m", prompt=bad, max_tokens=2)
+
+
 def test_unsupported_or_out_of_range_fields_are_400(client):
     for kwargs, message in [(dict(max_tokens=0), "max_tokens 0 needs echo"), (dict(best_of=2), "best_of must equal n"),
                             (dict(presence_penalty=2.5), "presence_penalty"), (dict(logprobs=21), "logprobs"),
