@@ -118,9 +118,25 @@ class CompletionRequest(SamplingFields):
         return list(self.prompt)
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: Union[str, list[dict], None] = None  # a string, or content parts (text only), or none
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, v):
+        """Text parts join with newlines (as vLLM does); any other part (an image, audio) is refused."""
+        if isinstance(v, list):
+            kinds = {p.get("type") for p in v}
+            if kinds - {"text"}:
+                raise ValueError(f"only text content parts are supported, not {sorted(map(str, kinds - {'text'}))}")
+            return "\n".join(TextPart(**p).text for p in v)
+        return v or ""
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -128,11 +144,17 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list | None = None
+    response_format: dict | None = None
 
     @model_validator(mode="after")
-    def _top_needs_logprobs(self):
+    def _supported(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        if self.tools:
+            raise ValueError("tools are not supported (this server parses no tool calls)")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError("response_format other than text is not supported (no constrained decoding)")
         return self
 
     def num_logprobs(self) -> int | None:

@@ -147,6 +147,12 @@ def test_chat_streaming_and_not(client):
                                                  temperature=0, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "2+2?"}]}]
+    joined = [{"role": "user", "content": "What is\n2+2?"}]
+    from_parts, from_text = (client.chat.completions.create(model="smollm2-135m", messages=m, max_tokens=12,
+                                                            temperature=0).choices[0].message.content
+                             for m in (parts, joined))
+    assert from_parts == from_text  # text parts join with newlines
 
 
 def test_stop_strings_and_seeded_sampling(client):
@@ -299,6 +305,16 @@ def test_unsupported_or_out_of_range_fields_are_400(client):
                             (dict(logit_bias={"7": 500}), "logit_bias")]:
         with pytest.raises(openai.BadRequestError, match=message):
             client.completions.create(**{"model": "smollm2-135m", "prompt": "x", "max_tokens": 2, **kwargs})
+    chat = dict(model="smollm2-135m", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="only text content parts"):
+        client.chat.completions.create(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}], **chat)
+    with pytest.raises(openai.BadRequestError, match="tools are not supported"):
+        client.chat.completions.create(messages=[{"role": "user", "content": "x"}], tools=[{
+            "type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], **chat)
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_object"}, **chat)
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
         client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "x"}],
                                        top_logprobs=2)
