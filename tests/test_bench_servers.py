@@ -57,18 +57,21 @@ def test_policies_side_by_side_on_the_engine_alone(tmp_path):
         [sys.executable, "-m", "xytune.cli", "bench", "engines", "--policies", "xy,prefill-first",
          "--profile", str(REFERENCE), "--allow-mismatch", "--dtype", "float32", "--sweep-rates", "inf,20",
          "--num-prompts", "4", "--input-len", "24", "--output-len", "6", "--slo-ttft-ms", "60000",
-         "--slo-tpot-ms", "60000", "--json", str(out)],
+         "--slo-tpot-ms", "60000", "--repeats", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert [v["name"] for v in result["variants"]] == ["xy", "prefill-first"]
+    assert [v["name"] for v in result["variants"]] == ["xy", "prefill-first"] and result["repeats"] == 2
     assert result["capacity"] == {"xy": float("inf"), "prefill-first": float("inf")}  # met even all at once
     for v in result["variants"]:
         for row in v["rows"]:
-            assert row["completed"] == 4 and row["slo_attainment"] == 1.0
+            assert row["completed"] == 8 and row["slo_attainment"] == 1.0  # two repeats of 4, pooled
             assert 0 < row["ttft_ms"]["p50"] <= row["ttft_ms"]["p99"] < 60000
             assert row["tpot_ms"]["p50"] > 0
         assert v["server"]["xytune_cost_model_step_error_ratio"] is not None
     bad = subprocess.run([sys.executable, "-m", "xytune.cli", "bench", "engines", "--policies", "xy,fastest",
                           "--profile", str(REFERENCE)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--policies" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "xytune.cli", "bench", "engines", "--repeats", "0",
+                          "--profile", str(REFERENCE)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--repeats" in bad.stderr and "Traceback" not in bad.stderr

@@ -52,8 +52,13 @@ def replay(engine, prompts: list[BenchPrompt], rate: float, seed: int) -> tuple[
 
 
 def run(policies: list[str], llm_kwargs: dict, prompts: list[BenchPrompt], rates: list[float], seed: int,
-        slo_ttft_ms: float, slo_tpot_ms: float, progress=None) -> dict:
-    """Capacity of each policy on one trace, in the result format of ``bench servers`` (so one renderer)."""
+        slo_ttft_ms: float, slo_tpot_ms: float, progress=None, repeats: int = 1) -> dict:
+    """Capacity of each policy on one trace, in the result format of ``bench servers`` (so one renderer).
+
+    ``repeats``: each rate is replayed this many times (arrivals seeded ``seed``, ``seed + 1``, ...), the
+    policies taking turns at every repeat, and a rate's figures pool all of its requests: on a machine
+    whose speed drifts, one slow stretch then moves one share of a rate's requests, not all of them.
+    """
     from xytune.runtime.llm import LLM
 
     if progress:
@@ -61,15 +66,19 @@ def run(policies: list[str], llm_kwargs: dict, prompts: list[BenchPrompt], rates
     engines = {p: LLM(policy=p, **llm_kwargs).engine for p in policies}
     rows: dict[str, list[dict]] = {p: [] for p in policies}
     for rate in rates:
-        for p, engine in engines.items():
-            if progress:
-                progress(f"rate {rate:g} req/s on {p}: {len(prompts)} requests...")
-            results, wall = replay(engine, prompts, rate, seed)
+        pooled = {p: ([], 0.0) for p in policies}
+        for rep in range(repeats):
+            for p, engine in engines.items():
+                if progress:
+                    progress(f"rate {rate:g} req/s on {p} ({rep + 1}/{repeats}): {len(prompts)} requests...")
+                results, wall = replay(engine, prompts, rate, seed + rep)
+                pooled[p] = (pooled[p][0] + results, pooled[p][1] + wall)
+        for p, (results, wall) in pooled.items():
             rows[p].append(summarize(results, wall, rate, slo_ttft_ms, slo_tpot_ms))
     variants = []
     for p, engine in engines.items():
         err = engine.predictor.error_summary()["median_ape"] if engine.predictor is not None else None
         variants.append({"name": p, "args": ["--policy", p], "rows": rows[p],
                          "server": {"xytune_cost_model_step_error_ratio": err}})
-    return {"rates": rates, "slo_ttft_ms": slo_ttft_ms, "slo_tpot_ms": slo_tpot_ms,
+    return {"rates": rates, "slo_ttft_ms": slo_ttft_ms, "slo_tpot_ms": slo_tpot_ms, "repeats": repeats,
             "capacity": {p: capacity(rows[p]) for p in policies}, "variants": variants}

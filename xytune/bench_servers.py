@@ -92,23 +92,30 @@ def scrape(variant: Variant) -> dict:
 
 
 def run(variants: list[Variant], common: list[str], prompts: list[BenchPrompt], rates: list[float], seed: int,
-        slo_ttft_ms: float, slo_tpot_ms: float, model: str, progress=None) -> dict:
+        slo_ttft_ms: float, slo_tpot_ms: float, model: str, progress=None, repeats: int = 1) -> dict:
+    """``repeats``: each rate runs this many times (arrivals seeded ``seed``, ``seed + 1``, ...), the variants
+    taking turns at every repeat; a rate's figures pool all of its requests."""
     try:
         for v in variants:
             start(v, common)
         for rate in rates:
+            pooled = {v.name: ([], 0.0) for v in variants}
+            for rep in range(repeats):
+                for v in variants:
+                    if progress:
+                        progress(f"rate {rate:g} req/s on {v.name} ({rep + 1}/{repeats}): {len(prompts)} requests...")
+                    results, wall = asyncio.run(run_rate(v.url, model, prompts, rate, seed + rep, None, True, 600.0))
+                    pooled[v.name] = (pooled[v.name][0] + results, pooled[v.name][1] + wall)
             for v in variants:
-                if progress:
-                    progress(f"rate {rate:g} req/s on {v.name}: {len(prompts)} requests...")
-                results, wall = asyncio.run(run_rate(v.url, model, prompts, rate, seed, None, True, 600.0))
-                v.rows.append(summarize(results, wall, rate, slo_ttft_ms, slo_tpot_ms))
+                v.rows.append(summarize(*pooled[v.name], rate, slo_ttft_ms, slo_tpot_ms))
         for v in variants:
             v.server_metrics = scrape(v)
     finally:
         for v in variants:
             stop(v)
     caps = {v.name: capacity(v.rows) for v in variants}
-    return {"rates": rates, "slo_ttft_ms": slo_ttft_ms, "slo_tpot_ms": slo_tpot_ms, "capacity": caps,
+    return {"rates": rates, "slo_ttft_ms": slo_ttft_ms, "slo_tpot_ms": slo_tpot_ms, "repeats": repeats,
+            "capacity": caps,
             "variants": [{"name": v.name, "args": v.args, "rows": v.rows, "server": v.server_metrics}
                          for v in variants]}
 

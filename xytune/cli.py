@@ -419,14 +419,15 @@ def bench_runtime(
         json_out.write_text(json.dumps(results, indent=2))
 
 
-def _checked_rates(sweep_rates: str, num_prompts: int, input_len: int, output_len: int) -> list[float]:
+def _checked_rates(sweep_rates: str, num_prompts: int, input_len: int, output_len: int,
+                   repeats: int = 1) -> list[float]:
     """The rates of a benchmark sweep, checked with the trace sizes (one line and exit 2 when bad)."""
     try:
         rates = [float(r) for r in sweep_rates.split(",")]
     except ValueError:
         fail(f"--sweep-rates must be a comma list of numbers, not {sweep_rates!r}.")
-    if any(not r > 0 for r in rates) or min(num_prompts, input_len, output_len) < 1:
-        fail("rates, --num-prompts, --input-len and --output-len must be positive.")
+    if any(not r > 0 for r in rates) or min(num_prompts, input_len, output_len, repeats) < 1:
+        fail("rates, --num-prompts, --input-len, --output-len and --repeats must be positive.")
     return rates
 
 
@@ -562,6 +563,7 @@ def bench_servers(
     serve_args: str = typer.Option("", help="Flags every variant's server gets (say \"--dtype bfloat16\")."),
     model: str = typer.Option("smollm2-135m", help="Model every server loads."),
     seed: int = typer.Option(0, help="Seed of lengths, tokens and arrivals."),
+    repeats: int = typer.Option(1, help="Runs per rate (variants take turns each time); figures pool them."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ):
     """Start several `xytune serve` variants and compare their capacity on one trace, taking turns per rate."""
@@ -578,7 +580,7 @@ def bench_servers(
         fail(str(exc))
     if len({v.name for v in variants}) != len(variants):
         fail("variant names must differ.")
-    rates = _checked_rates(sweep_rates, num_prompts, input_len, output_len)
+    rates = _checked_rates(sweep_rates, num_prompts, input_len, output_len, repeats)
     try:
         if dataset == "synthetic":
             from xytune.runtime.loader import load_checkpoint
@@ -592,7 +594,7 @@ def bench_servers(
     try:
         with console.status("starting servers...") as status:
             result = run(variants, common, prompts, rates, seed, slo_ttft_ms, slo_tpot_ms, model,
-                         progress=status.update)
+                         progress=status.update, repeats=repeats)
     except RuntimeError as exc:
         fail(str(exc))
     render(result, console)
@@ -620,6 +622,7 @@ def bench_engines(
                                                help="Reuse the KV blocks of shared prompt prefixes."),
     threads: int = typer.Option(None, help="CPU threads."),
     seed: int = typer.Option(0, help="Seed of lengths, tokens and arrivals."),
+    repeats: int = typer.Option(1, help="Runs per rate (policies take turns each time); figures pool them."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ):
     """Scheduling policies on the engine alone (no HTTP, no client on the CPU): the trace of `bench servers`."""
@@ -637,7 +640,7 @@ def bench_engines(
     unknown = [p for p in names if p not in POLICIES]
     if not names or unknown or len(set(names)) != len(names):
         fail(f"--policies takes distinct names out of {', '.join(POLICIES)}, not {policies!r}.")
-    rates = _checked_rates(sweep_rates, num_prompts, input_len, output_len)
+    rates = _checked_rates(sweep_rates, num_prompts, input_len, output_len, repeats)
     if threads:
         torch.set_num_threads(threads)
     kwargs = dict(model=model, dtype=dtype, profile=str(profile), allow_mismatch=allow_mismatch,
@@ -647,7 +650,8 @@ def bench_engines(
         vocab = load_checkpoint(model)[0].vocab_size
         prompts = synthetic_prompts(num_prompts, input_len, output_len, vocab, seed)
         with console.status("loading...") as status:
-            result = run(names, kwargs, prompts, rates, seed, slo_ttft_ms, slo_tpot_ms, progress=status.update)
+            result = run(names, kwargs, prompts, rates, seed, slo_ttft_ms, slo_tpot_ms, progress=status.update,
+                         repeats=repeats)
     except (ModelLoadError, CostModelError, ValueError, OSError) as exc:
         fail(str(exc))
     render(result, console)
