@@ -51,6 +51,21 @@ def replay(engine, prompts: list[BenchPrompt], rate: float, seed: int) -> tuple[
     return results, wall
 
 
+def step_summary(steps) -> dict:
+    """How a policy cut the work into steps: counts, prefill tokens per step that had any, step times."""
+    prefill = np.array([s.num_prefill_tokens for s in steps])
+    seconds = np.array([s.seconds for s in steps])
+    mixed = prefill > 0
+
+    def median_ms(mask):
+        return float(np.median(seconds[mask]) * 1e3) if mask.any() else None
+
+    return {"steps": len(steps), "steps_with_prefill": int(mixed.sum()),
+            "prefill_tokens_per_prefill_step": float(prefill[mixed].mean()) if mixed.any() else None,
+            "decode_only_step_ms_p50": median_ms(~mixed), "prefill_step_ms_p50": median_ms(mixed),
+            "busy_s": float(seconds.sum())}
+
+
 def run(policies: list[str], llm_kwargs: dict, prompts: list[BenchPrompt], rates: list[float], seed: int,
         slo_ttft_ms: float, slo_tpot_ms: float, progress=None, repeats: int = 1) -> dict:
     """Capacity of each policy on one trace, in the result format of ``bench servers`` (so one renderer).
@@ -66,15 +81,17 @@ def run(policies: list[str], llm_kwargs: dict, prompts: list[BenchPrompt], rates
     engines = {p: LLM(policy=p, **llm_kwargs).engine for p in policies}
     rows: dict[str, list[dict]] = {p: [] for p in policies}
     for rate in rates:
-        pooled = {p: ([], 0.0) for p in policies}
+        pooled = {p: ([], 0.0, []) for p in policies}
         for rep in range(repeats):
             for p, engine in engines.items():
                 if progress:
                     progress(f"rate {rate:g} req/s on {p} ({rep + 1}/{repeats}): {len(prompts)} requests...")
+                first_step = len(engine.step_stats)
                 results, wall = replay(engine, prompts, rate, seed + rep)
-                pooled[p] = (pooled[p][0] + results, pooled[p][1] + wall)
-        for p, (results, wall) in pooled.items():
-            rows[p].append(summarize(results, wall, rate, slo_ttft_ms, slo_tpot_ms))
+                results_so_far, wall_so_far, steps = pooled[p]
+                pooled[p] = (results_so_far + results, wall_so_far + wall, steps + engine.step_stats[first_step:])
+        for p, (results, wall, steps) in pooled.items():
+            rows[p].append({**summarize(results, wall, rate, slo_ttft_ms, slo_tpot_ms), "steps": step_summary(steps)})
     variants = []
     for p, engine in engines.items():
         err = engine.predictor.error_summary()["median_ape"] if engine.predictor is not None else None
