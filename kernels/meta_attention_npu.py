@@ -65,7 +65,7 @@ def run_meta_attention_npu(plan: MetaAttentionPlan, q: torch.Tensor, k_cache: to
 def _run_group(grp: LongGroup, q, k_cache, v_cache, scale, out, torch_npu) -> None:
     B, tq = grp.q_tokens.shape
     T, H, d = q.shape
-    kvh, Lg = k_cache.shape[0], grp.key_slots.shape[1]
+    kvh = k_cache.shape[0]
     dev = q.device
     qg = q[grp.q_tokens.to(dev)]  # [B, tq, H, d]
     k = k_cache[:, grp.key_slots.to(dev)].permute(1, 2, 0, 3).contiguous()  # [B, Lg, kvh, d]

@@ -1,7 +1,6 @@
 """The CLI end to end, as a user runs it: real subprocesses, real files."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

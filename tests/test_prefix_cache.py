@@ -77,7 +77,6 @@ def test_a_shared_prefix_hits_and_outputs_stay_exact(llm):
     rest = eng.run_to_completion([eng.add_request(llm.tokenizer.encode(q), p) for q in qs[1:]])
     assert [o.token_ids for o in first + rest] == expected
     shared = len(llm.tokenizer.encode(SYSTEM)) // 16 * 16
-    reqs = eng.scheduler
     alloc = eng.kv.allocator
     assert alloc.hit_tokens >= 2 * shared > 0
     assert 0 < alloc.hit_rate < 1
