@@ -30,6 +30,10 @@ MAX_CHOICES = 16  # n: choices per prompt, each an engine request of its own
 MAX_BATCH = 256  # prompts x n: engine requests one HTTP request may start
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with empty choices and the request's usage
+
+
 class SamplingFields(BaseModel):
     """OpenAI sampling fields plus vLLM's extras (top_k, seed, ignore_eos, min_tokens, stop_token_ids,
     repetition_penalty)."""
@@ -52,6 +56,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     logit_bias: dict[int, float] | None = None  # JSON keys are strings; pydantic reads them as token ids
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
 
     @field_validator("logit_bias")
@@ -96,6 +101,8 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _supported(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream: true")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt is an empty list")
         if len(self.prompts()) * self.n > MAX_BATCH:
@@ -151,6 +158,8 @@ class ChatCompletionRequest(SamplingFields):
     def _supported(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream: true")
         if self.tools:
             raise ValueError("tools are not supported (this server parses no tool calls)")
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -307,14 +316,15 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
                     choice = {"index": i, "finish_reason": u.finish_reason if u.finished else None,
                               "logprobs": logprobs}
                     choice.update({"delta": piece} if chat else {"text": delta})
-                    data = _chunk(rid, chunk_kind, model_name, choice)
-                    if len(last) == total and all(v.finished for v in last.values()):  # the last chunk of all
-                        data["usage"] = usage([last[k] for k in range(total)], body.n, score_only)
-                    yield f"data: {json.dumps(data)}\n\n"
+                    yield f"data: {json.dumps(_chunk(rid, chunk_kind, model_name, choice))}\n\n"
             except RuntimeError as exc:  # the engine failed mid-stream: say so in the stream (OpenAI clients raise)
                 error = {"message": str(exc), "type": "server_error", "code": 500}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
+            if body.stream_options and body.stream_options.include_usage:  # as OpenAI: one more chunk, no choices
+                data = {**_chunk(rid, chunk_kind, model_name, None), "choices": [],
+                        "usage": usage([last[k] for k in range(total)], body.n, score_only)}
+                yield f"data: {json.dumps(data)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")

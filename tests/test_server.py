@@ -132,10 +132,17 @@ def test_a_shared_prefix_hits_the_cache(client, server):
 
 def test_streaming_equals_non_streaming(client):
     kwargs = dict(model="smollm2-135m", prompt="Once upon a time", max_tokens=40, temperature=0)
-    whole = client.completions.create(**kwargs).choices[0].text
+    whole = client.completions.create(**kwargs)
     chunks = list(client.completions.create(stream=True, **kwargs))
-    assert "".join(c.choices[0].text for c in chunks) == whole
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length" and len(chunks) > 5
+    assert all(c.usage is None for c in chunks)  # usage only when asked for, as OpenAI does
+    with_usage = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert with_usage[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert all(c.usage is None for c in with_usage[:-1])
+    with pytest.raises(openai.BadRequestError, match="stream_options needs stream"):
+        client.completions.create(stream_options={"include_usage": True}, **kwargs)
 
 
 def test_chat_streaming_and_not(client):

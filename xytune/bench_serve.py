@@ -68,7 +68,8 @@ def file_prompts(path: Path, n: int, default_max_tokens: int) -> list[BenchPromp
 
 
 async def _one(client, url: str, model: str, p: BenchPrompt, ignore_eos: bool) -> RequestResult:
-    body = {"model": model, "prompt": p.prompt, "max_tokens": p.max_tokens, "temperature": 0, "stream": True}
+    body = {"model": model, "prompt": p.prompt, "max_tokens": p.max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     if ignore_eos:
         body["ignore_eos"] = True
     start = time.perf_counter()
