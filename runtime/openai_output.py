@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from xytune.runtime.async_engine import Update
 from xytune.runtime.sampling import SamplingParams
-from xytune.runtime.tokenizer import Tokenizer
+from xytune.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
@@ -73,6 +73,7 @@ class ChoiceStream:
         self.hold = max((len(s) for s in params.stop), default=1) - 1
         self.logprobs_sent, self.offset = 0, 0  # logprob entries and their characters already streamed
         self.echoed = echo is None
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
 
     def shown_ids(self, u: Update) -> list[int]:
         """The output tokens the text stands for: all but a final EOS or stop token id."""
@@ -97,7 +98,7 @@ class ChoiceStream:
         elif self.score_only:
             text = self._prefix()
         else:
-            text = self.tokenizer.decode(u.token_ids).rstrip("\ufffd")
+            text = self.detokenizer.update(u.token_ids)
             text = self._prefix() + (text[: len(text) - self.hold] if self.hold else text)
         new = text[len(self.sent):] if text.startswith(self.sent) else ""  # sent text is never taken back
         self.sent += new

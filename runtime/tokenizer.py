@@ -154,3 +154,30 @@ class Tokenizer:
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except TemplateError as exc:
             raise ValueError(f"chat template error: {exc}") from None
+
+
+class IncrementalDetokenizer:
+    """The text of a growing token list, decoding a few tokens per update instead of the whole list.
+
+    A stream that decodes its whole output at every step costs quadratic time in the output length. Here
+    each update decodes the tokens since ``prefix`` twice, with and without those after ``read``; the
+    difference is the new text. Starting a few tokens back keeps decoders whose output depends on context
+    (SentencePiece drops the leading space of a sequence's first word) right, and text that ends in U+FFFD
+    (part of a UTF-8 character) waits, whole, for the rest. ``text`` is a prefix of ``decode(ids)``, and
+    equals it whenever the tokens end on a whole character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.text, self.prefix, self.read = tokenizer, "", 0, 0
+
+    def update(self, ids: list[int]) -> str:
+        if len(ids) > self.read:
+            before = self.tokenizer.decode(ids[self.prefix: self.read])
+            after = self.tokenizer.decode(ids[self.prefix:])
+            if len(after) > len(before) and not after.endswith("\ufffd") and after.startswith(before):
+                self.text += after[len(before):]
+                self.prefix, self.read = self.read, len(ids)
+            elif not after.startswith(before):  # a decoder that rewrote the window: decode all, once
+                self.text = self.tokenizer.decode(ids).rstrip("\ufffd")
+                self.prefix, self.read = max(0, len(ids) - 4), len(ids)
+        return self.text
