@@ -32,11 +32,23 @@ class Update:
     prompt_logprobs: list | None = None  # per prompt token (None for the first), once the prompt is through
 
 
-def update_of(req: Request) -> Update:
-    return Update(list(req.output_ids), req.status is Status.FINISHED, req.finish_reason, len(req.prompt_ids),
+    def extended(self, delta: "Update") -> "Update":
+        """This update followed by ``delta`` (an ``update_of(req, since=...)``): the request's state after both."""
+        logprobs = None if delta.logprobs is None else (self.logprobs or []) + delta.logprobs
+        return Update(self.token_ids + delta.token_ids, delta.finished, delta.finish_reason, delta.num_prompt_tokens,
+                      delta.stop_text, delta.num_cached_tokens, logprobs,
+                      self.prompt_logprobs if self.prompt_logprobs is not None else delta.prompt_logprobs)
+
+
+def update_of(req: Request, since: int = 0) -> Update:
+    """The request's state, or with ``since`` only the output tokens (and logprobs) from that index on: the
+    engine process sends each step's new tokens, not the whole output again (quadratic over a long one)."""
+    prompt_logprobs = None
+    if req.params.prompt_logprobs is not None and req.output_ids and since == 0:
+        prompt_logprobs = list(req.prompt_logprobs)
+    return Update(req.output_ids[since:], req.status is Status.FINISHED, req.finish_reason, len(req.prompt_ids),
                   req.text, req.num_cached_tokens,
-                  list(req.output_logprobs) if req.params.logprobs is not None else None,
-                  list(req.prompt_logprobs) if req.params.prompt_logprobs is not None and req.output_ids else None)
+                  req.output_logprobs[since:] if req.params.logprobs is not None else None, prompt_logprobs)
 
 
 @dataclass(frozen=True)

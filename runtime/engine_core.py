@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 
-from xytune.runtime.async_engine import EngineInfo, FinishRecord, engine_snapshot, update_of
+from xytune.runtime.async_engine import EngineInfo, FinishRecord, Update, engine_snapshot, update_of
 from xytune.runtime.engine import RequestError
 from xytune.runtime.sampling import SamplingParams
 
@@ -46,6 +46,7 @@ def _core_main(conn, llm_kwargs: dict) -> None:
     conn.send(("ready", EngineInfo.of(engine), llm.tokenizer, str(llm.dtype).replace("torch.", ""),
                engine_snapshot(engine)))
     stopping, snapshot_at = False, time.monotonic()
+    sent: dict[str, int] = {}  # output tokens already sent, per request
     try:
         while not (stopping and not engine.has_work()):
             wait = 0 if engine.has_work() else 0.5
@@ -60,6 +61,7 @@ def _core_main(conn, llm_kwargs: dict) -> None:
                         conn.send(("rejected", rid, str(exc)))
                 elif msg[0] == "abort":
                     engine.abort(msg[1])
+                    sent.pop(msg[1], None)
                 elif msg[0] == "stop":
                     stopping = True
             if not engine.has_work():
@@ -68,10 +70,14 @@ def _core_main(conn, llm_kwargs: dict) -> None:
                 conn.send(("idle", engine_snapshot(engine)))  # aborts may have freed blocks
                 continue
             finished = engine.step()
-            updates = [(req.request_id, update_of(req)) for req in engine.sampled]
+            updates = []
+            for req in engine.sampled:
+                updates.append((req.request_id, update_of(req, since=sent.get(req.request_id, 0))))
+                sent[req.request_id] = len(req.output_ids)
             records = [FinishRecord.of(req) for req in finished]
             for req in finished:
                 engine.requests.pop(req.request_id, None)
+                sent.pop(req.request_id, None)
             seconds = engine.step_stats[-1].seconds if engine.step_stats else 0.0
             # The gauges (the cost-model error is a median over thousands of steps) at most 5x/s, and with every
             # step that finishes a request: a client that has its response then reads /metrics that count it.
@@ -98,6 +104,7 @@ class EngineProcess:
         self.dtype: str | None = None
         self._snapshot: dict = {}
         self._queues: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._so_far: dict[str, Update] = {}  # each live request's state, from the core's per-step deltas
         self._send_lock = threading.Lock()
         self._proc = None
         self._conn = None
@@ -158,6 +165,7 @@ class EngineProcess:
         return queue
 
     def abort(self, request_id: str) -> None:
+        self._so_far.pop(request_id, None)
         if self._queues.pop(request_id, None) is not None and self.error is None:
             self._send(("abort", request_id))
 
@@ -180,10 +188,16 @@ class EngineProcess:
                 if kind == "step":
                     _, updates, seconds, records, snapshot = msg
                     self._snapshot = snapshot or self._snapshot
-                    for rid, update in updates:
+                    for rid, delta in updates:  # each carries the step's new tokens: add them up
+                        if rid not in self._queues:  # aborted: its client is gone
+                            self._so_far.pop(rid, None)
+                            continue
+                        update = self._so_far[rid].extended(delta) if rid in self._so_far else delta
+                        self._so_far[rid] = update
                         self._deliver(rid, update)
                         if update.finished:
                             self._queues.pop(rid, None)
+                            self._so_far.pop(rid, None)
                     if self.metrics is not None:
                         self.metrics.on_step(seconds)
                         for rec in records:
