@@ -170,6 +170,26 @@ class ChatCompletionRequest(SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize``: a prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
 
@@ -212,13 +232,36 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
             return _error(404, "metrics are off")
         return Response(engine.metrics.render(engine.snapshot()), media_type=CONTENT_TYPE_LATEST)
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        if (err := check_model(body)) is not None:
+            return err
+        try:
+            if body.messages is not None:
+                text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+                ids = tokenizer.encode(text, add_special_tokens=False)  # the template adds its own
+            else:
+                ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        if (err := check_model(body)) is not None:
+            return err
+        bad = [t for t in body.tokens if not 0 <= t < info.vocab_size]
+        if bad:
+            return _error(400, f"Token id {bad[0]} is outside the vocabulary (0..{info.vocab_size - 1}).")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "xytune", "max_model_len": info.max_model_len,
                                             "vocab_size": info.vocab_size}]}
 
-    def check_model(body: SamplingFields):
+    def check_model(body: SamplingFields | TokenizeRequest | DetokenizeRequest):
         if body.model not in (None, model_name):
             return _error(404, f"The model {body.model!r} does not exist; this server runs {model_name!r}.",
                           "not_found_error")

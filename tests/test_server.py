@@ -305,6 +305,23 @@ def test_a_batch_of_prompts_gets_prompt_major_choices(client):
             client.completions.create(model="smollm2-135m", prompt=bad, max_tokens=2)
 
 
+def test_tokenize_and_detokenize(server, reference):
+    """vLLM's /tokenize and /detokenize: the server's own tokenizer and chat template, round trip."""
+    text = "Hello, naïve world 😀"
+    tok = httpx.post(f"{server}/tokenize", json={"prompt": text}).json()
+    assert tok["tokens"] == reference.tokenizer.encode(text) and tok["count"] == len(tok["tokens"]) > 0
+    assert tok["max_model_len"] > tok["count"]
+    assert httpx.post(f"{server}/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == text
+    chat = httpx.post(f"{server}/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    templated = reference.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert chat["tokens"] == reference.tokenizer.encode(templated, add_special_tokens=False)
+    for path, body in [("/tokenize", {}), ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}),
+                       ("/detokenize", {"tokens": [10**9]}), ("/detokenize", {"tokens": "abc"})]:
+        r = httpx.post(f"{server}{path}", json=body)
+        assert r.status_code == 400 and r.json()["error"]["message"], (path, body, r.text)
+    assert httpx.post(f"{server}/tokenize", json={"prompt": "x", "model": "gpt-4"}).status_code == 404
+
+
 def test_unsupported_or_out_of_range_fields_are_400(client):
     for kwargs, message in [(dict(max_tokens=0), "max_tokens 0 needs echo"), (dict(best_of=2), "best_of must equal n"),
                             (dict(presence_penalty=2.5), "presence_penalty"), (dict(logprobs=21), "logprobs"),
