@@ -130,9 +130,19 @@ def test_generate_cli(llm):
     out = json.loads(proc.stdout)
     expected = llm.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0))[0]
     assert out["token_ids"] == expected.token_ids and out["text"] == expected.text
-    assert out["finish_reason"] == "length" and out["timings"]["ttft_s"] > 0
+    assert out["finish_reason"] == "length" and out["timings"]["ttft_s"] > 0 and "logprobs" not in out
+    proc = _cli("--prompt", "one two one two one", "--max-tokens", "8", "--dtype", "float32", "--json",
+                "--repetition-penalty", "1.3", "--logprobs", "2")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    expected = llm.generate("one two one two one", SamplingParams(max_tokens=8, temperature=0, repetition_penalty=1.3,
+                                                                 logprobs=2))[0]
+    assert out["token_ids"] == expected.token_ids
+    assert [e["logprob"] for e in out["logprobs"]] == pytest.approx([lp for lp, _ in expected.logprobs], abs=1e-4)
+    assert [[t["id"] for t in e["top"]] for e in out["logprobs"]] == [[t for t, _ in top] for _, top in expected.logprobs]
     for args, needle in [(["--model", "/no/such/model"], "not found"), (["--dtype", "int3"], "Unknown dtype"),
-                         (["--temperature", "-2"], "temperature"), (["--device", "cuda:7"], "cuda")]:
+                         (["--temperature", "-2"], "temperature"), (["--device", "cuda:7"], "cuda"),
+                         (["--presence-penalty", "3"], "presence_penalty")]:
         proc = _cli("--prompt", "hi", *args)
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 

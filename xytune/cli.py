@@ -198,6 +198,10 @@ def generate(
     seed: int = typer.Option(None, help="Sampling seed (reproducible output)."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past end-of-sequence."),
+    repetition_penalty: float = typer.Option(1.0, help="vLLM's: above 1 discourages prompt and output tokens."),
+    presence_penalty: float = typer.Option(0.0, help="OpenAI's, -2..2: per token already in the output."),
+    frequency_penalty: float = typer.Option(0.0, help="OpenAI's, -2..2: per occurrence in the output."),
+    logprobs: int = typer.Option(None, help="With --json: each token's logprob and this many top ones (0-20)."),
     dtype: str = typer.Option("auto", help="float32 | bfloat16 | float16 | auto."),
     device: str = typer.Option("cpu", help="cpu, cuda[:N], npu[:N]."),
     kv_cache_gb: float = typer.Option(1.0, help="KV cache size."),
@@ -222,7 +226,9 @@ def generate(
     try:
         dev = get_device(device)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                seed=seed, stop=list(stop or []), ignore_eos=ignore_eos)
+                                seed=seed, stop=list(stop or []), ignore_eos=ignore_eos,
+                                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty, logprobs=logprobs)
         from xytune.runtime.llm import LLM
 
         start = time.perf_counter()
@@ -241,6 +247,8 @@ def generate(
             "model": model, "dtype": str(llm.dtype).replace("torch.", ""), "text": out.text,
             "prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids,
             "finish_reason": out.finish_reason,
+            **({"logprobs": [{"logprob": lp, "top": [{"id": t, "logprob": v} for t, v in top]}
+                             for lp, top in out.logprobs]} if out.logprobs is not None else {}),
             "timings": {"load_s": load_s, "ttft_s": out.metrics["ttft_s"], "total_s": out.metrics["latency_s"],
                         "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None},
         }, indent=2) + "\n")
