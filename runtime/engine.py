@@ -158,12 +158,13 @@ class Engine:
                 ids.extend(req.all_ids[nc: nc + n])
                 positions.extend(range(nc, nc + n))
                 chunks.append((req.blocks, nc, n))
-                # positions before the prompt's last predict a prompt token; each is recorded once (a request
-                # recomputed after preemption runs them again)
-                lo, end = max(nc, len(req.prompt_logprobs) - 1), min(nc + n, len(req.prompt_ids) - 1)
-                if req.params.prompt_logprobs is not None and lo < end:
-                    prompt_rows.append((req, len(logit_rows), lo, end))
-                    logit_rows.extend(range(row + lo - nc, row + end - nc))
+                if req.params.prompt_logprobs is not None:
+                    # positions before the prompt's last predict a prompt token; each is recorded once (a
+                    # request recomputed after preemption runs them again)
+                    lo, end = max(nc, len(req.prompt_logprobs) - 1), min(nc + n, len(req.prompt_ids) - 1)
+                    if lo < end:
+                        prompt_rows.append((req, len(logit_rows), lo, end))
+                        logit_rows.extend(range(row + lo - nc, row + end - nc))
                 if nc + n == req.num_tokens:
                     sampled_reqs.append((req, len(logit_rows)))
                     logit_rows.append(row + n - 1)
