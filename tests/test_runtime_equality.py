@@ -227,3 +227,15 @@ def test_penalties_and_logit_bias_match_their_definitions(smollm2, hf):
     assert got[1].token_ids == expected[0]  # a plain request in the same batch is untouched
     plain = llm.generate([ids], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
     assert plain.token_ids != got[0].token_ids  # the penalties did change this output
+
+
+def test_bench_prefill_baseline_computes_the_last_position_only(hf):
+    """`bench runtime` times transformers' prefill as its generate runs it, not with a head GEMM per row."""
+    from xytune.bench_runtime import last_position_only
+
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.inference_mode():
+        whole = hf(ids).logits
+        last = hf(ids, **last_position_only(hf)).logits
+    assert whole.shape[1] == 6 and last.shape[1] == 1
+    torch.testing.assert_close(last[0, 0], whole[0, -1])
