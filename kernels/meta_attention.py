@@ -170,12 +170,14 @@ class MetaAttentionPlan:
 
 def plan_meta_attention(requests: list[AttnRequest], num_heads: int, num_kv_heads: int, cache_slots: int,
                         tile_q: int = 16, tile_kv: int = 256, prefill_tile: int = 64,
-                        sdpa_min_keys: int = 512, page_size: int = 16) -> MetaAttentionPlan:
+                        sdpa_min_keys: int = 512, page_size: int = 16,
+                        pages_aligned: bool | None = None) -> MetaAttentionPlan:
     """Cut a batch into classified, GQA-packed, longest-first tiles (host side, no per-tile tensors).
 
     ``page_size``: the paged cache's block size. When every request's keys sit in whole aligned pages (as the
     engine's block tables put them), K/V are gathered a page at a time, which moves the same bytes in 16x
-    fewer rows; otherwise a slot at a time.
+    fewer rows; otherwise a slot at a time. ``pages_aligned``: the caller vouches for that layout (slots made
+    from block tables), which saves checking every slot; None: check.
     """
     if num_heads % num_kv_heads:
         raise ValueError("num_heads must be a multiple of num_kv_heads")
@@ -184,7 +186,8 @@ def plan_meta_attention(requests: list[AttnRequest], num_heads: int, num_kv_head
     if min(tile_q, tile_kv, prefill_tile) < 1:
         raise ValueError("tile sizes must be positive")
     g = num_heads // num_kv_heads
-    page = page_size if page_size > 1 and cache_slots % page_size == 0 and _paged(requests, page_size) else 1
+    aligned = pages_aligned if pages_aligned is not None else _paged(requests, page_size)
+    page = page_size if page_size > 1 and cache_slots % page_size == 0 and aligned else 1
     counts = {"full": 0, "masked": 0, "skipped": 0}
     short, long, base = [], [], 0
     for r in requests:
@@ -234,19 +237,24 @@ def _plan_short(items, H, kvh, cache_slots, tile_q, tile_kv, counts, page=1) -> 
     local = np.arange(len(req)) - np.repeat(np.cumsum(per_req) - per_req, per_req)
     head = local // chunks[req]
     chunk = local % chunks[req]
+    key_len = np.minimum(tile_kv, L[req] - chunk * tile_kv)  # real keys per tile
+    # longest first; every per-tile array below is built in this order (reordering them after costs copies)
+    order = np.argsort(-key_len, kind="stable")
+    req, head, chunk, key_len = req[order], head[order], chunk[order], key_len[order]
     segment = req * kvh + head
-    pos = chunk[:, None] * tile_kv + np.arange(tile_kv)[None, :]  # key position within the request
-    valid = pos < L[req][:, None]
-    pos_page = pos[:, ::page]  # the first key of every page of the tile (padding pages: the request's last)
-    kv_index = (head[:, None] * (cache_slots // page)
+    pos_page = chunk[:, None] * tile_kv + np.arange(0, tile_kv, page)[None, :]  # first key of every page
+    kv_index = (head[:, None] * (cache_slots // page)  # padding pages: the request's last
                 + slots[offset[req][:, None] + np.minimum(pos_page, L[req][:, None] - 1)] // page)
     rows = np.arange(tile_q)
     real_row = rows[None, :] < R[req][:, None]
     q_index = np.where(real_row, (base[req][:, None] + rows // g) * H + head[:, None] * g + rows % g, 0)
-    if (qlen == 1).all():  # decode only: the mask does not depend on the row
-        allowed = valid[:, None, :]
-        full = valid.all(1)
+    if (qlen == 1).all():  # decode only: the mask does not depend on the row, only on the tile's key count
+        full = key_len == tile_kv
+        padding = torch.arange(tile_kv)[None, None, :] >= torch.from_numpy(key_len)[:, None, None]
+        bias = torch.zeros(len(req), 1, tile_kv).masked_fill_(padding, float("-inf"))
     else:
+        pos = chunk[:, None] * tile_kv + np.arange(tile_kv)[None, :]  # key position within the request
+        valid = pos < L[req][:, None]
         token = rows // g
         allowed = valid[:, None, :] & real_row[:, :, None]
         causal = np.array([r.mask == CAUSAL for r in reqs])[req]
@@ -258,11 +266,9 @@ def _plan_short(items, H, kvh, cache_slots, tile_q, tile_kv, counts, page=1) -> 
         full = allowed.reshape(len(req), -1).all(1) | False
         full &= (R[req] == tile_q)
         allowed = allowed | (~real_row[:, :, None] & (np.arange(tile_kv) == 0)[None, None, :])  # padding rows: key 0
-    bias = np.where(allowed, np.float32(0), np.float32(-np.inf))
+        bias = torch.from_numpy(np.where(allowed, np.float32(0), np.float32(-np.inf)))
     counts["full"] += int(full[head == 0].sum())
     counts["masked"] += int((~full[head == 0]).sum())
-    order = np.argsort(-valid.sum(1), kind="stable")  # longest first
-    segment_sorted = segment[order]
     num_segments = n * kvh
     seg_req = np.repeat(np.arange(n), kvh)
     seg_head = np.tile(np.arange(kvh), n)
@@ -272,13 +278,12 @@ def _plan_short(items, H, kvh, cache_slots, tile_q, tile_kv, counts, page=1) -> 
     split = len(req) > num_segments
     if not split:  # one tile per segment: rows are read straight from the (reordered) tiles
         tile_of = np.empty(num_segments, dtype=np.int64)
-        tile_of[segment_sorted] = np.arange(len(segment_sorted))
+        tile_of[segment] = np.arange(len(segment))
         src = tile_of[src // tile_q] * tile_q + src % tile_q
     t = torch.from_numpy
     return ShortTiles(
-        q_index=t(q_index[order]), kv_index=t(kv_index[order]), bias=t(np.ascontiguousarray(bias[order])),
-        segment=t(segment_sorted), num_segments=num_segments, key_len=t(valid.sum(1)[order]),
-        out_index=t(out_index), out_from=t(src), split=split, page=page,
+        q_index=t(q_index), kv_index=t(kv_index), bias=bias, segment=t(segment), num_segments=num_segments,
+        key_len=t(key_len), out_index=t(out_index), out_from=t(src), split=split, page=page,
     )
 
 

@@ -1,0 +1,70 @@
+"""The step's attention description built from block tables, checked against the slot formula."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from xytune.kernels.meta_attention import TREE, plan_meta_attention, run_meta_attention_torch
+from xytune.runtime.attention import AttentionBatch, reference_attention
+
+
+def _chunks(seed: int, block_size: int = 16):
+    """Decodes, prefill chunks (fresh and after a cached prefix) and a verify tree over random block tables."""
+    g = np.random.default_rng(seed)
+    free = list(g.permutation(400))
+    chunks = []
+    for before, n, tree in [(130, 1, None), (0, 37, None), (7, 1, None), (45, 20, None), (60, 3, [-1, 0, 0]),
+                            (15, 1, None), (16, 1, None)]:
+        table = [int(free.pop()) for _ in range(-(-(before + n) // block_size))]
+        chunks.append((table, before, n, tree) if tree else (table, before, n))
+    return chunks
+
+
+def _slots(table, count, block_size=16):
+    return [table[i // block_size] * block_size + i % block_size for i in range(count)]
+
+
+def test_build_gives_every_request_its_block_table_slots():
+    chunks = _chunks(0)
+    batch = AttentionBatch.build(16, chunks)
+    expected_new = []
+    for (table, before, n, *tree), req in zip(chunks, batch.requests):
+        assert req.key_slots.tolist() == _slots(table, before + n)
+        assert (req.q_len, req.context_len) == (n, before)
+        assert req.mask == (TREE if tree else "causal")
+        expected_new += _slots(table, before + n)[before:]
+    assert batch.slot_mapping.tolist() == expected_new
+    lens = [before + 1 for _, before, n, *_ in chunks if n == 1]
+    assert batch.decode_rows.tolist() == [0, 38, 62, 63]
+    assert batch.decode_slots.shape == (4, max(lens))
+    for i, (table, before, n, *_) in enumerate(c for c in chunks if c[2] == 1):
+        assert batch.decode_slots[i, : before + 1].tolist() == _slots(table, before + 1)
+        bias = batch.decode_bias[i, 0]
+        assert (bias[: before + 1] == 0).all() and torch.isinf(bias[before + 1:]).all()
+    assert [(p.token_start, p.num_tokens, p.context_before) for p in batch.prefills] == [(1, 37, 0), (39, 20, 45),
+                                                                                          (59, 3, 60)]
+    assert batch.prefills[2].parents == [-1, 0, 0]
+    assert batch.pages_aligned
+
+
+def test_a_batch_without_decodes_pads_nothing():
+    batch = AttentionBatch.build(16, [([3, 9], 0, 20)])
+    assert batch.decode_slots.shape == (0, 0) and batch.decode_bias.shape == (0, 1, 0)
+    assert batch.slot_mapping.tolist() == _slots([3, 9], 20)
+
+
+def test_meta_attention_and_the_reference_agree_on_a_built_batch():
+    """The vouched-for page layout plans the same attention as the checked one, and both match the reference."""
+    chunks = _chunks(1)
+    batch = AttentionBatch.build(16, chunks)
+    gen = torch.Generator().manual_seed(0)
+    T = sum(c[2] for c in chunks)
+    q = torch.randn(T, 9, 64, generator=gen)
+    k, v = torch.randn(3, 400 * 16, 64, generator=gen), torch.randn(3, 400 * 16, 64, generator=gen)
+    vouched = plan_meta_attention(batch.requests, 9, 3, k.shape[1], 8, 64, 16, pages_aligned=True)
+    checked = plan_meta_attention(batch.requests, 9, 3, k.shape[1], 8, 64, 16)
+    assert vouched.short.page == checked.short.page == 16
+    out = run_meta_attention_torch(vouched, q, k, v, 0.125)
+    torch.testing.assert_close(out, run_meta_attention_torch(checked, q, k, v, 0.125))
+    torch.testing.assert_close(out, reference_attention(q, k, v, batch, 0.125), rtol=1e-4, atol=1e-4)
