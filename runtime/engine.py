@@ -182,8 +182,9 @@ class Engine:
                 req.num_computed += n
         if sampled_reqs:
             reqs = [r for r, _ in sampled_reqs]
-            rows = torch.tensor([i for _, i in sampled_reqs], dtype=torch.long, device=logits.device)
-            z = logits[rows]
+            rows = [i for _, i in sampled_reqs]
+            # every logits row is sampled (a decode step): edit them in place rather than copy them all
+            z = logits if rows == list(range(len(logits))) else logits[torch.tensor(rows, device=logits.device)]
             raw = {i: z[i].clone() for i, r in enumerate(reqs) if r.params.logprobs is not None}
             for i, r in enumerate(reqs):
                 if r.params.reshapes_logits:

@@ -13,7 +13,7 @@ from conftest import require_default_model
 from xytune.runtime.engine import Engine, RequestError
 from xytune.runtime.kv_cache import BlockAllocator
 from xytune.runtime.llm import LLM
-from xytune.runtime.sampling import SamplingParams, filter_logits
+from xytune.runtime.sampling import SamplingParams, filter_logits, row_argmax
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,16 @@ def test_top_k_and_top_p_filters():
     tiny = filter_logits(logits, 1.0, -1, 0.01)
     assert torch.isfinite(tiny[0]) and torch.isinf(tiny[1:]).all()
     assert torch.allclose(filter_logits(logits, 2.0, -1, 1.0), logits / 2)
+
+
+def test_row_argmax_takes_the_first_maximum_like_torch():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randint(-3, 4, (64, 1000), generator=gen).float()  # many ties per row
+    logits[5] = float("-inf")
+    logits[6, 10] = float("inf")
+    assert row_argmax(logits) == logits.argmax(-1).tolist()
+    assert row_argmax(logits.bfloat16()) == logits.argmax(-1).tolist()  # the torch path for other dtypes
+    assert row_argmax(logits[:, ::2]) == logits[:, ::2].argmax(-1).tolist()  # strided rows
 
 
 def test_stop_strings_stop_ids_and_lengths(llm):
