@@ -32,6 +32,8 @@ MAX_BATCH = 256  # prompts x n: engine requests one HTTP request may start
 
 class StreamOptions(BaseModel):
     include_usage: bool = False  # a last chunk with empty choices and the request's usage
+    # vLLM's extension: with include_usage, every chunk also carries its choice's usage so far
+    continuous_usage_stats: bool = False
 
 
 class SamplingFields(BaseModel):
@@ -341,10 +343,20 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
 
         async def sse():
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+            options = body.stream_options
+            continuous = bool(options and options.include_usage and options.continuous_usage_stats)
+
+            def chunk(choice: dict, prompt_tokens: int, completion_tokens: int) -> str:
+                data = _chunk(rid, chunk_kind, model_name, choice)
+                if continuous:
+                    data["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                     "total_tokens": prompt_tokens + completion_tokens}
+                return f"data: {json.dumps(data)}\n\n"
+
             if chat:
                 for i in range(total):
                     head = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                    yield f"data: {json.dumps(_chunk(rid, chunk_kind, model_name, head))}\n\n"
+                    yield chunk(head, len(jobs[i][0]), 0)
             last: dict[int, Update] = {}
             try:
                 async for i, u in updates(streams, request):
@@ -359,12 +371,12 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
                     choice = {"index": i, "finish_reason": u.finish_reason if u.finished else None,
                               "logprobs": logprobs}
                     choice.update({"delta": piece} if chat else {"text": delta})
-                    yield f"data: {json.dumps(_chunk(rid, chunk_kind, model_name, choice))}\n\n"
+                    yield chunk(choice, u.num_prompt_tokens, 0 if score_only else len(u.token_ids))
             except RuntimeError as exc:  # the engine failed mid-stream: say so in the stream (OpenAI clients raise)
                 error = {"message": str(exc), "type": "server_error", "code": 500}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 return
-            if body.stream_options and body.stream_options.include_usage:  # as OpenAI: one more chunk, no choices
+            if options and options.include_usage:  # as OpenAI: one more chunk, no choices
                 data = {**_chunk(rid, chunk_kind, model_name, None), "choices": [],
                         "usage": usage([last[k] for k in range(total)], body.n, score_only)}
                 yield f"data: {json.dumps(data)}\n\n"

@@ -143,6 +143,12 @@ def test_streaming_equals_non_streaming(client):
     assert all(c.usage is None for c in with_usage[:-1])
     with pytest.raises(openai.BadRequestError, match="stream_options needs stream"):
         client.completions.create(stream_options={"include_usage": True}, **kwargs)
+    running = list(client.completions.create(
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **kwargs))
+    counts = [c.usage.completion_tokens for c in running[:-1]]  # vLLM's extension: usage on every chunk
+    assert counts == sorted(counts) and counts[-1] == whole.usage.completion_tokens and counts[0] >= 1
+    assert all(c.usage.prompt_tokens == whole.usage.prompt_tokens for c in running)
+    assert running[-1].choices == [] and running[-1].usage.total_tokens == whole.usage.total_tokens
 
 
 def test_chat_streaming_and_not(client):
@@ -150,10 +156,13 @@ def test_chat_streaming_and_not(client):
     whole = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=60, temperature=0)
     text = whole.choices[0].message.content
     assert "4" in text and whole.choices[0].finish_reason == "stop" and "<|im_end|>" not in text
-    chunks = list(client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=60,
-                                                 temperature=0, stream=True))
+    chunks = list(client.chat.completions.create(
+        model="smollm2-135m", messages=messages, max_tokens=60, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == text
+    assert (chunks[0].usage.prompt_tokens, chunks[0].usage.completion_tokens) == (whole.usage.prompt_tokens, 0)
+    assert chunks[-2].usage.completion_tokens == chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     parts = [{"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "2+2?"}]}]
     joined = [{"role": "user", "content": "What is\n2+2?"}]
     from_parts, from_text = (client.chat.completions.create(model="smollm2-135m", messages=m, max_tokens=12,
