@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xytune.devices import get_device
 from xytune.runtime.llm import LLM
 from xytune.runtime.model import apply_rotary, rms_norm
 from xytune.runtime.sampling import SamplingParams
@@ -116,13 +117,8 @@ def compiled_model():
     return forward
 
 
-def median_ms(fn, n=10) -> float:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+def median_ms(fn, n: int = 10) -> float:
+    return float(np.median(get_device("cpu").time_samples(fn, n))) * 1e3
 
 
 def main() -> None:

@@ -8,23 +8,18 @@ compare them (docs/benchmarks.md has both).
 from __future__ import annotations
 
 import inspect
-import time
 
 import numpy as np
 import torch
 
+from xytune.devices import get_device
 from xytune.kernels.meta_attention import plan_meta_attention
 from xytune.runtime.attention import AttentionBatch
 from xytune.runtime import sampling
 
 
 def median_ms(fn, n: int = 15) -> float:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    return float(np.median(get_device("cpu").time_samples(fn, n))) * 1e3
 
 
 def main() -> None:
