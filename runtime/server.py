@@ -155,9 +155,16 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
     response_format: dict | None = None
+    # vLLM's chat extensions
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # carry the last (assistant) message on instead of starting a new one
+    echo: bool = False  # the reply starts with the last message's text when that message has the reply's role
+    chat_template_kwargs: dict | None = None
 
     @model_validator(mode="after")
     def _supported(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt: false")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.stream_options is not None and not self.stream:
@@ -179,6 +186,9 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
+    add_generation_prompt: bool = True  # for messages, as in chat completions
+    continue_final_message: bool = False
+    chat_template_kwargs: dict | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -240,7 +250,9 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
             return err
         try:
             if body.messages is not None:
-                text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+                text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages],
+                                                     body.add_generation_prompt, body.continue_final_message,
+                                                     body.chat_template_kwargs)
                 ids = tokenizer.encode(text, add_special_tokens=False)  # the template adds its own
             else:
                 ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -307,7 +319,8 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
     async def respond(request: HTTPRequest, body: SamplingFields, prompts: list[list[int]], params: SamplingParams,
                       chat: bool, echo: list[str] | None = None):
         """One choice per prompt and sample: choice ``p * n + i`` is prompt ``p``'s ``i``-th (OpenAI's order).
-        ``echo``: the prompts' texts, shown before their choices' outputs (completions)."""
+        ``echo``: per prompt, the text shown before its choices' outputs (completions: the prompt; chat: the
+        last message)."""
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         # n choices are n engine requests; with a seed, choice i samples with seed + i (reproducible, distinct)
         choice_params = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
@@ -411,9 +424,15 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
         try:
             if body.max_completion_tokens is not None:
                 body.max_tokens = body.max_completion_tokens
-            prompt = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+            messages = [m.model_dump() for m in body.messages]
+            prompt = tokenizer.apply_chat_template(messages, body.add_generation_prompt, body.continue_final_message,
+                                                   body.chat_template_kwargs)
             ids = tokenizer.encode(prompt, add_special_tokens=False)
-            return await respond(request, body, [ids], body.sampling_params(default_max_tokens), chat=True)
+            # as vLLM: the reply's role is the assistant's after a generation prompt, else the last message's
+            role = "assistant" if body.add_generation_prompt else messages[-1]["role"]
+            echo = [messages[-1]["content"]] if body.echo and messages[-1]["role"] == role else None
+            return await respond(request, body, [ids], body.sampling_params(default_max_tokens), chat=True,
+                                 echo=echo)
         except (RequestError, ValueError) as exc:
             return _error(400, str(exc))
         except RuntimeError as exc:

@@ -135,10 +135,21 @@ class Tokenizer:
                 return bytes(table[c] for c in piece)
         return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` with the model's own Jinja chat template."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, template_kwargs: dict | None = None) -> str:
+        """Render ``messages`` with the model's own Jinja chat template.
+
+        ``continue_final_message`` (vLLM's and transformers' option): the text stops where the last
+        message's content ends, with no end-of-turn after it, so the model carries that message on (a
+        prefilled assistant answer). ``template_kwargs``: extra variables for the template.
+        """
         if not self.chat_template:
             raise ModelLoadError("This model has no chat template; send a plain prompt instead.")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"} & set(template_kwargs or {})
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {sorted(reserved)}")
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -149,11 +160,19 @@ class Tokenizer:
         env.globals.update(raise_exception=raise_exception,
                            strftime_now=lambda fmt: datetime.now().strftime(fmt))
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
+            text = env.from_string(self.chat_template).render(
+                **(template_kwargs or {}), messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except TemplateError as exc:
             raise ValueError(f"chat template error: {exc}") from None
+        if continue_final_message:
+            final = messages[-1].get("content") or ""
+            for piece in (final, final.strip()):  # templates often strip the content
+                if piece and piece in text:
+                    return text[: text.rindex(piece) + len(piece)]
+            raise ValueError("continue_final_message: the chat template does not show the final message's text, "
+                             "so it cannot be continued")
+        return text
 
 
 class IncrementalDetokenizer:

@@ -331,6 +331,36 @@ def test_tokenize_and_detokenize(server, reference):
     assert httpx.post(f"{server}/tokenize", json={"prompt": "x", "model": "gpt-4"}).status_code == 404
 
 
+def test_chat_continues_a_prefilled_assistant_message(client, server):
+    """vLLM's continue_final_message / add_generation_prompt / echo / chat_template_kwargs."""
+    messages = [{"role": "user", "content": "Count from one to ten in words."},
+                {"role": "assistant", "content": "one, two, three,"}]
+    cont = dict(add_generation_prompt=False, continue_final_message=True)
+    tokens = httpx.post(f"{server}/tokenize", json={"messages": messages, **cont}).json()["tokens"]
+    prompt = httpx.post(f"{server}/detokenize", json={"tokens": tokens}).json()["prompt"]
+    assert prompt.endswith("one, two, three,")  # no end-of-turn after the prefilled text
+    kwargs = dict(model="smollm2-135m", messages=messages, max_tokens=8, temperature=0)
+    went_on = client.chat.completions.create(**kwargs, extra_body=cont).choices[0].message.content
+    same = client.completions.create(model="smollm2-135m", prompt=tokens, max_tokens=8, temperature=0)
+    assert went_on == same.choices[0].text and went_on.strip()  # the same tokens, continued
+    echoed = client.chat.completions.create(**kwargs, extra_body={**cont, "echo": True}).choices[0].message.content
+    assert echoed == "one, two, three," + went_on
+    streamed = client.chat.completions.create(**kwargs, stream=True, extra_body={**cont, "echo": True})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == echoed
+    # after a generation prompt the reply is a new assistant turn: nothing to echo from the user's message
+    fresh = client.chat.completions.create(**{**kwargs, "messages": messages[:1]}, extra_body={"echo": True})
+    assert not fresh.choices[0].message.content.startswith("Count from one")
+    kept = client.chat.completions.create(**{**kwargs, "messages": messages[:1]},
+                                          extra_body={"chat_template_kwargs": {"unused_flag": True}})
+    assert kept.choices[0].message.content == fresh.choices[0].message.content
+    bad = [(dict(extra_body={"continue_final_message": True}), "needs add_generation_prompt: false"),
+           (dict(extra_body={"chat_template_kwargs": {"messages": []}}), "may not set"),
+           (dict(messages=[{"role": "user", "content": ""}], extra_body=cont), "cannot be continued")]
+    for override, message in bad:
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.chat.completions.create(**{**kwargs, **override})
+
+
 def test_unsupported_or_out_of_range_fields_are_400(client):
     for kwargs, message in [(dict(max_tokens=0), "max_tokens 0 needs echo"), (dict(best_of=2), "best_of must equal n"),
                             (dict(presence_penalty=2.5), "presence_penalty"), (dict(logprobs=21), "logprobs"),
