@@ -268,9 +268,10 @@ class Engine:
                 return "stop"
             if p.stop:
                 text = self.tokenizer.decode(req.output_ids)
-                hits = [text.find(s) for s in p.stop if s in text]
+                hits = [(text.find(s), len(s)) for s in p.stop if s in text]
                 if hits:
-                    req.text = text[: min(hits)]
+                    at, length = min(hits)
+                    req.text = text[: at + length] if p.include_stop_str_in_output else text[:at]
                     return "stop"
         if n_out >= p.max_tokens or req.num_tokens >= self.max_model_len:
             return "length"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -15,9 +16,11 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = -1  # -1 or 0: off
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens less likely than this fraction of the most likely one (0: off)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False  # the matched stop string stays at the end of the text
     ignore_eos: bool = False
     min_tokens: int = 0
     presence_penalty: float = 0.0  # OpenAI: minus this for every token already in the output
@@ -37,6 +40,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1 (off) or positive, got {self.top_k}.")
         if not 0 <= self.min_tokens <= self.max_tokens:
@@ -111,9 +116,13 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return gen
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) on one row of float32 logits."""
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                  min_p: float = 0.0) -> torch.Tensor:
+    """Temperature, then min-p, top-k and top-p (nucleus) on one row of float32 logits. The most likely token
+    survives every filter, so min-p (a probability ratio to it) gives the same result in any order."""
     logits = logits / temperature
+    if min_p > 0:
+        logits = logits.masked_fill(logits < logits.max() + math.log(min_p), float("-inf"))
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -145,6 +154,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     out = row_argmax(logits)
     for i, p in enumerate(params):
         if not p.greedy:
-            probs = filter_logits(logits[i], p.temperature, p.top_k, p.top_p).softmax(-1)
+            probs = filter_logits(logits[i], p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
             out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
     return out

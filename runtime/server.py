@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from typing import Literal, Union
@@ -28,6 +29,9 @@ from xytune.runtime.tokenizer import Tokenizer
 
 MAX_CHOICES = 16  # n: choices per prompt, each an engine request of its own
 MAX_BATCH = 256  # prompts x n: engine requests one HTTP request may start
+# vLLM's constrained-decoding fields: refused rather than ignored (the output would not follow them)
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+log = logging.getLogger("xytune.server")
 
 
 class StreamOptions(BaseModel):
@@ -47,10 +51,12 @@ class SamplingFields(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=-1, ge=-1)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     seed: int | None = None
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -60,6 +66,24 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    use_beam_search: bool = False
+    prompt_logprobs: int | None = None
+
+    @model_validator(mode="after")
+    def _vllm_fields_not_served(self):
+        if self.use_beam_search:
+            raise ValueError("use_beam_search is not supported (greedy and sampling only)")
+        if self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported; send echo with logprobs to /v1/completions")
+        guided = [k for k in GUIDED_FIELDS if (self.model_extra or {}).get(k) is not None]
+        if guided:
+            raise ValueError(f"{guided[0]} is not supported (no constrained decoding)")
+        return self
+
+    def ignored_fields(self) -> list[str]:
+        """Fields this server does not know (OpenAI's metadata, other servers' extensions): accepted, unused."""
+        return sorted(self.model_extra or {})
 
     @field_validator("logit_bias")
     @classmethod
@@ -84,8 +108,9 @@ class SamplingFields(BaseModel):
         try:
             return SamplingParams(
                 max_tokens=self.max_tokens or default_max, temperature=self.temperature, top_k=self.top_k,
-                top_p=self.top_p, seed=self.seed, stop=list(self.stop or []),
-                stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
+                top_p=self.top_p, min_p=self.min_p, seed=self.seed, stop=list(self.stop or []),
+                stop_token_ids=list(self.stop_token_ids or []),
+                include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
                 min_tokens=self.min_tokens, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
                 logit_bias=dict(self.logit_bias or {}), logprobs=self.num_logprobs())
@@ -275,10 +300,15 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
                                             "owned_by": "xytune", "max_model_len": info.max_model_len,
                                             "vocab_size": info.vocab_size}]}
 
+    warned: set[str] = set()  # ignored request fields already logged (once each, not per request)
+
     def check_model(body: SamplingFields | TokenizeRequest | DetokenizeRequest):
         if body.model not in (None, model_name):
             return _error(404, f"The model {body.model!r} does not exist; this server runs {model_name!r}.",
                           "not_found_error")
+        if isinstance(body, SamplingFields) and (new := set(body.ignored_fields()) - warned):
+            warned.update(new)
+            log.warning("ignoring request fields this server does not use: %s", ", ".join(sorted(new)))
         return None
 
     async def updates(streams: list[tuple[str, asyncio.Queue]], request: HTTPRequest):

@@ -153,7 +153,7 @@ def verify(logits: torch.Tensor, draft: Draft, params: SamplingParams, generator
             row = by_token[tok]
             path.append(row)
             continue
-        probs = filter_logits(z, params.temperature, params.top_k, params.top_p).softmax(-1)
+        probs = filter_logits(z, params.temperature, params.top_k, params.top_p, params.min_p).softmax(-1)
         accepted = None
         for tok, child in by_token.items():
             mass = float(probs.sum())

@@ -73,6 +73,11 @@ def test_top_k_and_top_p_filters():
     tiny = filter_logits(logits, 1.0, -1, 0.01)
     assert torch.isfinite(tiny[0]) and torch.isinf(tiny[1:]).all()
     assert torch.allclose(filter_logits(logits, 2.0, -1, 1.0), logits / 2)
+    # min_p: keep tokens at least this likely relative to the top one (e^-1 = 0.37 of it for the second)
+    kept = filter_logits(logits, 1.0, -1, 1.0, min_p=0.3)
+    assert torch.isfinite(kept[:2]).all() and torch.isinf(kept[2:]).all()
+    assert torch.isfinite(filter_logits(logits, 1.0, -1, 1.0, min_p=1.0)).sum() == 1
+    assert torch.isfinite(filter_logits(logits, 2.0, -1, 1.0, min_p=0.3)).sum() == 3  # after temperature
 
 
 def test_row_argmax_takes_the_first_maximum_like_torch():

@@ -178,9 +178,22 @@ def test_stop_strings_and_seeded_sampling(client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="smollm2-135m", prompt="1, 2, 3, 4, 5,", max_tokens=30, temperature=0, stop=[" 8,"], stream=True))
     assert streamed == out.choices[0].text
+    kept = dict(model="smollm2-135m", prompt="1, 2, 3, 4, 5,", max_tokens=30, temperature=0, stop=[" 8,"],
+                extra_body={"include_stop_str_in_output": True})
+    with_stop = client.completions.create(**kept).choices[0]
+    assert with_stop.text == out.choices[0].text + " 8," and with_stop.finish_reason == "stop"
+    assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **kept)) == with_stop.text
     a, b = (client.completions.create(model="smollm2-135m", prompt="Hello", max_tokens=16, temperature=1.0, seed=3,
                                       extra_body={"top_k": 50, "ignore_eos": True}) for _ in range(2))
     assert a.choices[0].text == b.choices[0].text
+    # min_p 1 keeps only the most likely token: sampling at any temperature is then greedy
+    greedy = client.completions.create(model="smollm2-135m", prompt="Hello", max_tokens=16, temperature=0)
+    only_top = client.completions.create(model="smollm2-135m", prompt="Hello", max_tokens=16, temperature=1.5, seed=3,
+                                         extra_body={"min_p": 1.0})
+    assert only_top.choices[0].text == greedy.choices[0].text != a.choices[0].text
+    # a field this server does not know is accepted and unused (as OpenAI's metadata, or other servers' knobs)
+    assert client.completions.create(model="smollm2-135m", prompt="Hello", max_tokens=16, temperature=0,
+                                     extra_body={"some_other_servers_knob": 3}).choices[0].text == greedy.choices[0].text
 
 
 def test_bad_requests_are_4xx(client, server):
@@ -365,7 +378,11 @@ def test_unsupported_or_out_of_range_fields_are_400(client):
     for kwargs, message in [(dict(max_tokens=0), "max_tokens 0 needs echo"), (dict(best_of=2), "best_of must equal n"),
                             (dict(presence_penalty=2.5), "presence_penalty"), (dict(logprobs=21), "logprobs"),
                             (dict(logit_bias={"99999999": 1}), "outside the vocabulary"),
-                            (dict(logit_bias={"7": 500}), "logit_bias")]:
+                            (dict(logit_bias={"7": 500}), "logit_bias"),
+                            (dict(extra_body={"use_beam_search": True}), "use_beam_search is not supported"),
+                            (dict(extra_body={"guided_json": {"type": "object"}}), "guided_json is not supported"),
+                            (dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs is not supported"),
+                            (dict(extra_body={"min_p": 1.5}), "min_p")]:
         with pytest.raises(openai.BadRequestError, match=message):
             client.completions.create(**{"model": "smollm2-135m", "prompt": "x", "max_tokens": 2, **kwargs})
     chat = dict(model="smollm2-135m", max_tokens=2)

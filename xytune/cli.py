@@ -195,6 +195,7 @@ def generate(
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_k: int = typer.Option(-1, help="-1 = off."),
     top_p: float = typer.Option(1.0, help="Nucleus mass."),
+    min_p: float = typer.Option(0.0, help="Drop tokens less likely than this fraction of the top one (0 = off)."),
     seed: int = typer.Option(None, help="Sampling seed (reproducible output)."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past end-of-sequence."),
@@ -226,7 +227,7 @@ def generate(
     try:
         dev = get_device(device)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                seed=seed, stop=list(stop or []), ignore_eos=ignore_eos,
+                                min_p=min_p, seed=seed, stop=list(stop or []), ignore_eos=ignore_eos,
                                 repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, logprobs=logprobs)
         from xytune.runtime.llm import LLM
