@@ -83,6 +83,10 @@ def check_prompt(prompt_ids: list[int], max_model_len: int, vocab_size: int,
     bad = [t for t in (params.logit_bias if params else ()) if not 0 <= t < vocab_size]
     if bad:
         raise RequestError(f"logit_bias names token id {bad[0]}, outside the vocabulary (0..{vocab_size - 1}).")
+    bad = [t for t in ((params.allowed_token_ids or ()) if params else ()) if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"allowed_token_ids names token id {bad[0]}, outside the vocabulary "
+                           f"(0..{vocab_size - 1}).")
 
 
 class Engine:

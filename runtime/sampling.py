@@ -27,6 +27,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output
     repetition_penalty: float = 1.0  # vLLM / CTRL: logits of prompt and output tokens divided (positive) or multiplied
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be generated
     logprobs: int | None = None  # the sampled token's log-probability and this many top alternatives
     prompt_logprobs: int | None = None  # every prompt token's (after the first) log-probability, and top ones
 
@@ -53,6 +54,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}.")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}.")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must name at least one token.")
         if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
             raise ValueError("logit_bias values must be in [-100, 100].")
         for name in ("logprobs", "prompt_logprobs"):
@@ -65,7 +68,7 @@ class SamplingParams:
         """Do penalties or a bias change the logits? (Such requests decode without speculation: a draft's
         tokens would change the penalties of the positions after them.)"""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias)
+                    or self.logit_bias or self.allowed_token_ids)
 
     @property
     def greedy(self) -> bool:
@@ -77,8 +80,13 @@ MAX_LOGPROBS = 20
 
 def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
                   output_ids: list[int]) -> torch.Tensor:
-    """Logit bias, then the repetition penalty (over prompt and output tokens), then the frequency and
-    presence penalties (over output tokens), in place on one row of float32 logits (vLLM's order)."""
+    """The allowed tokens, logit bias, then the repetition penalty (over prompt and output tokens), then the
+    frequency and presence penalties (over output tokens), in place on one row of float32 logits (vLLM's
+    order)."""
+    if params.allowed_token_ids:  # checked against the vocabulary when the request came in
+        keep = torch.tensor(params.allowed_token_ids, dtype=torch.long)
+        kept = logits[keep]
+        logits.fill_(float("-inf")).index_copy_(0, keep, kept)
     if params.logit_bias:  # token ids were checked against the vocabulary when the request came in
         ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
         logits.index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype))

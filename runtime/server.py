@@ -63,6 +63,8 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     logit_bias: dict[int, float] | None = None  # JSON keys are strings; pydantic reads them as token ids
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)  # keep only the prompt's last this many
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -80,6 +82,10 @@ class SamplingFields(BaseModel):
         if guided:
             raise ValueError(f"{guided[0]} is not supported (no constrained decoding)")
         return self
+
+    def truncated(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt cut to its last ``truncate_prompt_tokens`` tokens (vLLM's option), or whole."""
+        return prompt_ids[-self.truncate_prompt_tokens:] if self.truncate_prompt_tokens else prompt_ids
 
     def ignored_fields(self) -> list[str]:
         """Fields this server does not know (OpenAI's metadata, other servers' extensions): accepted, unused."""
@@ -113,7 +119,8 @@ class SamplingFields(BaseModel):
                 include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
                 min_tokens=self.min_tokens, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-                logit_bias=dict(self.logit_bias or {}), logprobs=self.num_logprobs())
+                logit_bias=dict(self.logit_bias or {}), logprobs=self.num_logprobs(),
+                allowed_token_ids=None if self.allowed_token_ids is None else list(self.allowed_token_ids))
         except ValueError as exc:
             raise RequestError(str(exc)) from None
 
@@ -433,11 +440,12 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
             return err
         try:
             given = body.prompts()
-            prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in given]
+            prompts = [body.truncated(tokenizer.encode(p) if isinstance(p, str) else list(p)) for p in given]
             params = body.sampling_params(default_max_tokens)
             echo = None
             if body.echo:
-                echo = [p if isinstance(p, str) else tokenizer.decode(ids) for p, ids in zip(given, prompts)]
+                echo = [p if isinstance(p, str) and not body.truncate_prompt_tokens else tokenizer.decode(ids)
+                        for p, ids in zip(given, prompts)]
                 params.prompt_logprobs = body.logprobs
                 if body.max_tokens == 0:  # the engine samples one token, which is not shown
                     params.max_tokens, params.min_tokens = 1, 0
@@ -457,7 +465,7 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
             messages = [m.model_dump() for m in body.messages]
             prompt = tokenizer.apply_chat_template(messages, body.add_generation_prompt, body.continue_final_message,
                                                    body.chat_template_kwargs)
-            ids = tokenizer.encode(prompt, add_special_tokens=False)
+            ids = body.truncated(tokenizer.encode(prompt, add_special_tokens=False))
             # as vLLM: the reply's role is the assistant's after a generation prompt, else the last message's
             role = "assistant" if body.add_generation_prompt else messages[-1]["role"]
             echo = [messages[-1]["content"]] if body.echo and messages[-1]["role"] == role else None

@@ -229,6 +229,21 @@ def test_penalties_and_logit_bias_match_their_definitions(smollm2, hf):
     assert plain.token_ids != got[0].token_ids  # the penalties did change this output
 
 
+def test_allowed_token_ids_restrict_greedy_to_the_best_allowed_token(smollm2, hf):
+    llm, prompt_ids, _ = smollm2
+    gen = torch.Generator().manual_seed(1)
+    allowed = torch.randint(100, 40000, (6,), generator=gen).tolist()
+    got = llm.generate([prompt_ids[0]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True,
+                                                       allowed_token_ids=allowed))[0].token_ids
+    expected, ids = [], list(prompt_ids[0])
+    for _ in range(5):
+        with torch.inference_mode():
+            z = hf(torch.tensor([ids])).logits[0, -1]
+        expected.append(allowed[int(z[allowed].argmax())])
+        ids.append(expected[-1])
+    assert got == expected
+
+
 def test_bench_prefill_baseline_computes_the_last_position_only(hf):
     """`bench runtime` times transformers' prefill as its generate runs it, not with a head GEMM per row."""
     from xytune.bench_runtime import last_position_only

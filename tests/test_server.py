@@ -171,7 +171,7 @@ def test_chat_streaming_and_not(client):
     assert from_parts == from_text  # text parts join with newlines
 
 
-def test_stop_strings_and_seeded_sampling(client):
+def test_stop_strings_and_seeded_sampling(client, reference):
     out = client.completions.create(model="smollm2-135m", prompt="1, 2, 3, 4, 5,", max_tokens=30, temperature=0,
                                     stop=[" 8,"])
     assert out.choices[0].finish_reason == "stop" and " 8," not in out.choices[0].text
@@ -191,6 +191,13 @@ def test_stop_strings_and_seeded_sampling(client):
     only_top = client.completions.create(model="smollm2-135m", prompt="Hello", max_tokens=16, temperature=1.5, seed=3,
                                          extra_body={"min_p": 1.0})
     assert only_top.choices[0].text == greedy.choices[0].text != a.choices[0].text
+    # truncate_prompt_tokens keeps the prompt's end: the same as sending those tokens
+    ids = reference.tokenizer.encode("Once upon a time, in a land far away, there lived a")
+    cut = client.completions.create(model="smollm2-135m", prompt="Once upon a time, in a land far away, there lived a",
+                                    max_tokens=8, temperature=0, extra_body={"truncate_prompt_tokens": 5})
+    assert cut.usage.prompt_tokens == 5
+    assert cut.choices[0].text == client.completions.create(model="smollm2-135m", prompt=ids[-5:], max_tokens=8,
+                                                            temperature=0).choices[0].text
     # a field this server does not know is accepted and unused (as OpenAI's metadata, or other servers' knobs)
     assert client.completions.create(model="smollm2-135m", prompt="Hello", max_tokens=16, temperature=0,
                                      extra_body={"some_other_servers_knob": 3}).choices[0].text == greedy.choices[0].text
@@ -382,7 +389,10 @@ def test_unsupported_or_out_of_range_fields_are_400(client):
                             (dict(extra_body={"use_beam_search": True}), "use_beam_search is not supported"),
                             (dict(extra_body={"guided_json": {"type": "object"}}), "guided_json is not supported"),
                             (dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs is not supported"),
-                            (dict(extra_body={"min_p": 1.5}), "min_p")]:
+                            (dict(extra_body={"min_p": 1.5}), "min_p"),
+                            (dict(extra_body={"allowed_token_ids": [10**9]}), "allowed_token_ids names token id"),
+                            (dict(extra_body={"allowed_token_ids": []}), "allowed_token_ids must name"),
+                            (dict(extra_body={"truncate_prompt_tokens": 0}), "truncate_prompt_tokens")]:
         with pytest.raises(openai.BadRequestError, match=message):
             client.completions.create(**{"model": "smollm2-135m", "prompt": "x", "max_tokens": 2, **kwargs})
     chat = dict(model="smollm2-135m", max_tokens=2)
