@@ -271,7 +271,7 @@ class Engine:
             if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
                 return "stop"
             if p.stop:
-                text = self.tokenizer.decode(req.output_ids)
+                text = self.tokenizer.decode(req.output_ids, p.skip_special_tokens)
                 hits = [(text.find(s), len(s)) for s in p.stop if s in text]
                 if hits:
                     at, length = min(hits)
@@ -289,7 +289,7 @@ class Engine:
             text_ids = ids[:-1]
         else:
             text_ids = ids
-        text = req.text if req.text is not None else self.tokenizer.decode(text_ids)
+        text = req.text if req.text is not None else self.tokenizer.decode(text_ids, req.params.skip_special_tokens)
         end = req.finish_time or time.perf_counter()
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, text, list(ids), req.finish_reason, {
             "ttft_s": (req.first_token_time - req.arrival) if req.first_token_time else None,

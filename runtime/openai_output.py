@@ -73,7 +73,7 @@ class ChoiceStream:
         self.hold = max((len(s) for s in params.stop), default=1) - 1
         self.logprobs_sent, self.offset = 0, 0  # logprob entries and their characters already streamed
         self.echoed = echo is None
-        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.detokenizer = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
 
     def shown_ids(self, u: Update) -> list[int]:
         """The output tokens the text stands for: all but a final EOS or stop token id."""
@@ -90,7 +90,7 @@ class ChoiceStream:
     def final_text(self, u: Update) -> str:
         if self.score_only:
             return self._prefix()
-        return self._prefix() + (u.stop_text if u.stop_text is not None else self.tokenizer.decode(self.shown_ids(u)))
+        return self._prefix() + (u.stop_text if u.stop_text is not None else self.tokenizer.decode(self.shown_ids(u), self.params.skip_special_tokens))
 
     def delta(self, u: Update) -> str:
         if u.finished:

@@ -21,6 +21,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False  # the matched stop string stays at the end of the text
+    skip_special_tokens: bool = True  # leave special tokens (other than a final EOS) out of the text
     ignore_eos: bool = False
     min_tokens: int = 0
     presence_penalty: float = 0.0  # OpenAI: minus this for every token already in the output

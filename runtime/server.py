@@ -57,6 +57,7 @@ class SamplingFields(BaseModel):
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -116,7 +117,8 @@ class SamplingFields(BaseModel):
                 max_tokens=self.max_tokens or default_max, temperature=self.temperature, top_k=self.top_k,
                 top_p=self.top_p, min_p=self.min_p, seed=self.seed, stop=list(self.stop or []),
                 stop_token_ids=list(self.stop_token_ids or []),
-                include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                skip_special_tokens=self.skip_special_tokens, ignore_eos=self.ignore_eos,
                 min_tokens=self.min_tokens, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
                 logit_bias=dict(self.logit_bias or {}), logprobs=self.num_logprobs(),

@@ -186,17 +186,18 @@ class IncrementalDetokenizer:
     equals it whenever the tokens end on a whole character.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer, self.text, self.prefix, self.read = tokenizer, "", 0, 0
+        self.skip = skip_special_tokens
 
     def update(self, ids: list[int]) -> str:
         if len(ids) > self.read:
-            before = self.tokenizer.decode(ids[self.prefix: self.read])
-            after = self.tokenizer.decode(ids[self.prefix:])
+            before = self.tokenizer.decode(ids[self.prefix: self.read], self.skip)
+            after = self.tokenizer.decode(ids[self.prefix:], self.skip)
             if len(after) > len(before) and not after.endswith("\ufffd") and after.startswith(before):
                 self.text += after[len(before):]
                 self.prefix, self.read = self.read, len(ids)
             elif not after.startswith(before):  # a decoder that rewrote the window: decode all, once
-                self.text = self.tokenizer.decode(ids).rstrip("\ufffd")
+                self.text = self.tokenizer.decode(ids, self.skip).rstrip("\ufffd")
                 self.prefix, self.read = max(0, len(ids) - 4), len(ids)
         return self.text

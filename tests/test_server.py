@@ -171,6 +171,21 @@ def test_chat_streaming_and_not(client):
     assert from_parts == from_text  # text parts join with newlines
 
 
+def test_special_tokens_show_only_when_asked(client):
+    """vLLM's skip_special_tokens: past an ignored end-of-turn, the special tokens stay out of the text unless
+    the request keeps them; streamed text equals the whole one either way."""
+    kwargs = dict(model="smollm2-135m", messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=60,
+                  temperature=0)
+    plain = client.chat.completions.create(**kwargs, extra_body={"ignore_eos": True}).choices[0].message.content
+    shown = client.chat.completions.create(**kwargs, extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    text = shown.choices[0].message.content
+    assert "<|im_end|>" in text and "<|im_end|>" not in plain
+    assert text.replace("<|im_end|>", "").replace("<|im_start|>", "") == plain
+    streamed = client.chat.completions.create(**kwargs, stream=True,
+                                              extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == text
+
+
 def test_stop_strings_and_seeded_sampling(client, reference):
     out = client.completions.create(model="smollm2-135m", prompt="1, 2, 3, 4, 5,", max_tokens=30, temperature=0,
                                     stop=[" 8,"])
