@@ -188,6 +188,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
+    functions: list | None = None  # OpenAI's older form of tools
     response_format: dict | None = None
     # vLLM's chat extensions
     add_generation_prompt: bool = True
@@ -203,8 +204,9 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs needs logprobs: true")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options needs stream: true")
-        if self.tools:
-            raise ValueError("tools are not supported (this server parses no tool calls)")
+        if self.tools or self.functions:
+            raise ValueError(f"{'tools' if self.tools else 'functions'} are not supported (this server parses no "
+                             "tool calls)")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ValueError("response_format other than text is not supported (no constrained decoding)")
         return self

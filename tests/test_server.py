@@ -417,6 +417,9 @@ def test_unsupported_or_out_of_range_fields_are_400(client):
     with pytest.raises(openai.BadRequestError, match="tools are not supported"):
         client.chat.completions.create(messages=[{"role": "user", "content": "x"}], tools=[{
             "type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], **chat)
+    with pytest.raises(openai.BadRequestError, match="functions are not supported"):
+        client.chat.completions.create(messages=[{"role": "user", "content": "x"}], functions=[{
+            "name": "f", "parameters": {"type": "object"}}], **chat)
     with pytest.raises(openai.BadRequestError, match="response_format"):
         client.chat.completions.create(messages=[{"role": "user", "content": "x"}],
                                        response_format={"type": "json_object"}, **chat)
