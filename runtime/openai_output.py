@@ -90,7 +90,9 @@ class ChoiceStream:
     def final_text(self, u: Update) -> str:
         if self.score_only:
             return self._prefix()
-        return self._prefix() + (u.stop_text if u.stop_text is not None else self.tokenizer.decode(self.shown_ids(u), self.params.skip_special_tokens))
+        if u.stop_text is not None:
+            return self._prefix() + u.stop_text
+        return self._prefix() + self.tokenizer.decode(self.shown_ids(u), self.params.skip_special_tokens)
 
     def delta(self, u: Update) -> str:
         if u.finished:

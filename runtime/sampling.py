@@ -29,6 +29,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # vLLM / CTRL: logits of prompt and output tokens divided (positive) or multiplied
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be generated
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences the output may not contain
     logprobs: int | None = None  # the sampled token's log-probability and this many top alternatives
     prompt_logprobs: int | None = None  # every prompt token's (after the first) log-probability, and top ones
 
@@ -55,6 +56,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}.")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}.")
+        if any(not seq for seq in self.bad_words_ids):
+            raise ValueError("bad words must not be empty.")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise ValueError("allowed_token_ids must name at least one token.")
         if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
@@ -69,7 +72,7 @@ class SamplingParams:
         """Do penalties or a bias change the logits? (Such requests decode without speculation: a draft's
         tokens would change the penalties of the positions after them.)"""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.allowed_token_ids)
+                    or self.logit_bias or self.allowed_token_ids or self.bad_words_ids)
 
     @property
     def greedy(self) -> bool:
@@ -81,13 +84,17 @@ MAX_LOGPROBS = 20
 
 def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
                   output_ids: list[int]) -> torch.Tensor:
-    """The allowed tokens, logit bias, then the repetition penalty (over prompt and output tokens), then the
-    frequency and presence penalties (over output tokens), in place on one row of float32 logits (vLLM's
-    order)."""
+    """The allowed tokens and bad words, the logit bias, the repetition penalty (over prompt and output
+    tokens), then the frequency and presence penalties (over output tokens), in place on one row of float32
+    logits (vLLM's order)."""
     if params.allowed_token_ids:  # checked against the vocabulary when the request came in
         keep = torch.tensor(params.allowed_token_ids, dtype=torch.long)
         kept = logits[keep]
         logits.fill_(float("-inf")).index_copy_(0, keep, kept)
+    for seq in params.bad_words_ids:  # a bad word's last token is banned where the output ends with the rest
+        head = seq[:-1]
+        if not head or output_ids[-len(head):] == head:
+            logits[seq[-1]] = float("-inf")
     if params.logit_bias:  # token ids were checked against the vocabulary when the request came in
         ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
         logits.index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype))

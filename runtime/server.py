@@ -65,6 +65,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     logit_bias: dict[int, float] | None = None  # JSON keys are strings; pydantic reads them as token ids
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)  # keep only the prompt's last this many
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -83,6 +84,16 @@ class SamplingFields(BaseModel):
         if guided:
             raise ValueError(f"{guided[0]} is not supported (no constrained decoding)")
         return self
+
+    def bad_words_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
+        """Each bad word as tokens, alone and after a space (BPE spells a word differently there), as vLLM."""
+        seqs = []
+        for word in self.bad_words or []:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in seqs:
+                    seqs.append(ids)
+        return seqs
 
     def truncated(self, prompt_ids: list[int]) -> list[int]:
         """The prompt cut to its last ``truncate_prompt_tokens`` tokens (vLLM's option), or whole."""
@@ -111,7 +122,7 @@ class SamplingFields(BaseModel):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
 
-    def sampling_params(self, default_max: int) -> SamplingParams:
+    def sampling_params(self, default_max: int, tokenizer: Tokenizer) -> SamplingParams:
         try:
             return SamplingParams(
                 max_tokens=self.max_tokens or default_max, temperature=self.temperature, top_k=self.top_k,
@@ -122,7 +133,8 @@ class SamplingFields(BaseModel):
                 min_tokens=self.min_tokens, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
                 logit_bias=dict(self.logit_bias or {}), logprobs=self.num_logprobs(),
-                allowed_token_ids=None if self.allowed_token_ids is None else list(self.allowed_token_ids))
+                allowed_token_ids=None if self.allowed_token_ids is None else list(self.allowed_token_ids),
+                bad_words_ids=self.bad_words_ids(tokenizer))
         except ValueError as exc:
             raise RequestError(str(exc)) from None
 
@@ -445,7 +457,7 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
         try:
             given = body.prompts()
             prompts = [body.truncated(tokenizer.encode(p) if isinstance(p, str) else list(p)) for p in given]
-            params = body.sampling_params(default_max_tokens)
+            params = body.sampling_params(default_max_tokens, tokenizer)
             echo = None
             if body.echo:
                 echo = [p if isinstance(p, str) and not body.truncate_prompt_tokens else tokenizer.decode(ids)
@@ -473,7 +485,7 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
             # as vLLM: the reply's role is the assistant's after a generation prompt, else the last message's
             role = "assistant" if body.add_generation_prompt else messages[-1]["role"]
             echo = [messages[-1]["content"]] if body.echo and messages[-1]["role"] == role else None
-            return await respond(request, body, [ids], body.sampling_params(default_max_tokens), chat=True,
+            return await respond(request, body, [ids], body.sampling_params(default_max_tokens, tokenizer), chat=True,
                                  echo=echo)
         except (RequestError, ValueError) as exc:
             return _error(400, str(exc))

@@ -90,6 +90,16 @@ def test_row_argmax_takes_the_first_maximum_like_torch():
     assert row_argmax(logits[:, ::2]) == logits[:, ::2].argmax(-1).tolist()  # strided rows
 
 
+def test_bad_words_ban_a_last_token_only_after_the_rest_of_the_word():
+    from xytune.runtime.sampling import adjust_logits
+
+    params = SamplingParams(bad_words_ids=[[5], [7, 8, 9]])
+    z = adjust_logits(torch.zeros(12), params, prompt_ids=[1], output_ids=[3, 7])
+    assert torch.isinf(z).nonzero().flatten().tolist() == [5]  # the one-token word only: 7 8 is not yet out
+    z = adjust_logits(torch.zeros(12), params, prompt_ids=[1], output_ids=[3, 7, 8])
+    assert torch.isinf(z).nonzero().flatten().tolist() == [5, 9]
+
+
 def test_stop_strings_stop_ids_and_lengths(llm):
     base = llm.generate("1, 2, 3, 4, 5,", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
     assert base.finish_reason == "length" and len(base.token_ids) == 30

@@ -206,6 +206,10 @@ def test_stop_strings_and_seeded_sampling(client, reference):
     only_top = client.completions.create(model="smollm2-135m", prompt="Hello", max_tokens=16, temperature=1.5, seed=3,
                                          extra_body={"min_p": 1.0})
     assert only_top.choices[0].text == greedy.choices[0].text != a.choices[0].text
+    # bad_words: the word never comes out, whether or not a space precedes it
+    counting = dict(model="smollm2-135m", prompt="1, 2, 3, 4, 5,", max_tokens=12, temperature=0)
+    assert " 7" in client.completions.create(**counting).choices[0].text
+    assert "7" not in client.completions.create(**counting, extra_body={"bad_words": ["7"]}).choices[0].text
     # truncate_prompt_tokens keeps the prompt's end: the same as sending those tokens
     ids = reference.tokenizer.encode("Once upon a time, in a land far away, there lived a")
     cut = client.completions.create(model="smollm2-135m", prompt="Once upon a time, in a land far away, there lived a",
