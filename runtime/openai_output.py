@@ -15,7 +15,10 @@ from xytune.runtime.sampling import SamplingParams
 from xytune.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
-def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+def token_text(tokenizer: Tokenizer, token_id: int, as_id: bool = False) -> str:
+    """The token's text, or with ``as_id`` vLLM's ``token_id:N`` (``return_tokens_as_token_ids``)."""
+    if as_id:
+        return f"token_id:{token_id}"
     raw = tokenizer.token_bytes(token_id)
     try:
         return raw.decode("utf-8")
@@ -23,12 +26,13 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
-def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], entries: list, text_offset: int = 0) -> dict:
+def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], entries: list, text_offset: int = 0,
+                        as_ids: bool = False) -> dict:
     """``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` for these tokens; offsets count
     characters of the completion from ``text_offset`` (where the previous stream chunk ended)."""
     tokens, offsets, pos = [], [], text_offset
     for t in token_ids:
-        tokens.append(token_text(tokenizer, t))
+        tokens.append(token_text(tokenizer, t, as_ids))
         offsets.append(pos)
         pos += len(tokenizer.token_bytes(t).decode("utf-8", errors="ignore"))
     tops = []
@@ -37,18 +41,18 @@ def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], entries: lis
             tops.append(None)
             continue
         lp, alts = entry
-        top = {token_text(tokenizer, a): v for a, v in alts}
-        top.setdefault(token_text(tokenizer, t), lp)  # the scored token is always listed
+        top = {token_text(tokenizer, a, as_ids): v for a, v in alts}
+        top.setdefault(token_text(tokenizer, t, as_ids), lp)  # the scored token is always listed
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": [e[0] if e else None for e in entries], "top_logprobs": tops,
             "text_offset": offsets}
 
 
-def chat_logprobs(tokenizer: Tokenizer, token_ids: list[int], entries: list) -> dict:
+def chat_logprobs(tokenizer: Tokenizer, token_ids: list[int], entries: list, as_ids: bool = False) -> dict:
     """``{"content": [{"token", "logprob", "bytes", "top_logprobs"}, ...], "refusal": None}``."""
 
     def item(t: int, lp: float) -> dict:
-        return {"token": token_text(tokenizer, t), "logprob": lp, "bytes": list(tokenizer.token_bytes(t))}
+        return {"token": token_text(tokenizer, t, as_ids), "logprob": lp, "bytes": list(tokenizer.token_bytes(t))}
 
     content = [{**item(t, lp), "top_logprobs": [item(a, v) for a, v in alts]}
                for t, (lp, alts) in zip(token_ids, entries)]
@@ -66,8 +70,9 @@ class ChoiceStream:
     """
 
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams, eos_ids: set[int],
-                 echo: tuple[str, list[int]] | None = None, score_only: bool = False):
+                 echo: tuple[str, list[int]] | None = None, score_only: bool = False, token_ids_as_names: bool = False):
         self.tokenizer, self.params, self.eos_ids = tokenizer, params, eos_ids
+        self.as_ids = token_ids_as_names  # logprobs name tokens ``token_id:N`` (vLLM's return_tokens_as_token_ids)
         self.echo, self.score_only = echo, score_only
         self.sent = ""
         self.hold = max((len(s) for s in params.stop), default=1) - 1
@@ -115,17 +120,17 @@ class ChoiceStream:
         start, end = self.logprobs_sent, min(len(ids), len(u.logprobs))
         self.logprobs_sent = max(start, end)
         if chat:
-            return chat_logprobs(self.tokenizer, ids[start:end], u.logprobs[start:end])
+            return chat_logprobs(self.tokenizer, ids[start:end], u.logprobs[start:end], self.as_ids)
         parts = []
         if not self.echoed and u.prompt_logprobs is not None:
             self.echoed = True
             text, prompt_ids = self.echo
-            parts.append(completion_logprobs(self.tokenizer, prompt_ids, u.prompt_logprobs, 0))
+            parts.append(completion_logprobs(self.tokenizer, prompt_ids, u.prompt_logprobs, 0, self.as_ids))
             self.offset = len(text)
         if not self.echoed:  # the prompt's logprobs come first: hold the output's until they are here
             self.logprobs_sent = start
             return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        out = completion_logprobs(self.tokenizer, ids[start:end], u.logprobs[start:end], self.offset)
+        out = completion_logprobs(self.tokenizer, ids[start:end], u.logprobs[start:end], self.offset, self.as_ids)
         if out["tokens"]:
             last = ids[end - 1]
             self.offset = out["text_offset"][-1] + len(self.tokenizer.token_bytes(last).decode("utf-8", "ignore"))

@@ -66,6 +66,7 @@ class SamplingFields(BaseModel):
     logit_bias: dict[int, float] | None = None  # JSON keys are strings; pydantic reads them as token ids
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)  # keep only the prompt's last this many
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -389,7 +390,8 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
                 engine.abort(sub_id)
             raise
         score_only = echo is not None and body.max_tokens == 0
-        texts = [ChoiceStream(tokenizer, p, eos_ids, shown, score_only) for _, p, shown in jobs]
+        texts = [ChoiceStream(tokenizer, p, eos_ids, shown, score_only, body.return_tokens_as_token_ids)
+                 for _, p, shown in jobs]
         total = len(jobs)
         kind = "chat.completion" if chat else "text_completion"
         if not body.stream:

@@ -264,6 +264,9 @@ def test_logprobs_penalties_and_logit_bias(client, reference):
     streamed = [(t, v, o) for c in chunks if c for t, v, o in zip(c.tokens, c.token_logprobs, c.text_offset)]
     assert streamed == [(t, pytest.approx(v, abs=1e-6), o)
                         for t, v, o in zip(lp.tokens, lp.token_logprobs, lp.text_offset)]
+    named = client.completions.create(**kwargs, extra_body={"return_tokens_as_token_ids": True}).choices[0].logprobs
+    assert named.tokens == [f"token_id:{t}" for t in ref.token_ids]  # vLLM's names, for tokens without text
+    assert named.token_logprobs == pytest.approx(lp.token_logprobs, abs=1e-6)
 
     messages = [{"role": "user", "content": "Name a colour."}]
     chat = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=8, temperature=0,
