@@ -40,6 +40,10 @@ CAUSAL, NO_MASK, TREE = "causal", "none", "tree"
 # One more long group (about nine torch calls, ~0.09 ms on a 2-core CPU) costs about as much as this many
 # padded (row, key) scores (~8 ns each with 9 heads of 64 dims).
 GROUP_COST_SCORES = 11_000
+# At most this many short tiles (a few decodes) run their GEMMs in float32 on CPU: oneDNN's bf16 batched GEMM
+# has a fixed cost of ~15 us a call that float32 (MKL) lacks; 3 tiles: 41 -> 22 us a layer including the
+# conversions, 24 tiles: even, 96 tiles: bf16 1.8x faster (2-core AVX-512 VM).
+SMALL_SHORT_TILES = 16
 
 
 @dataclass(frozen=True)
@@ -371,12 +375,16 @@ def _gather_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _run_short(plan, st: ShortTiles, q, k_cache, v_cache, scale, out) -> None:
     T, H, d = q.shape
-    qt = _gather_rows(q.reshape(T * H, d), st.q_index)  # [N, tq, d]
     N, P = st.kv_index.shape
+    # GEMMs in the input dtype (bf16 runs them ~2x faster on CPU) unless the batch is a few tiles; softmax
+    # statistics in float32
+    small = q.device.type == "cpu" and q.dtype != torch.float32 and N <= SMALL_SHORT_TILES
+    dtype = torch.float32 if small else q.dtype
+    qt = _gather_rows(q.reshape(T * H, d), st.q_index).to(dtype)  # [N, tq, d]
     kt = _gather_rows(k_cache.reshape(-1, st.page * d), st.kv_index).view(N, P * st.page, d)  # [N, tkv, d]
     vt = _gather_rows(v_cache.reshape(-1, st.page * d), st.kv_index).view(N, P * st.page, d)
-    # GEMMs in the input dtype (bf16 runs them ~2x faster on CPU), softmax statistics in float32
-    s = torch.baddbmm(st.bias_as(q.dtype), qt, kt.transpose(1, 2), alpha=scale)
+    kt, vt = kt.to(dtype), vt.to(dtype)
+    s = torch.baddbmm(st.bias_as(dtype), qt, kt.transpose(1, 2), alpha=scale)
     if not st.split:  # one tile per segment: a plain softmax (float32 inside, the input dtype out), no merge
         rows = torch.bmm(torch.softmax(s, -1), vt).reshape(-1, d)
     else:
@@ -386,7 +394,7 @@ def _run_short(plan, st: ShortTiles, q, k_cache, v_cache, scale, out) -> None:
         big = torch.full((st.num_segments, tq), float("-inf"), dtype=s.dtype)
         big = big.scatter_reduce_(0, st.segment[:, None].expand(-1, tq), s.amax(-1), "amax")
         p = s.float().sub_(big[st.segment][..., None]).exp_()
-        o = torch.bmm(p.to(q.dtype), vt).float()  # unnormalised
+        o = torch.bmm(p.to(dtype), vt).float()  # unnormalised
         num = torch.zeros(st.num_segments, tq, d).index_add_(0, st.segment, o)
         den = torch.zeros(st.num_segments, tq).index_add_(0, st.segment, p.sum(-1))
         rows = num.div_(den[..., None]).reshape(-1, d)

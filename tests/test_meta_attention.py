@@ -84,8 +84,13 @@ def test_mixed_batch_matches_float64(heads, kv_heads, head_dim, tiles, page):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 4e-2), (torch.float16, 6e-3)])
 @pytest.mark.parametrize("tile_kv", [32, 512])  # split key ranges (merged by segment) and whole ones
-def test_reduced_precision_stays_close_to_float64(dtype, tol, tile_kv):
-    """GEMMs in the input dtype, softmax statistics in float32: within a few ulps of the dtype."""
+@pytest.mark.parametrize("small_tiles", [0, 10_000])  # short tiles' GEMMs in the input dtype, or in float32
+def test_reduced_precision_stays_close_to_float64(dtype, tol, tile_kv, small_tiles, monkeypatch):
+    """GEMMs in the input dtype (or float32 for a few short tiles), softmax statistics in float32: within a
+    few ulps of the dtype."""
+    import xytune.kernels.meta_attention as meta
+
+    monkeypatch.setattr(meta, "SMALL_SHORT_TILES", small_tiles)
     requests, q, k, v = random_batch(MIXED, 9, 3, 64, seed=7, page=16)
     plan = plan_meta_attention(requests, 9, 3, k.shape[1], tile_q=8, tile_kv=tile_kv)
     assert plan.short.split == (tile_kv == 32)

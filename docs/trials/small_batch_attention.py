@@ -1,0 +1,42 @@
+"""Decode attention for a few requests: short-tile GEMMs in bf16 against float32 (``SMALL_SHORT_TILES``).
+
+Run from the repository root: ``python docs/trials/small_batch_attention.py``. Captured bf16 decode steps of
+1, 2, 4 and 8 requests (64-token prompts); each variant is timed in alternating rounds, medians printed:
+the step's 30 attention calls alone, and the whole forward.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import decode_floor as trial  # noqa: E402  (loads the model)
+
+import xytune.kernels.meta_attention as meta  # noqa: E402
+
+
+def main() -> None:
+    steps = {b: trial.capture_decode_step(b) for b in (1, 2, 4, 8)}
+    variants = {"bf16": 0, "float32": meta.SMALL_SHORT_TILES}
+    results: dict = {}
+    with torch.inference_mode():
+        for _ in range(5):
+            for b, args in steps.items():
+                for name, limit in variants.items():
+                    meta.SMALL_SHORT_TILES = limit
+                    results.setdefault((b, name, "attention"), []).append(
+                        trial.median_ms(lambda: trial.attention_only(args), n=5))
+                    results.setdefault((b, name, "forward"), []).append(
+                        trial.median_ms(lambda: trial.model.forward(*args), n=5))
+    for b in steps:
+        cells = [f"{part} {name} {np.median(results[b, name, part]):.2f} ms"
+                 for part in ("attention", "forward") for name in variants]
+        print(f"batch {b}: " + ", ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
