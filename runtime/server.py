@@ -115,6 +115,13 @@ class SamplingFields(BaseModel):
         """How many top alternatives per token the client asked for (None: no logprobs)."""
         return None
 
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words(cls, v):
+        if v and any(not w.strip() for w in v):
+            raise ValueError("bad_words must be non-blank strings")
+        return v
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):

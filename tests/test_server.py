@@ -414,7 +414,8 @@ def test_unsupported_or_out_of_range_fields_are_400(client):
                             (dict(extra_body={"min_p": 1.5}), "min_p"),
                             (dict(extra_body={"allowed_token_ids": [10**9]}), "allowed_token_ids names token id"),
                             (dict(extra_body={"allowed_token_ids": []}), "allowed_token_ids must name"),
-                            (dict(extra_body={"truncate_prompt_tokens": 0}), "truncate_prompt_tokens")]:
+                            (dict(extra_body={"truncate_prompt_tokens": 0}), "truncate_prompt_tokens"),
+                            (dict(extra_body={"bad_words": [" "]}), "bad_words must be non-blank")]:
         with pytest.raises(openai.BadRequestError, match=message):
             client.completions.create(**{"model": "smollm2-135m", "prompt": "x", "max_tokens": 2, **kwargs})
     chat = dict(model="smollm2-135m", max_tokens=2)
