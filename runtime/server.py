@@ -76,7 +76,10 @@ class SamplingFields(BaseModel):
     prompt_logprobs: int | None = None
 
     @model_validator(mode="after")
-    def _vllm_fields_not_served(self):
+    def _fields_served(self):
+        """Checks shared by completions and chat (each adds its own)."""
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream: true")
         if self.use_beam_search:
             raise ValueError("use_beam_search is not supported (greedy and sampling only)")
         if self.prompt_logprobs is not None:
@@ -157,8 +160,6 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _supported(self):
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options needs stream: true")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt is an empty list")
         if len(self.prompts()) * self.n > MAX_BATCH:
@@ -222,8 +223,6 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("continue_final_message needs add_generation_prompt: false")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options needs stream: true")
         if self.tools or self.functions:
             raise ValueError(f"{'tools' if self.tools else 'functions'} are not supported (this server parses no "
                              "tool calls)")
