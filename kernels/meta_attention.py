@@ -37,13 +37,14 @@ import torch
 import torch.nn.functional as F
 
 CAUSAL, NO_MASK, TREE = "causal", "none", "tree"
-# One more long group (about nine torch calls, ~0.09 ms on a 2-core CPU) costs about as much as this many
-# padded (row, key) scores (~8 ns each with 9 heads of 64 dims).
-GROUP_COST_SCORES = 11_000
-# At most this many short tiles (a few decodes) run their GEMMs in float32 on CPU: oneDNN's bf16 batched GEMM
-# has a fixed cost of ~15 us a call that float32 (MKL) lacks; 3 tiles: 41 -> 22 us a layer including the
-# conversions, 24 tiles: even, 96 tiles: bf16 1.8x faster (2-core AVX-512 VM).
-SMALL_SHORT_TILES = 16
+# Two machine constants steer the plan. Both are measured by the profiler (xytune/calibrate.py) and reach the
+# plan from the cost table; these defaults only serve a table that lacks them.
+# - group_cost_scores: the fixed cost of one more long group (its torch calls) in units of padded (row, key)
+#   scores; 11,000 on a 2-core AVX-512 VM (~0.09 ms a group, ~8 ns a score with 9 heads of 64 dims).
+# - float32_short_tiles: up to this many short tiles run their GEMMs in float32 on CPU when the input is bf16
+#   (oneDNN's bf16 batched GEMM has a fixed cost per call that float32 lacks on some CPUs); 0 = never.
+DEFAULT_GROUP_COST_SCORES = 11_000
+DEFAULT_FLOAT32_SHORT_TILES = 0
 
 
 @dataclass(frozen=True)
@@ -170,18 +171,21 @@ class MetaAttentionPlan:
     # short multi-token requests (verify trees, tiny chunks) in tiles of their own: sharing the decodes' tiles
     # would pad every decode's g rows up to the longest verify's rows
     short_multi: ShortTiles | None = None
+    float32_short_tiles: int = DEFAULT_FLOAT32_SHORT_TILES  # see the module's constants
 
 
 def plan_meta_attention(requests: list[AttnRequest], num_heads: int, num_kv_heads: int, cache_slots: int,
                         tile_q: int = 16, tile_kv: int = 256, prefill_tile: int = 64,
                         sdpa_min_keys: int = 512, page_size: int = 16,
-                        pages_aligned: bool | None = None) -> MetaAttentionPlan:
+                        pages_aligned: bool | None = None, group_cost_scores: float = DEFAULT_GROUP_COST_SCORES,
+                        float32_short_tiles: int = DEFAULT_FLOAT32_SHORT_TILES) -> MetaAttentionPlan:
     """Cut a batch into classified, GQA-packed, longest-first tiles (host side, no per-tile tensors).
 
     ``page_size``: the paged cache's block size. When every request's keys sit in whole aligned pages (as the
     engine's block tables put them), K/V are gathered a page at a time, which moves the same bytes in 16x
     fewer rows; otherwise a slot at a time. ``pages_aligned``: the caller vouches for that layout (slots made
-    from block tables), which saves checking every slot; None: check.
+    from block tables), which saves checking every slot; None: check. ``group_cost_scores`` and
+    ``float32_short_tiles``: this machine's constants, from the cost table (see the module's constants).
     """
     if num_heads % num_kv_heads:
         raise ValueError("num_heads must be a multiple of num_kv_heads")
@@ -201,9 +205,10 @@ def plan_meta_attention(requests: list[AttnRequest], num_heads: int, num_kv_head
     multi = [(b, r) for b, r in short if r.q_len > 1]
     return MetaAttentionPlan(tile_q, tile_kv, prefill_tile, num_heads, num_kv_heads,
                              _plan_short(decode, num_heads, num_kv_heads, cache_slots, tile_q, tile_kv, counts, page),
-                             _plan_long(long, num_kv_heads, tile_kv, prefill_tile, counts, page), counts,
-                             sdpa_min_keys, short,
-                             _plan_short(multi, num_heads, num_kv_heads, cache_slots, tile_q, tile_kv, counts, page))
+                             _plan_long(long, num_kv_heads, tile_kv, prefill_tile, counts, page, group_cost_scores),
+                             counts, sdpa_min_keys, short,
+                             _plan_short(multi, num_heads, num_kv_heads, cache_slots, tile_q, tile_kv, counts, page),
+                             float32_short_tiles)
 
 
 def _paged(requests: list[AttnRequest], page: int) -> bool:
@@ -291,7 +296,8 @@ def _plan_short(items, H, kvh, cache_slots, tile_q, tile_kv, counts, page=1) -> 
     )
 
 
-def _plan_long(items, kvh, tile_kv, tq, counts, page=1) -> list[LongGroup]:
+def _plan_long(items, kvh, tile_kv, tq, counts, page=1,
+               group_cost_scores: float = DEFAULT_GROUP_COST_SCORES) -> list[LongGroup]:
     tiles = []  # (keys, base, request, row0, row1)
     for base, r in items:
         allowed = r.allowed()
@@ -308,15 +314,16 @@ def _plan_long(items, kvh, tile_kv, tq, counts, page=1) -> list[LongGroup]:
             counts["masked"] += used - full
             tiles.append((keys, base, r, r0, r1, a[:, :keys]))
     tiles.sort(key=lambda x: -x[0])
-    groups = _group_by_padded_cost([(keys, r1 - r0) for keys, _, _, r0, r1, _ in tiles])
+    groups = _group_by_padded_cost([(keys, r1 - r0) for keys, _, _, r0, r1, _ in tiles], group_cost_scores)
     return [_long_group(tiles[i:j], tq, page) for i, j in groups]
 
 
-def _group_by_padded_cost(tiles: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def _group_by_padded_cost(tiles: list[tuple[int, int]],
+                          group_cost_scores: float = DEFAULT_GROUP_COST_SCORES) -> list[tuple[int, int]]:
     """Cut (keys, rows) tiles, sorted by keys descending, into groups ``[i, j)`` at the least predicted cost.
 
     A group runs padded to its first tile's keys and its most rows; each group also costs a fixed
-    ``GROUP_COST_SCORES``. An exact dynamic program over the cut points (a step has tens of tiles).
+    ``group_cost_scores``. An exact dynamic program over the cut points (a step has tens of tiles).
     """
     n = len(tiles)
     best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
@@ -324,7 +331,7 @@ def _group_by_padded_cost(tiles: list[tuple[int, int]]) -> list[tuple[int, int]]
         rows = 0
         for i in range(j - 1, -1, -1):  # group [i, j): padded to tiles[i]'s keys
             rows = max(rows, tiles[i][1])
-            cost = best[i] + GROUP_COST_SCORES + (j - i) * rows * tiles[i][0]
+            cost = best[i] + group_cost_scores + (j - i) * rows * tiles[i][0]
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     groups, j = [], n
@@ -376,9 +383,9 @@ def _gather_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _run_short(plan, st: ShortTiles, q, k_cache, v_cache, scale, out) -> None:
     T, H, d = q.shape
     N, P = st.kv_index.shape
-    # GEMMs in the input dtype (bf16 runs them ~2x faster on CPU) unless the batch is a few tiles; softmax
-    # statistics in float32
-    small = q.device.type == "cpu" and q.dtype != torch.float32 and N <= SMALL_SHORT_TILES
+    # GEMMs in the input dtype unless the batch is at most the table's float32_short_tiles (few tiles, where
+    # this CPU's float32 batched GEMM beats its bf16 one); softmax statistics in float32
+    small = q.device.type == "cpu" and q.dtype != torch.float32 and N <= plan.float32_short_tiles
     dtype = torch.float32 if small else q.dtype
     qt = _gather_rows(q.reshape(T * H, d), st.q_index).to(dtype)  # [N, tq, d]
     kt = _gather_rows(k_cache.reshape(-1, st.page * d), st.kv_index).view(N, P * st.page, d)  # [N, tkv, d]

@@ -22,8 +22,9 @@ import torch
 
 
 COPYING = {"torch.linear", "onednn.packed_linear"}  # primitives that cannot write into a given out slice
-SEGMENT_OVERHEAD_S = 10e-6  # host cost of one more segment (a call and a slice)
-SPLIT_MARGIN = 0.25  # with shape-flexible primitives, split only where the table predicts a 25% gain
+# The host cost of one more segment (a call and a slice) and the predicted gain a split must show over one
+# exact-size call (so that table noise alone does not cut a GEMM in pieces) are this machine's: the profiler
+# measures them (xytune/calibrate.py) and the planner reads them from the cost table.
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class SmoothGEMMPlanner:
         """``exact_tails``: the primitives run any M at the table's interpolated cost (CPU torch ops), so
         a tail segment is costed at its real rows; False for fixed-shape kernels (NPU, CUDA graphs), whose
         tail pays its whole bucket."""
-        curves = cost_model._curves.get(("gemm", int(n), int(k), dtype))
+        curves = cost_model.curves("gemm", n, k, dtype)
         if not curves:
             raise ValueError(f"the cost table has no gemm rows for n={n} k={k} {dtype}.")
         options = []
@@ -67,6 +68,8 @@ class SmoothGEMMPlanner:
             raise ValueError(f"none of the primitives {sorted(primitives or [])} is in the table for n={n} k={k}.")
         self.n, self.k, self.dtype = n, k, dtype
         self._model = cost_model
+        self.segment_overhead_s = cost_model.tuning("segment_overhead_s", dtype)
+        self.split_margin = cost_model.tuning("split_margin", dtype)
         self._curves = {name: c for name, c in curves.items() if primitives is None or name in primitives}
         self.exact_tails = exact_tails
         self.options = options
@@ -75,7 +78,7 @@ class SmoothGEMMPlanner:
         bw = float(cost_model.meta.get("peaks", {}).get("copy_bytes_per_s") or 1e10)
         elem = 4 if dtype == "float32" else 2
         copy_s = np.array([2.0 * o[0] * n * elem / bw if o[2] in COPYING else 0.0 for o in options])
-        self._cost = np.array([o[1] for o in options]) + copy_s + SEGMENT_OVERHEAD_S
+        self._cost = np.array([o[1] for o in options]) + copy_s + self.segment_overhead_s
         self._names = sorted(self._curves)
         self._best = np.zeros(1)  # least predicted time to cover r rows, r = 0..len-1
         self._choice = np.zeros(1, dtype=np.int64)
@@ -99,7 +102,7 @@ class SmoothGEMMPlanner:
             if self.exact_tails and r <= self._bucket.max():  # one exact-size segment of the best primitive
                 tail, name = min((c.at(r)[0], name) for name, c in self._curves.items())
                 # splitting must win clearly: table noise alone should not cut a GEMM in pieces
-                if best[r] > tail * (1 - SPLIT_MARGIN):
+                if best[r] > tail * (1 - self.split_margin):
                     best[r], choice[r] = tail, -1 - self._names.index(name)
         self._best, self._choice = best, choice
 

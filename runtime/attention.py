@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xytune.kernels.meta_attention import TREE, AttnRequest, plan_meta_attention, run_meta_attention_torch
+from xytune.kernels.meta_attention import (DEFAULT_FLOAT32_SHORT_TILES, DEFAULT_GROUP_COST_SCORES, TREE, AttnRequest,
+                                           plan_meta_attention, run_meta_attention_torch)
 
 
 QUERY_TILE = 64  # prefill queries are attended in tiles of this many rows (see PrefillChunk.tiles)
@@ -145,6 +146,22 @@ class AttentionBatch:
         )
 
 
+def batch_from_requests(requests: list[AttnRequest], block_size: int = 16) -> AttentionBatch:
+    """The step of ``requests`` (in flat-batch order) as the engine describes it, for the profiler's timing."""
+    decode_rows, decode_keys, prefills, row = [], [], [], 0
+    for r in requests:
+        if r.q_len == 1:
+            decode_rows.append(row)
+            decode_keys.append(r.key_slots.numpy())
+        else:
+            prefills.append(PrefillChunk(row, r.q_len, r.context_len, r.key_slots,
+                                         parents=list(r.parents) if r.mask == TREE else None))
+        row += r.q_len
+    slots = torch.cat([r.key_slots[r.context_len:] for r in requests])
+    return AttentionBatch(slot_mapping=slots, decode_rows=torch.tensor(decode_rows, dtype=torch.long),
+                          prefills=prefills, requests=list(requests), block_size=block_size, decode_keys=decode_keys)
+
+
 def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
                         scale: float) -> torch.Tensor:
     """``q [T, H, d]`` against the cached keys/values (``[kv_heads, slots, d]``) of each row's request."""
@@ -189,19 +206,47 @@ def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: Pref
     return torch.cat(outs, dim=2)[0].transpose(0, 1)
 
 
-META_DEFAULTS = {"tile_q": 8, "tile_kv": 256, "prefill_tile": 128, "sdpa_min_keys": 1024}
+META_DEFAULTS = {"tile_q": 8, "tile_kv": 256, "prefill_tile": 128, "sdpa_min_keys": 1024,
+                 "group_cost_scores": DEFAULT_GROUP_COST_SCORES, "float32_short_tiles": DEFAULT_FLOAT32_SHORT_TILES}
+META_PRIMITIVES = {"attention.decode": "meta.attention_short", "attention.prefill": "meta.attention_long"}
 
 
 def meta_tiles_from_table(cost_model, dtype: str) -> dict:
-    """Meta-Attention's tile sizes: the best over the table's attention rows, defaults where it has none."""
+    """Meta-Attention's tile sizes and machine constants from the table, defaults where it has none."""
     tiles = dict(META_DEFAULTS)
     if cost_model is not None:
-        for target in ("attention.decode", "attention.prefill"):
-            tiles.update(cost_model.best_config("attention", target, dtype) or {})
+        for target, primitive in META_PRIMITIVES.items():
+            tiles.update(cost_model.best_config("attention", target, dtype, primitive) or {})
+        if cost_model.meta.get("fingerprint", {}).get("backend", "cpu") == "cpu":  # constants of the torch backend
+            tiles["group_cost_scores"] = cost_model.tuning("group_cost_scores", dtype)
+            tiles["float32_short_tiles"] = int(cost_model.tuning("float32_short_tiles", dtype))
     return tiles
 
 
-def make_meta_attention(tile_q: int = 8, tile_kv: int = 256, prefill_tile: int = 128, sdpa_min_keys: int = 1024):
+def attention_paths_from_table(cost_model, dtype: str, num_layers: int) -> dict[str, str]:
+    """Per step class (decode-only, with prefill), "meta" or "loop": whichever the table measured faster."""
+    if cost_model is None:
+        return {"decode": "meta", "prefill": "meta"}
+    return {cls: cost_model.attention_choice(f"attention.{cls}", dtype, num_layers)["use"]
+            for cls in ("decode", "prefill")}
+
+
+def make_attention(paths: dict[str, str], **tiles):
+    """The engine's attention: per step, Meta-Attention or the SDPA path, as ``paths`` says for its class."""
+    meta = make_meta_attention(**tiles)
+    if set(paths.values()) == {"meta"}:
+        return meta
+
+    def attention(q, k_cache, v_cache, batch: AttentionBatch, scale: float) -> torch.Tensor:
+        use = paths["decode" if batch.all_decode else "prefill"]
+        return (meta if use == "meta" else reference_attention)(q, k_cache, v_cache, batch, scale)
+
+    return attention
+
+
+def make_meta_attention(tile_q: int = 8, tile_kv: int = 256, prefill_tile: int = 128, sdpa_min_keys: int = 1024,
+                        group_cost_scores: float = DEFAULT_GROUP_COST_SCORES,
+                        float32_short_tiles: int = DEFAULT_FLOAT32_SHORT_TILES):
     """Meta-Attention behind the same call as ``reference_attention``; the plan is made once per step."""
 
     def meta_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
@@ -217,7 +262,9 @@ def make_meta_attention(tile_q: int = 8, tile_kv: int = 256, prefill_tile: int =
             else:
                 plan = plan_meta_attention(batch.requests, q.shape[1], k_cache.shape[0], k_cache.shape[1], tile_q,
                                            tile_kv, prefill_tile, sdpa_min_keys, batch.block_size,
-                                           pages_aligned=batch.pages_aligned or None)
+                                           pages_aligned=batch.pages_aligned or None,
+                                           group_cost_scores=group_cost_scores,
+                                           float32_short_tiles=float32_short_tiles)
             batch._meta_plan = plan
         if backend == "triton":
             from xytune.kernels.meta_attention_triton import run_meta_attention_triton

@@ -8,6 +8,8 @@ costs about a third of a bf16 decode step and half of a float32 one
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,25 @@ GEMM_MODES = ("packed", "plain", "smooth")
 
 def onednn_packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+@functools.lru_cache(maxsize=None)
+def packing_failure(dtype: torch.dtype) -> str | None:
+    """Why oneDNN cannot pack and run a ``dtype`` weight on this CPU (None: it can), probed once on 8x8.
+
+    torch's bf16 packing needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; on an AVX2-only CPU it raises.
+    """
+    if not onednn_packing_available():
+        return "this torch build has no oneDNN weight packing"
+    try:
+        w = torch.ones(8, 8, dtype=dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 4)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(4, 8, dtype=dtype), packed, None, "none", [], "")
+    except RuntimeError as exc:
+        from xytune.probe import failure_reason
+
+        return failure_reason(exc)
+    return None
 
 
 class Linear:
@@ -32,8 +53,8 @@ class Linear:
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
         self.packed = None
-        if (mode in ("packed", "smooth") and weight.device.type == "cpu" and onednn_packing_available()
-                and weight.dtype in (torch.float32, torch.bfloat16)):
+        if (mode in ("packed", "smooth") and weight.device.type == "cpu"
+                and weight.dtype in (torch.float32, torch.bfloat16) and packing_failure(weight.dtype) is None):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         self.planner, self.kernels = None, None
         if mode == "smooth":

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from xytune.runtime.attention import make_meta_attention, meta_tiles_from_table, reference_attention
+from xytune.cost_model import CostModel
+from xytune.runtime.attention import (attention_paths_from_table, make_attention, meta_tiles_from_table,
+                                      reference_attention)
 from xytune.runtime.engine import Engine, RequestOutput
 from xytune.runtime.kv_cache import bytes_per_block
-from xytune.runtime.linear import GEMM_MODES
+from xytune.runtime.linear import GEMM_MODES, packing_failure
 from xytune.runtime.loader import load_checkpoint, resolve_dtype
 from xytune.runtime.model import LlamaModel
 from xytune.runtime.sampling import SamplingParams
 from xytune.runtime.scheduler import SchedulerConfig
 from xytune.runtime.speculative import SpeculativeConfig
+from xytune.runtime.step_predictor import StepPredictor
 
 
 ATTENTION_KINDS = ("reference", "meta")
@@ -51,15 +56,13 @@ class LLM:
             raise ValueError(f"block_size must be at least 1, got {block_size}.")
         dev = torch.device(device)
         config, state, self.tokenizer, self.model_name = load_checkpoint(model)
-        self.dtype = resolve_dtype(dtype, dev)
-        dtype_name = str(self.dtype).replace("torch.", "")
         cost_model = predictor = None
         if profile is not None:
-            from xytune.cost_model import CostModel
-            from xytune.runtime.step_predictor import StepPredictor
-
             cost_model = CostModel.load(profile, device=device if dev.type != "cpu" else None,
                                         allow_mismatch=allow_mismatch)
+        self.dtype = resolve_dtype(dtype, dev, cost_model)
+        dtype_name = str(self.dtype).replace("torch.", "")
+        if cost_model is not None:
             predictor = StepPredictor(cost_model, dtype_name)
         if gemm not in ("auto", *GEMM_MODES):
             raise ValueError(f"gemm must be one of auto, {', '.join(GEMM_MODES)}, not {gemm!r}.")
@@ -71,7 +74,13 @@ class LLM:
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, not {attention!r}.")
         self.meta_tiles = {**meta_tiles_from_table(cost_model, dtype_name), **(meta_tiles or {})}
-        attn = reference_attention if attention == "reference" else make_meta_attention(**self.meta_tiles)
+        # where the table measured the SDPA path faster for a class of steps (plan cost included), take it
+        self.attention_paths = attention_paths_from_table(cost_model, dtype_name, config.num_layers)
+        attn = reference_attention if attention == "reference" else make_attention(self.attention_paths,
+                                                                                   **self.meta_tiles)
+        if gemm in ("packed", "smooth") and dev.type == "cpu" and (why := packing_failure(self.dtype)):
+            warnings.warn(f"oneDNN weight packing does not run in {dtype_name} on this CPU ({why}); "
+                          "the GEMMs run unpacked", stacklevel=2)
         self.model = LlamaModel(config, state, self.dtype, dev, attention=attn, gemm=gemm,
                                 planner_for=_planners(cost_model, dtype_name) if cost_model else None)
         del state

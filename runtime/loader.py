@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
+from xytune.devices import get_device
 from xytune.geometry import DEFAULT_MODEL, GeometryError, smollm2_gguf_path
+from xytune.probe import fastest_dtype
 from xytune.runtime.config import ModelConfig, ModelLoadError
 from xytune.runtime.tokenizer import Tokenizer
 from xytune.runtime.weights import load_gguf, load_hf_folder
@@ -14,19 +16,15 @@ from xytune.runtime.weights import load_gguf, load_hf_folder
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 GEMMs run several times faster than float32 there."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, cost_model=None) -> torch.dtype:
+    """``auto`` is what was measured fastest here: the cost table's verdict when there is one, else (CPU) a
+    GEMM probe of float32 against bfloat16 (bf16 GEMMs run on an AVX2-only CPU, but 3-6x slower), else
+    bfloat16 on an accelerator. A flag list cannot tell; a measurement can."""
     if name == "auto":
+        if cost_model is not None:
+            return DTYPE_NAMES[cost_model.fastest_dtype()]
         if device.type == "cpu":
-            return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+            return DTYPE_NAMES[fastest_dtype(get_device("cpu"), ["float32", "bfloat16"])[0]]
         return torch.bfloat16
     if name not in DTYPE_NAMES:
         raise ModelLoadError(f"Unknown dtype {name!r}; use float32, bfloat16, float16 or auto.")

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from conftest import resampled
-from xytune.primitives import primitives_for
+from xytune.devices import get_device
+from xytune.probe import usable_primitives
 from xytune.table import KEY_COLUMNS, CostTable, read_table, write_table
 
-PRIMS = len(primitives_for("gemm", "cpu", "float32"))
+PRIMS = len(usable_primitives("gemm", get_device("cpu"), "float32")[0])  # those that run on this machine
 REFERENCE = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
 
 SMALL = ["--buckets", "1,2,8", "--targets", "qkv,o", "--dtypes", "float32", "--budget-ms", "1", "--no-progress"]
@@ -76,6 +77,13 @@ def test_compare_exit_codes(tmp_path, synthetic_table):
     geometry = {**synthetic_table.meta["geometry"], "tp": 3}
     write_table(other, CostTable(synthetic_table.rows, {**synthetic_table.meta, "geometry": geometry}))
     assert "different models" in xytune("compare", base, other, check=2).stderr
+    elsewhere = tmp_path / "elsewhere.parquet"
+    fp = {**synthetic_table.meta["fingerprint"], "device_name": "AMD EPYC 7B13", "isa": ["avx2", "fma"]}
+    write_table(elsewhere, CostTable(synthetic_table.rows, {**synthetic_table.meta, "fingerprint": fp}))
+    refused = xytune("compare", base, elsewhere, check=2)
+    assert "different devices" in refused.stderr and len(refused.stderr.strip().splitlines()) <= 3
+    allowed = xytune("compare", base, elsewhere, "--allow-mismatch", "--report", report)
+    assert allowed.returncode in (0, 1) and "Warning: the tables come from different devices" in report.read_text()
 
 
 def test_sigterm_leaves_a_partial_table_that_resume_finishes(tmp_path):

@@ -43,3 +43,21 @@ def test_different_geometry_or_ops_cannot_be_compared(synthetic_table):
     ops = CostTable(synthetic_table.rows.assign(op="attention"), dict(synthetic_table.meta))
     with pytest.raises(CompareError, match="different ops"):
         compare_tables(synthetic_table, ops)
+
+
+def test_tables_of_different_devices_are_refused_unless_allowed(synthetic_table):
+    """A Zen 3 table against an AVX-512 one measures two machines, not a regression."""
+    fp = synthetic_table.meta["fingerprint"]
+    other = CostTable(synthetic_table.rows.copy(), {**synthetic_table.meta,
+                                                    "fingerprint": {**fp, "isa": ["avx2", "fma"]}})
+    base = CostTable(synthetic_table.rows.copy(), {**synthetic_table.meta,
+                                                   "fingerprint": {**fp, "isa": ["avx2", "avx512f", "fma"]}})
+    with pytest.raises(CompareError, match="different devices.*isa"):
+        compare_tables(base, other)
+    c = compare_tables(base, other, allow_mismatch=True)
+    report = markdown_report(c, "a", "b")
+    assert report.splitlines()[2].startswith("> **Warning: the tables come from different devices**")
+    assert "isa" in report.splitlines()[2]
+    # software versions alone do not make another device
+    newer = CostTable(synthetic_table.rows.copy(), {**synthetic_table.meta, "fingerprint": {**fp, "torch": "9.9"}})
+    assert not compare_tables(synthetic_table, newer).mismatch

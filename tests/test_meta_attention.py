@@ -85,14 +85,11 @@ def test_mixed_batch_matches_float64(heads, kv_heads, head_dim, tiles, page):
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 4e-2), (torch.float16, 6e-3)])
 @pytest.mark.parametrize("tile_kv", [32, 512])  # split key ranges (merged by segment) and whole ones
 @pytest.mark.parametrize("small_tiles", [0, 10_000])  # short tiles' GEMMs in the input dtype, or in float32
-def test_reduced_precision_stays_close_to_float64(dtype, tol, tile_kv, small_tiles, monkeypatch):
+def test_reduced_precision_stays_close_to_float64(dtype, tol, tile_kv, small_tiles):
     """GEMMs in the input dtype (or float32 for a few short tiles), softmax statistics in float32: within a
     few ulps of the dtype."""
-    import xytune.kernels.meta_attention as meta
-
-    monkeypatch.setattr(meta, "SMALL_SHORT_TILES", small_tiles)
     requests, q, k, v = random_batch(MIXED, 9, 3, 64, seed=7, page=16)
-    plan = plan_meta_attention(requests, 9, 3, k.shape[1], tile_q=8, tile_kv=tile_kv)
+    plan = plan_meta_attention(requests, 9, 3, k.shape[1], tile_q=8, tile_kv=tile_kv, float32_short_tiles=small_tiles)
     assert plan.short.split == (tile_kv == 32)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     out = run_meta_attention_torch(plan, q, k, v, 0.125)
@@ -146,22 +143,24 @@ def test_pages_are_used_only_when_every_request_is_page_aligned():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 600), st.integers(1, 64)), min_size=1, max_size=7))
-def test_long_groups_are_the_cheapest_cut(tiles):
-    """The dynamic program against every way of cutting the sorted tiles into consecutive groups."""
+@given(st.lists(st.tuples(st.integers(1, 600), st.integers(1, 64)), min_size=1, max_size=7),
+       st.sampled_from([0, 1_000, 11_000, 200_000]))
+def test_long_groups_are_the_cheapest_cut(tiles, group_cost):
+    """The dynamic program against every way of cutting the sorted tiles into consecutive groups, for a
+    range of measured group costs (the table's ``group_cost_scores``)."""
     import itertools
 
-    from xytune.kernels.meta_attention import GROUP_COST_SCORES, _group_by_padded_cost
+    from xytune.kernels.meta_attention import _group_by_padded_cost
 
     tiles = sorted(tiles, key=lambda t: -t[0])
 
     def cost(groups):
-        return sum(GROUP_COST_SCORES + (j - i) * max(r for _, r in tiles[i:j]) * tiles[i][0] for i, j in groups)
+        return sum(group_cost + (j - i) * max(r for _, r in tiles[i:j]) * tiles[i][0] for i, j in groups)
 
     n = len(tiles)
     best = min(cost(list(zip((0, *cuts), (*cuts, n))))
                for k in range(n) for cuts in itertools.combinations(range(1, n), k))
-    groups = _group_by_padded_cost(tiles)
+    groups = _group_by_padded_cost(tiles, group_cost)
     assert groups[0][0] == 0 and groups[-1][1] == n and all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
     assert cost(groups) == best
 

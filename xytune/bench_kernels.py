@@ -185,9 +185,8 @@ def bench_gemm(cost_model, dtype: str, gemms=("qkv", "o", "gate_up", "down"), ms
                seed=0) -> list[dict]:
     """SmoothGEMM vs exact shape vs pad-to-bucket vs oracle, per (GEMM, M)."""
     from xytune.kernels.smooth_gemm import SmoothGEMMPlanner, run_smooth_gemm, torch_segment_kernels
-    from xytune.runtime.linear import onednn_packing_available
-
     from xytune.runtime.host_memory import keep_freed_memory
+    from xytune.runtime.linear import Linear
 
     keep_freed_memory()
     tdtype = getattr(torch, dtype)
@@ -199,7 +198,7 @@ def bench_gemm(cost_model, dtype: str, gemms=("qkv", "o", "gate_up", "down"), ms
         g = cost_model.geometry.gemm(name)
         gen = torch.Generator().manual_seed(seed)
         w = (torch.randn(g.n, g.k, generator=gen) / g.k ** 0.5).to(tdtype)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 32) if onednn_packing_available() else None
+        packed = Linear(w, mode="packed").packed  # None where oneDNN cannot pack this dtype (probed)
         kernels = torch_segment_kernels(w, None, packed)
         planner = SmoothGEMMPlanner(cost_model, g.n, g.k, dtype, primitives=set(kernels))
         for m in ms:

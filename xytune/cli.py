@@ -46,6 +46,7 @@ def _interrupt(signum, frame):
 
 
 def _default_dtypes(backend: str) -> list[str]:
+    """The dtypes a profile tries: each is probed, one that does not run is pruned, the table says which is fast."""
     return ["float32", "bfloat16"] if backend == "cpu" else ["bfloat16", "float16"]
 
 
@@ -169,13 +170,15 @@ def compare(
     threshold: float = typer.Option(0.10, help="Relative slowdown that counts (0.10 = 10%)."),
     alpha: float = typer.Option(0.05, help="Significance level of the Mann-Whitney U test."),
     report: Path = typer.Option(None, help="Write the markdown report here (e.g. $GITHUB_STEP_SUMMARY)."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch",
+                                        help="Compare tables of different devices (the report says so on top)."),
 ):
     """Compare two cost tables; exit 1 on a significant regression beyond the threshold."""
     from xytune.compare import CompareError, compare_tables, markdown_report
     from xytune.table import TableError, read_table
 
     try:
-        result = compare_tables(read_table(base), read_table(new), threshold, alpha)
+        result = compare_tables(read_table(base), read_table(new), threshold, alpha, allow_mismatch)
     except (TableError, CompareError) as exc:
         fail(str(exc))
     text = markdown_report(result, str(base), str(new))
@@ -282,8 +285,7 @@ def _cached_quick_profile(dev, model: str) -> Path:
             pass
     err_console.print(f"no --profile given: profiling {geometry.name} on {dev.name} quickly (about half a minute) "
                       f"into {path}; pass --profile to use a full table", highlight=False)
-    dtypes = ["float32", "bfloat16"] if dev.backend == "cpu" else ["bfloat16", "float16"]
-    Sweep(dev, geometry, SweepSettings.quick(dtypes), path, overwrite=True).run(progress=False)
+    Sweep(dev, geometry, SweepSettings.quick(_default_dtypes(dev.backend)), path, overwrite=True).run(progress=False)
     return path
 
 

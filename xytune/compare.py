@@ -7,12 +7,13 @@ is real (as asv does), so run-to-run noise neither passes nor fails CI.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
+from xytune.devices import fingerprint_mismatches
 from xytune.table import KEY_COLUMNS, CostTable
 
 
@@ -27,6 +28,7 @@ class Comparison:
     only_new: int
     threshold: float
     alpha: float
+    mismatch: list[str] = field(default_factory=list)  # device differences the user allowed (--allow-mismatch)
 
     @property
     def regressions(self) -> pd.DataFrame:
@@ -45,9 +47,20 @@ def _p_value(base: list[float], new: list[float]) -> float:
     return float(mannwhitneyu(new, base, alternative="two-sided").pvalue)
 
 
-def compare_tables(base: CostTable, new: CostTable, threshold: float = 0.10, alpha: float = 0.05) -> Comparison:
+def compare_tables(base: CostTable, new: CostTable, threshold: float = 0.10, alpha: float = 0.05,
+                   allow_mismatch: bool = False) -> Comparison:
+    """Row-by-row regression test of ``new`` against ``base``.
+
+    Tables of different devices (backend, device name, cores, threads, ISA features) measure different
+    machines, not a regression: refused unless ``allow_mismatch``, which keeps the differences for the
+    report's warning.
+    """
     if threshold < 0:
         raise CompareError(f"--threshold must be >= 0, got {threshold}.")
+    mismatch, _ = fingerprint_mismatches(base.meta.get("fingerprint", {}), new.meta.get("fingerprint", {}))
+    if mismatch and not allow_mismatch:
+        raise CompareError(f"The tables were measured on different devices ({'; '.join(mismatch)}); "
+                           "pass --allow-mismatch to compare them anyway.")
     gb, gn = base.meta.get("geometry"), new.meta.get("geometry")
     if gb != gn:
         raise CompareError(f"The tables profile different models ({gb.get('name')} vs {gn.get('name')}); "
@@ -70,7 +83,7 @@ def compare_tables(base: CostTable, new: CostTable, threshold: float = 0.10, alp
     )
     keep = KEY_COLUMNS + ["m_base", "median_s_base", "median_s_new", "ratio", "p_value", "status"]
     out = both[keep].rename(columns={"m_base": "m"}).reset_index(drop=True)
-    return Comparison(out, only_base, only_new, threshold, alpha)
+    return Comparison(out, only_base, only_new, threshold, alpha, mismatch)
 
 
 def _fmt_us(s: float) -> str:
@@ -81,8 +94,11 @@ def markdown_report(c: Comparison, base_name: str, new_name: str, limit: int = 5
     """A report fit for a CI job summary: verdict, counts, worst regressions first."""
     reg, imp = c.regressions, c.improvements
     verdict = "FAIL: significant regressions" if len(reg) else "PASS: no significant regression"
-    lines = [
-        "# xytune cost-table comparison", "",
+    lines = ["# xytune cost-table comparison", ""]
+    if c.mismatch:
+        lines += [f"> **Warning: the tables come from different devices** ({'; '.join(c.mismatch)}); "
+                  "differences below may be the machines', not a regression.", ""]
+    lines += [
         f"**{verdict}** (threshold {c.threshold:.0%}, Mann-Whitney U alpha {c.alpha})", "",
         f"- base: `{base_name}`", f"- new: `{new_name}`",
         f"- rows compared: {len(c.rows)}; regressed: {len(reg)}; improved: {len(imp)}; "

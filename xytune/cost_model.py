@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xytune.calibrate import TUNING_DEFAULTS
 from xytune.devices import Device, DeviceError, fingerprint_mismatches, get_device
 from xytune.geometry import ModelGeometry
 from xytune.table import CostTable, TableError, read_table
@@ -66,6 +67,7 @@ class CostModel:
         self.geometry = ModelGeometry.from_dict(self.meta["geometry"])
         self.dtypes: list[str] = list(self.meta.get("sweep", {}).get("dtypes") or sorted(set(table.rows["dtype"])))
         self._curves: dict[tuple, dict[str, _Curve]] = {}
+        self._warned: set[str] = set()
         self._build()
 
     @classmethod
@@ -110,6 +112,25 @@ class CostModel:
                            [json.loads(c) for c in g["config"]])
             self._curves.setdefault((op, int(n), int(k), dtype), {})[prim] = curve
 
+    def curves(self, op: str, n: int, k: int, dtype: str) -> dict[str, _Curve]:
+        """Per primitive, its best-config latency over M for one (op, n, k, dtype); empty when unmeasured."""
+        return dict(self._curves.get((op, int(n), int(k), dtype), {}))
+
+    def tuning(self, name: str, dtype: str) -> float:
+        """A measured machine constant (see xytune/calibrate.py) for ``dtype``.
+
+        A table that lacks it (schema v1, or a sweep that could not measure it) gets the documented
+        default, with one warning per constant.
+        """
+        value = self.meta.get("tuning", {}).get(dtype, {}).get(name)
+        if value is not None:
+            return float(value)
+        if name not in self._warned:
+            self._warned.add(name)
+            warnings.warn(f"the cost table has no measured {name} for {dtype}; using the default "
+                          f"{TUNING_DEFAULTS[name]:g} (re-profile to measure it)", stacklevel=2)
+        return TUNING_DEFAULTS[name]
+
     def _candidates(self, op: str, shape: dict, dtype: str | None) -> tuple[dict[str, _Curve], float]:
         dtype = dtype or self.dtypes[0]
         m = shape.get("m")
@@ -146,6 +167,43 @@ class CostModel:
         p = self.predict(op, shape, dtype)
         return p.primitive, p.config
 
+    def fastest_dtype(self, ms: tuple[int, ...] = (1, 16, 128, 512)) -> str:
+        """The table's dtype whose whole GEMM stack is fastest, by the geometric mean over decode-sized to
+        prefill-sized steps (what ``--dtype auto`` serves in)."""
+        def score(dtype: str) -> float:
+            return float(np.mean([np.log(self.predict_step(m, num_logits=min(m, 16), dtype=dtype)) for m in ms]))
+
+        usable = [d for d in self.dtypes if self._curves_for_dtype(d)]
+        if not usable:
+            raise CostModelError("the cost table has no GEMM rows.")
+        return min(usable, key=score)
+
+    def _curves_for_dtype(self, dtype: str) -> bool:
+        gemms = self.geometry.gemms()
+        return all(("gemm", g.n, g.k, dtype) in self._curves for g in gemms)
+
+    def attention_choice(self, target: str, dtype: str, num_layers: int) -> dict:
+        """Meta-Attention or the engine's SDPA path for a step of this class (``attention.decode`` or
+        ``attention.prefill``), as this table measured them.
+
+        Meta-Attention's time per layer is its best config's plus its plan's cost spread over the step's
+        ``num_layers`` (one plan serves every layer); the choice is the faster by the geometric mean of the
+        ratio over the class's measured shapes. ``{"use": "meta" | "loop", "ratio": loop / meta}``; a table
+        without both (older, or another backend) says meta, ratio None.
+        """
+        rows = self.table.rows
+        rows = rows[(rows["op"] == "attention") & (rows["target"] == target) & (rows["dtype"] == dtype)]
+        per = rows.groupby(["shape", "primitive"])["median_s"].min().unstack()
+        meta_cols = [c for c in per.columns if c.startswith("meta.attention")]
+        if not meta_cols or "torch.sdpa_loop" not in per or "meta.plan" not in per:
+            return {"use": "meta", "ratio": None}
+        meta = per[meta_cols].min(axis=1) + per["meta.plan"] / max(num_layers, 1)
+        ratio = (per["torch.sdpa_loop"] / meta).dropna()
+        if not len(ratio):
+            return {"use": "meta", "ratio": None}
+        gm = float(np.exp(np.log(ratio).mean()))
+        return {"use": "meta" if gm >= 1.0 else "loop", "ratio": gm}
+
     def predict_step(self, num_tokens: int, num_logits: int | None = None, dtype: str | None = None) -> float:
         """Seconds of the model's whole GEMM stack for a step of ``num_tokens`` tokens.
 
@@ -161,8 +219,9 @@ class CostModel:
             total += g.count * self.predict("gemm", {"m": m, "n": g.n, "k": g.k}, dtype).seconds
         return total
 
-    def best_config(self, op: str, target: str, dtype: str) -> dict | None:
-        """The one config that does best over every measured shape of ``target`` (None when unmeasured).
+    def best_config(self, op: str, target: str, dtype: str, primitive: str | None = None) -> dict | None:
+        """The one config of ``primitive`` (any, when None) that does best over every measured shape of
+        ``target`` (None when unmeasured).
 
         For a primitive whose config is fixed for a whole run (Meta-Attention's tile sizes): the config
         with the least geometric mean of its time over each shape's best time, among configs measured
@@ -170,6 +229,8 @@ class CostModel:
         """
         rows = self.table.rows
         rows = rows[(rows["op"] == op) & (rows["target"] == target) & (rows["dtype"] == dtype)]
+        if primitive is not None:
+            rows = rows[rows["primitive"] == primitive]
         if not len(rows):
             return None
         best = rows.groupby("shape")["median_s"].transform("min")

@@ -49,7 +49,13 @@ _DEVICE_RE = re.compile(r"^(cpu|cuda|npu|ascend910b[1-4]?)(?::(\d+))?$")
 
 # Fingerprint keys that must agree for a cost table to describe this device;
 # the others (software versions) only produce a warning when they differ.
-IDENTITY_KEYS = ("backend", "device_name", "compute_units", "threads")
+IDENTITY_KEYS = ("backend", "device_name", "compute_units", "threads", "isa")
+
+# CPU features that decide which kernels exist and which dtype is fast: oneDNN's bf16 paths need AVX-512
+# BW/VL/DQ or AVX-NE-CONVERT, native bf16 dot products AVX512_BF16 or AMX; Arm has NEON (asimd), SVE, BF16.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_fp16",
+             "avx_vnni", "avx_ne_convert", "amx_tile", "amx_bf16", "amx_int8",
+             "asimd", "sve", "sve2", "bf16", "i8mm")
 
 
 def _cpu_model_name() -> str:
@@ -61,6 +67,21 @@ def _cpu_model_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_isa() -> list[str]:
+    """The ISA features of ``ISA_FLAGS`` this CPU reports (``flags`` on x86, ``Features`` on Arm), sorted."""
+    found: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    found.update(value.split())
+                    break
+    except OSError:
+        pass
+    return sorted(set(ISA_FLAGS) & found)
 
 
 def llc_bytes() -> int:
@@ -169,6 +190,8 @@ class Device:
             fp["device_name"] = _cpu_model_name()
             fp["compute_units"] = os.cpu_count() or 1
             fp["threads"] = self.threads or torch.get_num_threads()
+            fp["isa"] = cpu_isa()
+            fp["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         elif self.backend == "cuda":
             props = torch.cuda.get_device_properties(self.index)
             fp["device_name"] = props.name
@@ -194,14 +217,17 @@ class Device:
 
 
 def fingerprint_mismatches(table_fp: dict, current_fp: dict) -> tuple[list[str], list[str]]:
-    """(fatal identity differences, harmless version differences) between two fingerprints."""
+    """(fatal identity differences, harmless version differences) between two fingerprints.
+
+    An identity key that one side lacks (a table written before the key existed) is only a soft difference.
+    """
     fatal, soft = [], []
     for key in sorted(set(table_fp) | set(current_fp)):
         a, b = table_fp.get(key), current_fp.get(key)
         if a == b:
             continue
         line = f"{key}: table has {a!r}, this device has {b!r}"
-        (fatal if key in IDENTITY_KEYS else soft).append(line)
+        (fatal if key in IDENTITY_KEYS and key in table_fp and key in current_fp else soft).append(line)
     return fatal, soft
 
 

@@ -30,7 +30,7 @@ def measure_gemm_peak(device: Device, dtype: str, policy: TimingPolicy = PEAK_TI
         from xytune.runtime.linear import Linear
 
         packed = Linear(b.t().contiguous(), mode="packed")
-        if packed.packed is not None:
+        if packed.packed is not None:  # None where the probe found packing unsupported for this dtype
             best = min(best, min(measure(lambda: packed(a), device, policy)))
     return 2.0 * n**3 / best
 

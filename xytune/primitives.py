@@ -37,6 +37,8 @@ class Primitive:
     space: dict[str, tuple] = field(default_factory=dict)
     invalid: Callable[[Shape, Config, str, Device], str | None] = lambda s, c, d, dev: None
     available: Callable[[], bool] = lambda: True
+    probe_shape: dict = field(default_factory=lambda: {"m": 3, "n": 32, "k": 64})  # tiny: see probe.probe
+    targets: tuple[str, ...] = ()  # attention: the tile classes it is swept on; () = every target of its op
 
     def space_size(self) -> int:
         return math.prod(len(v) for v in self.space.values()) if self.space else 1
@@ -165,10 +167,13 @@ def _onednn_available() -> bool:
 
 
 def _make_onednn_packed(shape, config, dtype, device):
-    from xytune.runtime.linear import Linear
+    from xytune.runtime.linear import Linear, packing_failure
 
     x, ws = _gemm_operands(shape, dtype, device)
-    return rotating([Linear(w, mode="packed")._bind(x) for w in ws])
+    linears = [Linear(w, mode="packed") for w in ws]
+    if linears[0].packed is None:  # the probe must see the failure, not a silent fallback to F.linear
+        raise RuntimeError(packing_failure(DTYPES[dtype]) or "oneDNN did not pack this weight")
+    return rotating([lin._bind(x) for lin in linears])
 
 
 register(Primitive(
@@ -273,14 +278,15 @@ def attention_work(shape: Shape, dtype: str) -> tuple[float, float]:
     return flops, float(ELEM_BYTES[dtype] * (2 * shape["m"] * keys * d * shape["kv_heads"] + 2 * rows * d * shape["heads"]))
 
 
-def _attention_batch(shape: Shape, dtype: str, device: Device, decode: bool):
+def attention_batch(shape: Shape, dtype: str, device: Device, decode: bool, verify_every: int = 8):
+    """Seeded requests, q and paged K/V caches for one attention shape (what the profiler times)."""
     from xytune.kernels.meta_attention import AttnRequest
 
     gen = torch.Generator().manual_seed(shape["m"] * 31 + shape["n"])
     if decode:  # m decodes with contexts spread over [n/8, n] (serving batches mix old and new requests),
         # every eighth a 4-token speculative verify (where tile_q decides whether it joins the short class)
         lens = torch.randint(max(1, shape["n"] // 8), shape["n"] + 1, (shape["m"],), generator=gen).tolist()
-        specs = [(4 if i % 8 == 7 else 1, c) for i, c in enumerate(lens)]
+        specs = [(4 if verify_every and i % verify_every == verify_every - 1 else 1, c) for i, c in enumerate(lens)]
     else:  # m prefill chunks of q tokens after n cached ones
         specs = [(shape["q"], shape["n"])] * shape["m"]
     page = 16  # K/V in whole pages scattered over the cache, as the engine's block tables place them
@@ -304,7 +310,7 @@ def _attention_batch(shape: Shape, dtype: str, device: Device, decode: bool):
 def _make_meta_attention(shape, config, dtype, device, decode):
     from xytune.kernels.meta_attention import plan_meta_attention, run_meta_attention_torch
 
-    reqs, q, k, v = _attention_batch(shape, dtype, device, decode)
+    reqs, q, k, v = attention_batch(shape, dtype, device, decode)
     plan = plan_meta_attention(reqs, shape["heads"], shape["kv_heads"], k.shape[1], **config)
     scale = shape["k"] ** -0.5
     return lambda: run_meta_attention_torch(plan, q, k, v, scale)  # the plan is made once per step, not timed
@@ -316,6 +322,27 @@ def _short_invalid(shape, config, dtype, device):
     return None
 
 
+def _make_attention_plan(shape, config, dtype, device):
+    """Meta-Attention's host-side plan alone: a step makes it once for all layers (its cost is per step)."""
+    from xytune.kernels.meta_attention import plan_meta_attention
+
+    reqs, q, k, v = attention_batch(shape, dtype, device, decode="q" not in shape)
+    return lambda: plan_meta_attention(reqs, shape["heads"], shape["kv_heads"], k.shape[1], pages_aligned=True)
+
+
+def _make_sdpa_loop(shape, config, dtype, device):
+    """The engine's other attention: decodes as one padded batch, each prefill chunk one fused SDPA call."""
+    from xytune.runtime.attention import batch_from_requests, reference_attention  # moves to kernels/ (issue 14)
+
+    reqs, q, k, v = attention_batch(shape, dtype, device, decode="q" not in shape)
+    batch = batch_from_requests(reqs)
+    return lambda: reference_attention(q, k, v, batch, shape["k"] ** -0.5)
+
+
+ATTENTION_TARGETS = ("attention.decode", "attention.prefill")
+PROBE_DECODE = {"m": 2, "n": 32, "k": 16, "heads": 4, "kv_heads": 2}
+PROBE_PREFILL = {"m": 1, "q": 8, "n": 8, "k": 16, "heads": 4, "kv_heads": 2}
+
 register(Primitive(
     name="meta.attention_short",
     op="attention",
@@ -325,6 +352,8 @@ register(Primitive(
     work=attention_work,
     space={"tile_q": (4, 8, 16), "tile_kv": (64, 128, 256, 512)},
     invalid=_short_invalid,
+    probe_shape=PROBE_DECODE,
+    targets=("attention.decode",),
 ))
 register(Primitive(
     name="meta.attention_long",
@@ -334,4 +363,27 @@ register(Primitive(
     make=functools.partial(_make_meta_attention, decode=False),
     work=attention_work,
     space={"prefill_tile": (32, 64, 128), "sdpa_min_keys": (256, 1024, 1 << 20)},
+    probe_shape=PROBE_PREFILL,
+    targets=("attention.prefill",),
+))
+# What the engine weighs Meta-Attention against for a step (plan cost included): see CostModel.attention_choice
+register(Primitive(
+    name="meta.plan",
+    op="attention",
+    backends=("cpu",),
+    dtypes=("float32", "bfloat16"),
+    make=_make_attention_plan,
+    work=lambda shape, dtype: (0.0, 0.0),
+    probe_shape=PROBE_PREFILL,
+    targets=ATTENTION_TARGETS,
+))
+register(Primitive(
+    name="torch.sdpa_loop",
+    op="attention",
+    backends=("cpu",),
+    dtypes=("float32", "bfloat16"),
+    make=_make_sdpa_loop,
+    work=attention_work,
+    probe_shape=PROBE_PREFILL,
+    targets=ATTENTION_TARGETS,
 ))

@@ -28,6 +28,8 @@ def summarize_table(table: CostTable) -> dict:
         "fingerprint": meta["fingerprint"],
         "geometry": meta["geometry"],
         "peaks": meta["peaks"],
+        "tuning": meta.get("tuning", {}),
+        "pruned": meta.get("pruned", []),
         "counts": {
             "rows": int(len(rows)),
             "ops": sorted(set(rows["op"])),
@@ -57,6 +59,17 @@ def render_summary(summary: dict, console) -> None:
                   f"created {summary['created_at']}")
     flops = ", ".join(f"{dt} {v / 1e9:,.1f} GFLOP/s" for dt, v in peaks["gemm_flops"].items())
     console.print(f"peaks: {flops}; copy {peaks['copy_bytes_per_s'] / 1e9:,.1f} GB/s")
+    isa = fp.get("isa")
+    if isa is not None:
+        console.print(f"ISA: {' '.join(isa) or 'none of the tracked features'}", highlight=False)
+    for dtype, figures in summary["tuning"].items():
+        console.print(f"measured constants ({dtype}): "
+                      + ", ".join(f"{k} {v:.3g}" for k, v in sorted(figures.items())), highlight=False)
+    if summary["pruned"]:
+        console.print(f"[yellow]{len(summary['pruned'])} pruned (cannot run on this device):[/]")
+        for p in summary["pruned"]:
+            config = f" {p['config']}" if p.get("config") else ""
+            console.print(f"  {p['primitive']} {p['dtype']}{config}: {p['reason']}", highlight=False, markup=False)
     t = Table("op", "target", "dtype", "M", "best primitive", "config", "median us", "of peak", title="Best per bucket")
     for r in summary["best"]:
         t.add_row(r["op"], r["target"], r["dtype"], str(r["m"]), r["primitive"],

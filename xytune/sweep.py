@@ -8,17 +8,21 @@ sweep leaves a valid partial table and ``resume`` skips every finished row.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import pandas as pd
+import torch
 
+from xytune.calibrate import measure_tuning, split_margin
 from xytune.devices import Device, fingerprint_mismatches
 from xytune.geometry import ModelGeometry
 from xytune.peaks import measure_peaks, roofline_fraction
 from xytune.primitives import Config, Primitive, Shape, primitives_for
+from xytune.probe import Pruned, failure_reason, usable_primitives
 from xytune.table import CostTable, TableError, canonical_json, empty_rows, new_meta, read_table, write_table
 from xytune.timing import DEFAULT_TIMING, QUICK_TIMING, TimingPolicy, measure, measure_interleaved, summarize
 
@@ -27,6 +31,10 @@ GRID_LIMIT = 64  # spaces up to this size are searched exhaustively under --sear
 
 class SweepError(ValueError):
     """A sweep that cannot start (bad settings, a table that cannot be resumed)."""
+
+
+class ConfigFailed(RuntimeError):
+    """One config of a primitive raised on this device (out of resources, an op the chip refuses, ...)."""
 
 
 def m_buckets(max_tokens: int, dense_until: int = 16, per_octave: int = 4) -> list[int]:
@@ -98,8 +106,13 @@ class ShapeGroup:
         return f"{self.op}/{self.target}/{canonical_json(self.shape_dict)}/{self.primitive.name}/{self.dtype}"
 
 
-def plan_groups(geometry: ModelGeometry, settings: SweepSettings, backend: str) -> list[ShapeGroup]:
-    """Every (target GEMM, M bucket, dtype, primitive) to profile, in cache-friendly order."""
+def plan_groups(geometry: ModelGeometry, settings: SweepSettings, backend: str,
+                usable: Callable[[str, str], list[Primitive]] | None = None) -> list[ShapeGroup]:
+    """Every (target GEMM, M bucket, dtype, primitive) to profile, in cache-friendly order.
+
+    ``usable(op, dtype)`` lists the primitives that probed fine on the device (default: every registered one).
+    """
+    usable = usable or (lambda op, dtype: primitives_for(op, backend, dtype))
     groups = []
     gemms = geometry.gemms()
     if settings.targets:
@@ -109,10 +122,10 @@ def plan_groups(geometry: ModelGeometry, settings: SweepSettings, backend: str) 
                              f"{[g.name for g in gemms] + ['attention']}.")
         gemms = [g for g in gemms if g.name in settings.targets]
     if not settings.targets or "attention" in settings.targets:
-        groups.extend(_attention_groups(geometry, settings, backend))
+        groups.extend(_attention_groups(geometry, settings, usable))
     for g in gemms:
         for dtype in settings.dtypes:
-            prims = primitives_for("gemm", backend, dtype)
+            prims = usable("gemm", dtype)
             if not prims:
                 raise SweepError(f"No GEMM primitive for {dtype} on {backend}.")
             ms = settings.buckets if g.name != "lm_head" else [m for m in settings.buckets if m <= settings.max_seqs]
@@ -128,23 +141,21 @@ ATTENTION_PREFILL = ((1, 512, 0), (4, 128, 256), (6, 48, 200))
 QUICK_ATTENTION_DECODE, QUICK_ATTENTION_PREFILL = ((32, 512),), ((1, 512, 0),)
 
 
-def _attention_groups(geometry: ModelGeometry, settings: SweepSettings, backend: str) -> list[ShapeGroup]:
+def _attention_groups(geometry: ModelGeometry, settings: SweepSettings, usable) -> list[ShapeGroup]:
     """Meta-Attention tile classes x key lengths x head packing (the model's GQA group) to profile."""
     if not settings.attention:
         return []
     heads = {"heads": geometry.heads_per_rank, "kv_heads": geometry.kv_heads_per_rank, "k": geometry.head_dim}
     groups = []
     for dtype in settings.dtypes:
-        for p in primitives_for("attention", backend, dtype):
-            if p.name.endswith("short"):
-                decode = QUICK_ATTENTION_DECODE if settings.quick_attention else ATTENTION_DECODE
-                shapes = [{"m": m, "n": n, **heads} for m, n in decode]
-                target = "attention.decode"
-            else:
-                prefill = QUICK_ATTENTION_PREFILL if settings.quick_attention else ATTENTION_PREFILL
-                shapes = [{"m": m, "q": q, "n": n, **heads} for m, q, n in prefill]
-                target = "attention.prefill"
-            groups.extend(ShapeGroup("attention", target, tuple(sorted(s.items())), p, dtype) for s in shapes)
+        decode = QUICK_ATTENTION_DECODE if settings.quick_attention else ATTENTION_DECODE
+        prefill = QUICK_ATTENTION_PREFILL if settings.quick_attention else ATTENTION_PREFILL
+        shapes = {"attention.decode": [{"m": m, "n": n, **heads} for m, n in decode],
+                  "attention.prefill": [{"m": m, "q": q, "n": n, **heads} for m, q, n in prefill]}
+        for p in usable("attention", dtype):
+            for target in p.targets or tuple(shapes):
+                groups.extend(ShapeGroup("attention", target, tuple(sorted(s.items())), p, dtype)
+                              for s in shapes[target])
     return groups
 
 
@@ -208,7 +219,12 @@ def optuna_search(
         trial.set_user_attr("config", key)
         if key in done:
             return done[key]
-        seconds = objective(config)
+        try:
+            seconds = objective(config)
+        except ConfigFailed as exc:  # tried once, never again: it counts as done, with no row
+            done[key] = math.inf
+            trial.set_user_attr("pruned", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
         done[key] = seconds
         for name, value in trial_attrs().items():
             trial.set_user_attr(name, value)
@@ -224,7 +240,10 @@ def optuna_search(
                 break
             key = canonical_json(config)
             if key not in done and primitive.invalid(shape, config, dtype, device) is None:
-                done[key] = objective(config)
+                try:
+                    done[key] = objective(config)
+                except ConfigFailed:
+                    done[key] = math.inf
     return study
 
 
@@ -234,7 +253,9 @@ class Sweep:
     def __init__(self, device: Device, geometry: ModelGeometry, settings: SweepSettings, out: str | Path,
                  resume: bool = False, overwrite: bool = False):
         self.device, self.geometry, self.settings, self.out = device, geometry, settings, Path(out)
-        self.groups = plan_groups(geometry, settings, device.backend)
+        self.pruned: list[Pruned] = []
+        self.settings.dtypes = self._runnable_dtypes(settings.dtypes)
+        self.groups = plan_groups(geometry, settings, device.backend, self._usable)
         for g in {id(g.primitive): g for g in self.groups}.values():
             use_optuna(g.primitive, settings.search)  # validates --search early
         if settings.trials < 1:
@@ -244,6 +265,20 @@ class Sweep:
         self.pending: list[dict] = []
         self.last_row: dict = {}
         self._last_write = time.monotonic()
+
+    def _usable(self, op: str, dtype: str) -> list[Primitive]:
+        """The primitives that probed fine here; the others are recorded in ``pruned`` (once)."""
+        usable, pruned = usable_primitives(op, self.device, dtype)
+        self.pruned.extend(p for p in pruned if p not in self.pruned)
+        return usable
+
+    def _runnable_dtypes(self, dtypes: list[str]) -> list[str]:
+        """The dtypes in which at least one GEMM primitive runs here (a dtype without any is left out)."""
+        keep = [d for d in dtypes if self._usable("gemm", d)]
+        if not keep:
+            reasons = "; ".join(f"{p.primitive} {p.dtype}: {p.reason}" for p in self.pruned[:3])
+            raise SweepError(f"No GEMM primitive runs on {self.device.name} in {', '.join(dtypes)} ({reasons}).")
+        return keep
 
     def _start_table(self, resume: bool, overwrite: bool) -> CostTable:
         if self.out.exists() and not (resume or overwrite):
@@ -261,6 +296,8 @@ class Sweep:
                                  f"not {self.geometry.name}.")
             table.meta["complete"] = False
             table.meta["sweep"] = self.settings.to_dict()
+            known = [Pruned(**p) for p in table.meta.get("pruned", [])]
+            self.pruned = known + [p for p in self.pruned if p not in known]
             return table
         return CostTable(empty_rows(), {})  # meta filled in by run() once peaks are measured
 
@@ -283,8 +320,22 @@ class Sweep:
         return (group.op, group.target, canonical_json(group.shape_dict), group.primitive.name, group.dtype,
                 canonical_json(config))
 
+    def _runnable(self, group: ShapeGroup, config: Config):
+        """The timed closure of one config after one untimed call, or None (recorded as pruned) if it fails."""
+        try:
+            fn = group.primitive.make(group.shape_dict, config, group.dtype, self.device)
+            with torch.inference_mode():
+                fn()
+            self.device.synchronize()
+            return fn
+        except Exception as exc:  # a config this device cannot run: one line in the table, the sweep goes on
+            self.pruned.append(Pruned(group.primitive.name, group.dtype, failure_reason(exc), canonical_json(config)))
+            return None
+
     def _time(self, group: ShapeGroup, config: Config) -> float:
-        fn = group.primitive.make(group.shape_dict, config, group.dtype, self.device)
+        fn = self._runnable(group, config)
+        if fn is None:
+            raise ConfigFailed(self.pruned[-1].reason)
         return self._record(group, config, measure(fn, self.device, self.settings.timing))
 
     def _record(self, group: ShapeGroup, config: Config, samples: list[float]) -> float:
@@ -302,6 +353,7 @@ class Sweep:
             self.table.rows = pd.concat(frames, ignore_index=True)
             self.pending = []
         self.table.meta["complete"] = complete
+        self.table.meta["pruned"] = [p.to_dict() for p in self.pruned]
         write_table(self.out, self.table)
         self._last_write = time.monotonic()
 
@@ -349,8 +401,10 @@ class Sweep:
         grid = valid_grid(group, self.device)
         advance(len(grid) - len(todo := [c for c in grid if self._key(group, c) not in self.done]))
         # a grid's configs are compared with each other: time them in turns (see measure_interleaved)
-        fns = [group.primitive.make(group.shape_dict, c, group.dtype, self.device) for c in todo]
-        for config, samples in zip(todo, measure_interleaved(fns, self.device, self.settings.timing)):
+        runnable = [(c, fn) for c in todo if (fn := self._runnable(group, c)) is not None]
+        advance(len(todo) - len(runnable))
+        fns = [fn for _, fn in runnable]
+        for (config, _), samples in zip(runnable, measure_interleaved(fns, self.device, self.settings.timing)):
             self._record(group, config, samples)
             advance(1)
 
@@ -364,13 +418,25 @@ class Sweep:
             self.table.meta = new_meta(self.device.fingerprint(), self.geometry.to_dict(), peaks,
                                        self.settings.to_dict())
             self.checkpoint()
+        tuning = self.table.meta.setdefault("tuning", {})
+        missing = [d for d in self.settings.dtypes if d not in tuning]
+        if missing:  # the machine constants the kernels switch on (a resumed table keeps its own)
+            tuning.update(measure_tuning(self.device, missing, self.geometry))
         try:
             self._run_groups(self.groups, progress)
         except BaseException:
             self.checkpoint(complete=False)  # Ctrl-C / SIGTERM / error: keep what was measured
             raise
+        self._finish_tuning()
         self.checkpoint(complete=True)
         return self.table
+
+    def _finish_tuning(self) -> None:
+        """Constants that come from the rows themselves (the measurements' own spread)."""
+        self.checkpoint()  # pending rows into the table
+        rows = self.table.rows
+        for dtype, figures in self.table.meta["tuning"].items():
+            figures["split_margin"] = split_margin(rows[rows["dtype"] == dtype])
 
     def _run_groups(self, groups: Iterable[ShapeGroup], progress: bool) -> None:
         if not progress:

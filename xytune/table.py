@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from xytune import __version__
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added the metadata keys tuning (measured machine constants) and pruned (probe failures)
+READABLE_VERSIONS = (1, 2)  # a v1 table reads as one without tuning or pruned: the kernels use their defaults
 META_KEY = b"xytune.meta"
 
 KEY_COLUMNS = ["op", "target", "shape", "primitive", "dtype", "config"]
@@ -87,6 +88,8 @@ def new_meta(fingerprint: dict, geometry: dict, peaks: dict, sweep: dict) -> dic
         "geometry": geometry,
         "peaks": peaks,
         "sweep": sweep,
+        "tuning": {},
+        "pruned": [],
     }
 
 
@@ -142,10 +145,9 @@ def read_table(path: str | os.PathLike) -> CostTable:
     except json.JSONDecodeError:
         raise TableError(f"{path} has damaged xytune metadata.") from None
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise TableError(
-            f"{path} has cost-table schema version {version}; this xytune {__version__} reads version {SCHEMA_VERSION}."
-        )
+    if version not in READABLE_VERSIONS:
+        raise TableError(f"{path} has cost-table schema version {version}; this xytune {__version__} reads "
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))}.")
     missing = [c for c in COLUMNS if c not in arrow.column_names]
     if missing:
         raise TableError(f"{path} lacks the columns {', '.join(missing)}.")
