@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from xytune.kernels.meta_attention import CAUSAL, NO_MASK, TREE, AttnRequest
+from xytune.kernels.triton_gemm import dot_precision
 
 try:
     import triton
@@ -91,6 +92,7 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, tasks_ptr, slots_ptr, bits_ptr, o_ptr, m_ptr, l_ptr, scale,
         stride_qt, stride_qh, stride_kh, stride_ks, stride_vh, stride_vs,
         G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         task = tl.program_id(0)
         base = tasks_ptr + task * 10
@@ -125,7 +127,7 @@ if triton is not None:
                         other=0.0)
             v = tl.load(v_ptr + head * stride_vh + slot[:, None] * stride_vs + d[None, :], mask=key_ok[:, None],
                         other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             new = kpos[None, :] - ctx  # index among the request's new tokens (negative: cached context)
             causal_ok = kpos[None, :] <= ctx + tok[:, None]
             tree_ok = (new < 0) | (((tree[:, None] >> tl.maximum(new, 0)) & 1) == 1)
@@ -137,7 +139,7 @@ if triton is not None:
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         out = task * BLOCK_M + r
         tl.store(o_ptr + out[:, None] * HEAD_DIM + d[None, :], acc)
@@ -160,7 +162,7 @@ def run_meta_attention_triton(plan: TritonPlan, q: torch.Tensor, k_cache: torch.
     _meta_attention_kernel[(N,)](
         q, k_cache, v_cache, plan.tasks, plan.key_slots, plan.tree_bits, o, m, l, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        G=H // k_cache.shape[0], HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=plan.block_n,
+        G=H // k_cache.shape[0], HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=plan.block_n, PRECISION=dot_precision(q.dtype),
     )
     # log-sum-exp merge of each segment's tasks
     seg = plan.tasks[:, T_SEG].long()

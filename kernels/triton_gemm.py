@@ -27,7 +27,7 @@ if triton is not None:
     def _gemm_kernel(
         x_ptr, w_ptr, y_ptr, M, N, K,
         stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -41,9 +41,15 @@ if triton is not None:
                         mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
             w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
                         mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
-            acc += tl.dot(x, w)
+            acc += tl.dot(x, w, input_precision=PRECISION)
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
                  acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: IEEE for float32 inputs (Triton's default TF32 rounds them to 10-bit
+    mantissas, so float32 outputs would stop matching the reference), the inputs' own otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def triton_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
@@ -62,7 +68,7 @@ def triton_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = Non
     _gemm_kernel[grid](
         x, w, out, M, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=dot_precision(x.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

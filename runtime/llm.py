@@ -42,9 +42,9 @@ class LLM:
                  kv_cache_gb: float = 1.0, block_size: int = 16, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 256, threads: int | None = None, gemm: str = "auto",
                  profile: str | None = None, allow_mismatch: bool = False, policy: str = "chunked",
-                 tbt_slo_ms: float = 100.0, ttft_slo_ms: float = 2000.0, enable_prefix_caching: bool = True,
+                 tbt_slo_ms: float | None = None, ttft_slo_ms: float = 2000.0, enable_prefix_caching: bool = True,
                  speculative: str | None = None, num_speculative_tokens: int = 4, attention: str = "meta",
-                 meta_tiles: dict | None = None):
+                 meta_tiles: dict | None = None, tpot_slo_ms: float = 200.0):
         """``attention`` reference | meta; ``meta_tiles`` Meta-Attention's tile sizes (default: from ``profile``);
         ``gemm`` auto | packed | plain | smooth (SmoothGEMM planned from ``profile``; auto: smooth when a
         profile is given, else packed)."""
@@ -89,7 +89,7 @@ class LLM:
         spec = SpeculativeConfig(speculative, num_speculative_tokens) if speculative else None
         self.engine = Engine(self.model, self.tokenizer, num_blocks, block_size,
                              SchedulerConfig(max_num_batched_tokens, max_num_seqs, policy, tbt_slo_ms,
-                                             ttft_slo_ms=ttft_slo_ms), predictor,
+                                             ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms), predictor,
                              enable_prefix_caching=enable_prefix_caching, speculative=spec)
 
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> tuple[list[int], str | None]:

@@ -72,15 +72,20 @@ POLICIES = ("chunked", "prefill-first", "xy")
 class SchedulerConfig:
     """``chunked``: decodes, then prefill chunks within a fixed token budget (vLLM v1 / Sarathi).
     ``prefill-first``: waiting prompts run as prefill-only steps that pause decoding (classic vLLM).
-    ``xy``: decodes, then as many prefill tokens as keep the predicted step within ``tbt_slo_ms``,
-    chunks cut on ``align``-token boundaries unless they finish a prompt (XY-Serve)."""
+    ``xy``: decodes, then as many prefill tokens as keep the predicted step within the step SLO,
+    chunks cut on ``align``-token boundaries unless they finish a prompt (XY-Serve).
+
+    The step SLO is ``tbt_slo_ms`` when given, else the TPOT SLO ``tpot_slo_ms`` (the average per-token
+    time the requests are held to): what a step may take follows from the SLO being served and the
+    machine's measured step times, not from a figure tuned on another machine."""
 
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     policy: str = "chunked"
-    tbt_slo_ms: float = 100.0
+    tbt_slo_ms: float | None = None
     align: int = 16
     ttft_slo_ms: float = 2000.0  # xy: a prompt waiting half of this gets longer steps
+    tpot_slo_ms: float = 200.0
 
     def __post_init__(self):
         if self.max_num_batched_tokens < 1:
@@ -89,8 +94,14 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs must be at least 1.")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}.")
-        if self.tbt_slo_ms <= 0 or self.ttft_slo_ms <= 0 or self.align < 1:
-            raise ValueError("tbt_slo_ms and ttft_slo_ms must be positive and align at least 1.")
+        if (self.tbt_slo_ms is not None and self.tbt_slo_ms <= 0) or self.ttft_slo_ms <= 0 \
+                or self.tpot_slo_ms <= 0 or self.align < 1:
+            raise ValueError("tbt_slo_ms, tpot_slo_ms and ttft_slo_ms must be positive and align at least 1.")
+
+    @property
+    def step_slo_s(self) -> float:
+        """Seconds: the TBT SLO when one was given, else the TPOT SLO."""
+        return (self.tbt_slo_ms if self.tbt_slo_ms is not None else self.tpot_slo_ms) / 1e3
 
 
 class Scheduler:
@@ -185,7 +196,8 @@ class Scheduler:
     def step_deadline(self, scheduled: list, now: float | None = None, recent_step_s: float | None = None) -> float:
         """Seconds this step may take without pushing any decoding request's TPOT past the SLO.
 
-        The TPOT SLO (``tbt_slo_ms``) is an average over a request's tokens. A request that has ``n`` tokens,
+        The step SLO (``step_slo_s``, the TPOT SLO unless a TBT SLO was given) is an average over a request's
+        tokens. A request that has ``n`` tokens,
         ``E`` seconds after its first, and ``H`` more to come (at most 16 are counted: it may stop early) ends
         at ``(E + S + (H - 1) * s) / (n + H - 1)`` per token if this step takes ``S`` and the rest take the
         recent step time ``s``; the step may take the largest ``S`` that keeps that within the SLO for every
@@ -193,7 +205,7 @@ class Scheduler:
         (token ``n + 1`` is due at ``n`` SLOs after the first); fast decode steps leave slack that lets a
         prompt's prefill through in a few large steps instead of starving it in small ones.
         """
-        tbt = self.config.tbt_slo_ms / 1e3
+        tbt = self.config.step_slo_s
         now = time.perf_counter() if now is None else now
         if recent_step_s is None:
             recent_step_s = self.recent_step_seconds()
@@ -227,19 +239,19 @@ class Scheduler:
         """
         if r.first_token_time - r.arrival > self.config.ttft_slo_ms / 1e3:
             return True
-        return now - r.first_token_time > self.config.tbt_slo_ms / 1e3 * max(1, r.params.max_tokens - 1)
+        return now - r.first_token_time > self.config.step_slo_s * max(1, r.params.max_tokens - 1)
 
     def recent_step_seconds(self) -> float:
         """Median measured time of the last 16 steps (the SLO itself until there are any)."""
         records = list(self.predictor.records)[-16:] if self.predictor is not None else []
         if not records:
-            return self.config.tbt_slo_ms / 1e3
+            return self.config.step_slo_s
         return float(np.median([actual for _, _, actual in records]))
 
     def _prefill_budget(self, scheduled: list, budget: int) -> int:
         """xy: the most prefill tokens whose step the predictor keeps within the step deadline, nudged to
-        efficient M."""
-        slo = self.step_deadline(scheduled)
+        efficient M. Where even the decodes alone are predicted over the step SLO, no step size can meet it:
+        the step then takes the prefill that maximises throughput (``_throughput_budget``)."""
         busy = sum(n for _, n in scheduled)  # decode and verify tokens, each with a logits row
         decode_pairs = attention_pairs([(r.num_computed, n) for r, n in scheduled])
         head = next((r for r in sorted(self.running, key=lambda r: r.arrival) if r.remaining > 1), None)
@@ -248,6 +260,10 @@ class Scheduler:
         def predicted(p: int) -> float:
             pairs = decode_pairs + (attention_pairs([(context, p)]) if p else 0.0)
             return self.predictor.predict(busy + p, busy + (1 if p else 0), pairs)
+
+        if predicted(0) > self.config.step_slo_s:
+            return self._throughput_budget(busy, budget, predicted)
+        slo = self.step_deadline(scheduled)
 
         lo, hi = 0, budget
         while lo < hi:  # predicted step time grows with tokens: binary search the largest that fits
@@ -259,6 +275,15 @@ class Scheduler:
         lo = self._nudge(busy, lo)
         # Never starve prompts: when the SLO leaves no room, a step still takes one aligned chunk.
         return max(lo, min(budget, self.config.align))
+
+    def _throughput_budget(self, busy: int, budget: int, predicted, within: float = 0.01) -> int:
+        """The largest prefill (in ``align`` steps, up to ``budget``) whose step is within ``within`` of the
+        most tokens per predicted second: on a machine too slow for the SLO, serve as much as it can."""
+        align = self.config.align
+        sizes = sorted({*range(align, budget + 1, align), budget})
+        rate = {p: (busy + p) / max(predicted(p), 1e-12) for p in sizes}
+        best = max(rate.values())
+        return max(p for p, r in rate.items() if r >= best * (1 - within))
 
     def _nudge(self, busy: int, prefill: int, gain: float = 0.03) -> int:
         """Trim the prefill tokens so the step's token count lands where the GEMM table is more efficient.

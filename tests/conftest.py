@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,6 +11,12 @@ import pytest
 from xytune.devices import get_device
 from xytune.geometry import PRESETS
 from xytune.table import CostTable, canonical_json, new_meta
+
+# Checked-in cost tables, each named by the machine that made it (see profiles/README.md). Tests read them
+# with allow_mismatch and never assume the machine running the tests is that machine.
+PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+REFERENCE_TABLE = PROFILES / "cpu-intel-xeon-amx-2c-smollm2-135m.parquet"  # schema 2, with measured tuning
+SCHEMA_1_TABLE = PROFILES / "cpu-amd-epyc-avx512bf16-2c-smollm2-135m.parquet"
 
 
 def synthetic_rows(geometry, latency, primitives=("fast_small", "fast_large"), dtype="float32",

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import require_default_model
+from conftest import REFERENCE_TABLE, require_default_model
 from xytune.bench_servers import parse_variant
 
-REFERENCE = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
+REFERENCE = REFERENCE_TABLE  # a table from some machine: read with --allow-mismatch
 
 
 def test_variants_parse_and_bad_ones_are_refused():
@@ -54,15 +53,18 @@ def test_policies_side_by_side_on_the_engine_alone(tmp_path):
     require_default_model()
     out = tmp_path / "engines.json"
     run = subprocess.run(
-        [sys.executable, "-m", "xytune.cli", "bench", "engines", "--policies", "xy,prefill-first",
+        [sys.executable, "-m", "xytune.cli", "bench", "engines", "--policies", "xy,prefill-first,chunked@32",
          "--profile", str(REFERENCE), "--allow-mismatch", "--dtype", "float32", "--sweep-rates", "inf,20",
          "--num-prompts", "4", "--input-len", "24", "--output-len", "6", "--slo-ttft-ms", "60000",
          "--slo-tpot-ms", "60000", "--repeats", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert [v["name"] for v in result["variants"]] == ["xy", "prefill-first"] and result["repeats"] == 2
-    assert result["capacity"] == {"xy": float("inf"), "prefill-first": float("inf")}  # met even all at once
+    assert [v["name"] for v in result["variants"]] == ["xy", "prefill-first", "chunked@32"]
+    assert result["repeats"] == 2 and result["variants"][2]["args"] == ["--policy", "chunked",
+                                                                       "--max-num-batched-tokens", "32"]
+    assert result["capacity"] == {"xy": float("inf"), "prefill-first": float("inf"),
+                                  "chunked@32": float("inf")}  # met even all at once
     for v in result["variants"]:
         for row in v["rows"]:
             assert row["completed"] == 8 and row["slo_attainment"] == 1.0  # two repeats of 4, pooled
@@ -70,7 +72,7 @@ def test_policies_side_by_side_on_the_engine_alone(tmp_path):
             assert row["tpot_ms"]["p50"] > 0
             steps = row["steps"]  # how the policy cut the work: prompts of ~24 tokens, 8 of them
             assert steps["steps"] >= steps["steps_with_prefill"] >= 1 and 0 < steps["busy_s"] < row["wall_s"]
-            assert 12 <= steps["prefill_tokens_per_prefill_step"] <= 8 * 36
+            assert 12 <= steps["prefill_tokens_per_prefill_step"] <= (32 if v["name"] == "chunked@32" else 8 * 36)
         assert v["server"]["xytune_cost_model_step_error_ratio"] is not None
     bad = subprocess.run([sys.executable, "-m", "xytune.cli", "bench", "engines", "--policies", "xy,fastest",
                           "--profile", str(REFERENCE)], capture_output=True, text=True, timeout=120)

@@ -5,17 +5,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import resampled
+from conftest import REFERENCE_TABLE, resampled
 from xytune.devices import get_device
 from xytune.probe import usable_primitives
 from xytune.table import KEY_COLUMNS, CostTable, read_table, write_table
 
 PRIMS = len(usable_primitives("gemm", get_device("cpu"), "float32")[0])  # those that run on this machine
-REFERENCE = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
+REFERENCE = REFERENCE_TABLE  # a table from some machine: read with --allow-mismatch
 
 SMALL = ["--buckets", "1,2,8", "--targets", "qkv,o", "--dtypes", "float32", "--budget-ms", "1", "--no-progress"]
 

@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import require_default_model  # noqa: E402
+from conftest import REFERENCE_TABLE, require_default_model  # noqa: E402
 from xytune.runtime.llm import LLM  # noqa: E402
 from xytune.runtime.sampling import SamplingParams  # noqa: E402
 
@@ -144,7 +144,7 @@ def test_meta_attention_and_smooth_gemm_keep_the_equality(smollm2):
     from pathlib import Path
 
     _, prompt_ids, expected = smollm2
-    table = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
+    table = REFERENCE_TABLE
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reference table may come from another CPU
         llm = LLM("smollm2-135m", dtype="float32", attention="meta", gemm="smooth", profile=str(table),

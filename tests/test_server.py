@@ -14,7 +14,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from conftest import require_default_model  # noqa: E402
+from conftest import REFERENCE_TABLE, require_default_model  # noqa: E402
 
 KEY = "test-key"
 
@@ -24,8 +24,6 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-REFERENCE_TABLE = Path(__file__).resolve().parent.parent / "profiles" / "cpu-smollm2-135m.parquet"
 
 
 def start_server(*args: str) -> tuple[subprocess.Popen, str]:

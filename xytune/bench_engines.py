@@ -66,9 +66,29 @@ def step_summary(steps) -> dict:
             "busy_s": float(seconds.sum())}
 
 
-def run(policies: list[str], llm_kwargs: dict, prompts: list[BenchPrompt], rates: list[float], seed: int,
+def parse_policies(spec: str) -> dict[str, dict]:
+    """``xy,chunked@256`` -> {variant name: LLM keyword overrides}; ``@N`` sets that variant's token budget."""
+    from xytune.runtime.scheduler import POLICIES
+
+    variants = {}
+    for name in (p.strip() for p in spec.split(",")):
+        if not name:
+            continue
+        policy, _, budget = name.partition("@")
+        if policy not in POLICIES or (budget and (not budget.isdigit() or int(budget) < 1)) or name in variants:
+            raise ValueError(f"--policies takes distinct names out of {', '.join(POLICIES)}, each optionally "
+                             f"@N with N a positive token budget, not {spec!r}.")
+        variants[name] = {"policy": policy, **({"max_num_batched_tokens": int(budget)} if budget else {})}
+    if not variants:
+        raise ValueError("--policies names no policy.")
+    return variants
+
+
+def run(policies: dict[str, dict], llm_kwargs: dict, prompts: list[BenchPrompt], rates: list[float], seed: int,
         slo_ttft_ms: float, slo_tpot_ms: float, progress=None, repeats: int = 1) -> dict:
-    """Capacity of each policy on one trace, in the result format of ``bench servers`` (so one renderer).
+    """Capacity of each policy variant on one trace, in the result format of ``bench servers`` (so one renderer).
+
+    ``policies``: variant name -> LLM keyword overrides (see ``parse_policies``).
 
     ``repeats``: each rate is replayed this many times (arrivals seeded ``seed``, ``seed + 1``, ...), the
     policies taking turns at every repeat, and a rate's figures pool all of its requests: on a machine
@@ -78,7 +98,7 @@ def run(policies: list[str], llm_kwargs: dict, prompts: list[BenchPrompt], rates
 
     if progress:
         progress("loading one engine per policy...")
-    engines = {p: LLM(policy=p, **llm_kwargs).engine for p in policies}
+    engines = {name: LLM(**{**llm_kwargs, **overrides}).engine for name, overrides in policies.items()}
     rows: dict[str, list[dict]] = {p: [] for p in policies}
     for rate in rates:
         pooled = {p: ([], 0.0, []) for p in policies}
@@ -95,7 +115,9 @@ def run(policies: list[str], llm_kwargs: dict, prompts: list[BenchPrompt], rates
     variants = []
     for p, engine in engines.items():
         err = engine.predictor.error_summary()["median_ape"] if engine.predictor is not None else None
-        variants.append({"name": p, "args": ["--policy", p], "rows": rows[p],
+        budget = engine.scheduler.config.max_num_batched_tokens
+        variants.append({"name": p, "args": ["--policy", policies[p]["policy"], "--max-num-batched-tokens",
+                                             str(budget)], "rows": rows[p],
                          "server": {"xytune_cost_model_step_error_ratio": err}})
     return {"rates": rates, "slo_ttft_ms": slo_ttft_ms, "slo_tpot_ms": slo_tpot_ms, "repeats": repeats,
             "capacity": {p: capacity(rows[p]) for p in policies}, "variants": variants}

@@ -100,25 +100,33 @@ def sdpa_padded(inputs, q, k_cache, v_cache, scale):
     return o.transpose(1, 2).reshape(n * mq, *q.shape[1:])[rows]
 
 
-def _median_alternating(fns: dict, repeats: int) -> dict:
-    """Median seconds of each contender, taking turns, each call after the CPU caches were flushed.
+def _median_alternating(fns: dict, repeats: int, device=None) -> dict:
+    """Median seconds of each contender, taking turns, each call after the caches were flushed.
 
     In serving, the KV cache and the weights come from memory (30 layers pass between two uses);
-    flushing also keeps one contender from warming the caches for the next.
+    flushing also keeps one contender from warming the caches for the next. On a GPU (``device``, a
+    Device) the L2 is flushed and each call is timed synchronised, launches included (a segment more is a
+    launch more, and serving pays it).
     """
     from xytune.devices import llc_bytes
 
-    flush = torch.ones(2 * llc_bytes() // 4, dtype=torch.float32)
+    gpu = device is not None and device.backend != "cpu"
+    flush = (lambda: device.flush_cache()) if gpu else \
+        (lambda buf=torch.ones(2 * llc_bytes() // 4, dtype=torch.float32): buf.sum())  # read, not write
     for f in fns.values():
         f()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, f in fns.items():
-            flush.sum()  # read, not write: no dirty lines left to write back during the timed call
-            start = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - start)
+            flush()
+            times[name].append(device.time_once(f) if gpu else _seconds(f))
     return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def _seconds(f) -> float:
+    start = time.perf_counter()
+    f()
+    return time.perf_counter() - start
 
 
 def _per_layer_alternating(fns: dict, caches: list, weight_bytes: int, repeats: int) -> dict:
@@ -150,9 +158,16 @@ def _per_layer_alternating(fns: dict, caches: list, weight_bytes: int, repeats: 
 
 
 def bench_attention(sizes=(16, 32, 64), num_heads=9, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16,
-                    tiles: dict | None = None, repeats=15, seed=0, layers=30, layer_weight_bytes=7_000_000
-                    ) -> list[dict]:
-    """``layers`` and ``layer_weight_bytes``: the model's, so each call finds its data where a step would."""
+                    tiles: dict | None = None, repeats=15, seed=0, layers=30, layer_weight_bytes=7_000_000,
+                    engine_path: str = "meta") -> list[dict]:
+    """``layers`` and ``layer_weight_bytes``: the model's, so each call finds its data where a step would.
+
+    Besides Meta-Attention, the per-request SDPA loop and the padded batch, the engine's own SDPA path
+    (decodes as one padded batch, one fused call per prefill chunk) is timed: ``engine_path`` is what the
+    table told the engine to run for a step with prefill ("meta" or "loop"), and ``engine_vs_loop`` is that
+    choice, Meta-Attention's plan spread over the step's layers, against the per-request loop.
+    """
+    from xytune.runtime.attention import batch_from_requests, reference_attention
     from xytune.runtime.host_memory import keep_freed_memory
 
     keep_freed_memory()  # as the engine does: no page faults on every call's fresh tensors
@@ -162,28 +177,39 @@ def bench_attention(sizes=(16, 32, 64), num_heads=9, num_kv_heads=3, head_dim=64
         requests, q, k, v = mixed_batch(n, num_heads, num_kv_heads, head_dim, dtype, seed + n)
         masks = [r.allowed() for r in requests]
         padded = padded_inputs(requests)
-        t0 = time.perf_counter()
-        plan = plan_meta_attention(requests, num_heads, num_kv_heads, k.shape[1], **(tiles or {}))
-        plan_s = time.perf_counter() - t0
+        batch = batch_from_requests(requests)
+
+        def make_plan():
+            return plan_meta_attention(requests, num_heads, num_kv_heads, k.shape[1], **(tiles or {}))
+
+        plan = make_plan()
+        plan_s = _median_alternating({"plan": make_plan}, max(5, repeats))["plan"]
         ref = sdpa_loop(requests, masks, q.float(), k.float(), v.float(), scale)
         got = run_meta_attention_torch(plan, q, k, v, scale).float()
         err = float((got - ref).abs().max())
+        sdpa_err = float((reference_attention(q, k, v, batch, scale).float() - ref).abs().max())
         caches = [(k, v)] + [(k.clone(), v.clone()) for _ in range(layers - 1)]
         t = _per_layer_alternating({
             "meta": lambda kc, vc: run_meta_attention_torch(plan, q, kc, vc, scale),
             "loop": lambda kc, vc: sdpa_loop(requests, masks, q, kc, vc, scale),
             "padded": lambda kc, vc: sdpa_padded(padded, q, kc, vc, scale),
+            "sdpa_path": lambda kc, vc: reference_attention(q, kc, vc, batch, scale),
         }, caches, layer_weight_bytes, repeats)
         del caches
+        meta_step = t["meta"] + plan_s / layers  # per layer, the plan's share included
+        engine = meta_step if engine_path == "meta" else t["sdpa_path"]
         rows.append({"requests": n, "tokens": int(q.shape[0]), "meta_ms": t["meta"] * 1e3, "loop_ms": t["loop"] * 1e3,
-                     "padded_ms": t["padded"] * 1e3, "plan_ms": plan_s * 1e3, "vs_loop": t["loop"] / t["meta"],
-                     "vs_padded": t["padded"] / t["meta"], "max_abs_err": err, "counts": plan.counts})
+                     "padded_ms": t["padded"] * 1e3, "sdpa_path_ms": t["sdpa_path"] * 1e3, "plan_ms": plan_s * 1e3,
+                     "vs_loop": t["loop"] / t["meta"], "vs_loop_with_plan": t["loop"] / meta_step,
+                     "vs_padded": t["padded"] / t["meta"], "engine_path": engine_path,
+                     "engine_vs_loop": t["loop"] / engine, "max_abs_err": max(err, sdpa_err), "counts": plan.counts})
     return rows
 
 
 def bench_gemm(cost_model, dtype: str, gemms=("qkv", "o", "gate_up", "down"), ms=None, repeats=7,
-               seed=0) -> list[dict]:
-    """SmoothGEMM vs exact shape vs pad-to-bucket vs oracle, per (GEMM, M)."""
+               seed=0, device=None) -> list[dict]:
+    """SmoothGEMM vs exact shape vs pad-to-bucket vs oracle, per (GEMM, M), on ``device`` (a Device; CPU
+    when None): the table's own primitives, Triton's tiles on CUDA among them."""
     from xytune.kernels.smooth_gemm import SmoothGEMMPlanner, run_smooth_gemm, torch_segment_kernels
     from xytune.runtime.host_memory import keep_freed_memory
     from xytune.runtime.linear import Linear
@@ -197,17 +223,18 @@ def bench_gemm(cost_model, dtype: str, gemms=("qkv", "o", "gate_up", "down"), ms
     for name in gemms:
         g = cost_model.geometry.gemm(name)
         gen = torch.Generator().manual_seed(seed)
-        w = (torch.randn(g.n, g.k, generator=gen) / g.k ** 0.5).to(tdtype)
-        packed = Linear(w, mode="packed").packed  # None where oneDNN cannot pack this dtype (probed)
+        dev = device.torch_device if device is not None else torch.device("cpu")
+        w = (torch.randn(g.n, g.k, generator=gen) / g.k ** 0.5).to(dev, tdtype)
+        packed = Linear(w, mode="packed").packed  # None where oneDNN cannot pack this dtype (probed), or not CPU
         kernels = torch_segment_kernels(w, None, packed)
         planner = SmoothGEMMPlanner(cost_model, g.n, g.k, dtype, primitives=set(kernels))
         for m in ms:
-            x = torch.randn(m, g.k, generator=gen).to(tdtype)
+            x = torch.randn(m, g.k, generator=gen).to(dev, tdtype)
             plan = planner.plan(m)
             bucket, prim, cfg, _ = planner.pad_to_bucket(min(m, max(planner.buckets)))
             bucket = max(bucket, m)
-            xp = torch.zeros(bucket, g.k, dtype=tdtype)
-            outp = torch.empty(bucket, g.n, dtype=tdtype)
+            xp = torch.zeros(bucket, g.k, dtype=tdtype, device=dev)
+            outp = torch.empty(bucket, g.n, dtype=tdtype, device=dev)
 
             def padded():  # copy into the bucket-sized buffer, run the bucket's primitive, slice
                 xp[:m].copy_(x)
@@ -216,9 +243,10 @@ def bench_gemm(cost_model, dtype: str, gemms=("qkv", "o", "gate_up", "down"), ms
 
             fns = {"smooth": lambda: run_smooth_gemm(plan, x, kernels, n=g.n),
                    "exact": lambda: torch.nn.functional.linear(x, w), "padded": padded}
-            for kname in kernels:
-                fns[f"oracle:{kname}"] = lambda kname=kname: kernels[kname](x, None, {})
-            t = _median_alternating(fns, repeats)
+            for kname in kernels:  # every primitive at the exact M, at the config the table found best there
+                cfg = dict(cost_model.best_config_at("gemm", g.n, g.k, dtype, kname, m) or {})
+                fns[f"oracle:{kname}"] = lambda kname=kname, cfg=cfg: kernels[kname](x, None, cfg)
+            t = _median_alternating(fns, repeats, device)
             oracle = min(v for k, v in t.items() if k.startswith("oracle:"))
             rows.append({"gemm": name, "m": m, "segments": len(plan.segments), "bucket": bucket,
                          "smooth_us": t["smooth"] * 1e6, "exact_us": t["exact"] * 1e6, "padded_us": t["padded"] * 1e6,
@@ -231,12 +259,14 @@ def render(attention: list[dict], gemm: list[dict], console, meta: dict) -> None
     from rich.table import Table
 
     if attention:
-        t = Table("requests", "tokens", "meta ms", "SDPA loop ms", "padded SDPA ms", "plan ms (once/step)",
-                  "vs loop", "vs padded", "max |err|", title=f"Meta-Attention ({meta['attention']})")
+        t = Table("requests", "tokens", "meta ms", "SDPA loop ms", "padded SDPA ms", "engine SDPA ms",
+                  "plan ms (once/step)", "vs loop", "vs loop +plan", "vs padded", "engine runs", "engine vs loop",
+                  "max |err|", title=f"Meta-Attention ({meta['attention']}), per layer")
         for r in attention:
             t.add_row(str(r["requests"]), str(r["tokens"]), f"{r['meta_ms']:.2f}", f"{r['loop_ms']:.2f}",
-                      f"{r['padded_ms']:.2f}", f"{r['plan_ms']:.2f}", f"{r['vs_loop']:.2f}x", f"{r['vs_padded']:.2f}x",
-                      f"{r['max_abs_err']:.1e}")
+                      f"{r['padded_ms']:.2f}", f"{r['sdpa_path_ms']:.2f}", f"{r['plan_ms']:.2f}",
+                      f"{r['vs_loop']:.2f}x", f"{r['vs_loop_with_plan']:.2f}x", f"{r['vs_padded']:.2f}x",
+                      r["engine_path"], f"{r['engine_vs_loop']:.2f}x", f"{r['max_abs_err']:.1e}")
         console.print(t)
     if gemm:
         t = Table("gemm", "M", "segments", "pad to", "smooth us", "exact us", "padded us", "oracle us",

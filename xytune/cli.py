@@ -8,6 +8,7 @@ and exits 130.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import signal
 import sys
 from pathlib import Path
@@ -76,8 +77,6 @@ def profile(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Sweep GEMM shape buckets and kernel configs on DEVICE into a Parquet cost table."""
-    from dataclasses import replace
-
     from xytune.devices import DeviceError, get_device
     from xytune.geometry import GeometryError, resolve_geometry
     from xytune.primitives import DTYPES
@@ -305,7 +304,9 @@ def serve(
     profile: Path = typer.Option(None, help="Cost table for this device [default: a quick profile, cached]."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Use a table from another device."),
     policy: str = typer.Option("xy", help="xy | chunked | prefill-first."),
-    tbt_slo_ms: float = typer.Option(100.0, help="Time-between-tokens SLO the xy policy sizes steps for."),
+    slo_tpot_ms: float = typer.Option(200.0, help="TPOT SLO the xy policy serves: its step target unless "
+                                      "--tbt-slo-ms is given."),
+    tbt_slo_ms: float = typer.Option(None, help="xy: a step-time target of its own [default: --slo-tpot-ms]."),
     ttft_slo_ms: float = typer.Option(2000.0, help="xy: a prompt waiting half of this gets longer steps."),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching",
                                                help="Reuse the KV blocks of shared prompt prefixes."),
@@ -340,7 +341,7 @@ def serve(
         llm_kwargs = dict(model=model, dtype=dtype, device=str(dev.torch_device), kv_cache_gb=kv_cache_gb,
                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                           threads=threads, profile=str(profile), allow_mismatch=allow_mismatch, policy=policy,
-                          tbt_slo_ms=tbt_slo_ms, ttft_slo_ms=ttft_slo_ms,
+                          tbt_slo_ms=tbt_slo_ms, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=slo_tpot_ms,
                           enable_prefix_caching=enable_prefix_caching, speculative=speculative,
                           num_speculative_tokens=num_speculative_tokens, attention=attention, gemm=gemm)
         if engine_process:
@@ -501,7 +502,7 @@ def bench_serve(
 @bench_app.command("kernels")
 def bench_kernels(
     profile: Path = typer.Option(..., help="Cost table: Meta-Attention tiles and SmoothGEMM segments come from it."),
-    dtype: str = typer.Option(None, help="float32 | bfloat16 [default: the table's first dtype]."),
+    dtype: str = typer.Option(None, help="float32 | bfloat16 [default: the dtype the table measured fastest]."),
     requests: str = typer.Option("16,32,64", help="Mixed-batch sizes for Meta-Attention."),
     gemms: str = typer.Option("qkv,o,gate_up,down", help="GEMMs of the model for SmoothGEMM."),
     ms: str = typer.Option(None, help="Comma list of M for SmoothGEMM [default: 26 seeded values in 1..4096]."),
@@ -510,6 +511,8 @@ def bench_kernels(
     skip_attention: bool = typer.Option(False, "--skip-attention", help="Only SmoothGEMM."),
     skip_gemm: bool = typer.Option(False, "--skip-gemm", help="Only Meta-Attention."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Use a table from another device."),
+    device: str = typer.Option(None, help="Where SmoothGEMM runs [default: the table's backend]; "
+                               "Meta-Attention is timed on CPU."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ):
     """Meta-Attention vs SDPA loop / padded SDPA, and SmoothGEMM vs exact / pad-to-bucket / oracle, side by side."""
@@ -519,7 +522,8 @@ def bench_kernels(
 
     from xytune.bench_kernels import bench_attention, bench_gemm, render
     from xytune.cost_model import CostModel, CostModelError
-    from xytune.runtime.attention import meta_tiles_from_table
+    from xytune.devices import DeviceError, get_device
+    from xytune.runtime.attention import attention_paths_from_table, meta_tiles_from_table
 
     if threads:
         torch.set_num_threads(threads)
@@ -527,14 +531,15 @@ def bench_kernels(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if allow_mismatch else "default")
             model = CostModel.load(profile, allow_mismatch=allow_mismatch)
-        dtype = dtype or model.dtypes[-1]
+        gemm_device = get_device(device or model.meta["fingerprint"].get("backend", "cpu"))
+        dtype = dtype or model.fastest_dtype()
         if dtype not in model.dtypes:
             raise ValueError(f"the table has no {dtype} rows (it has {', '.join(model.dtypes)}).")
         sizes = [int(x) for x in requests.split(",")]
         m_list = [int(x) for x in ms.split(",")] if ms else None
         if repeats < 1 or any(s < 1 for s in sizes) or any(m < 1 for m in (m_list or [1])):
             raise ValueError("--repeats, --requests and --ms must be positive.")
-    except (CostModelError, ValueError) as exc:
+    except (CostModelError, DeviceError, ValueError) as exc:
         fail(str(exc))
     geo = model.geometry
     tiles = meta_tiles_from_table(model, dtype)
@@ -543,13 +548,14 @@ def bench_kernels(
         if not skip_attention:
             status.update("Meta-Attention vs SDPA...")
             layer_bytes = sum(g.n * g.k for g in geo.gemms() if g.name != "lm_head") * getattr(torch, dtype).itemsize
+            path = attention_paths_from_table(model, dtype, geo.num_layers)["prefill"]  # mixed steps have prefill
             attention = bench_attention(sizes, geo.heads_per_rank, geo.kv_heads_per_rank, geo.head_dim,
                                         getattr(torch, dtype), tiles, repeats, layers=geo.num_layers,
-                                        layer_weight_bytes=layer_bytes)
+                                        layer_weight_bytes=layer_bytes, engine_path=path)
         if not skip_gemm:
             status.update("SmoothGEMM vs exact / padded / oracle...")
             try:
-                gemm = bench_gemm(model, dtype, tuple(gemms.split(",")), m_list, repeats)
+                gemm = bench_gemm(model, dtype, tuple(gemms.split(",")), m_list, repeats, device=gemm_device)
             except (ValueError, KeyError) as exc:
                 fail(str(exc))
     meta = {"attention": f"{dtype}, tiles {tiles}", "gemm": f"{dtype}, buckets of {profile.name}"}
@@ -585,7 +591,7 @@ def bench_servers(
     try:
         variants = [parse_variant(v) for v in (variant or ['xy=--policy xy', 'chunked=--policy chunked',
                                                          'prefill-first=--policy prefill-first'])]
-        common = ["--model", model, *shlex.split(serve_args)]
+        common = ["--model", model, "--slo-tpot-ms", str(slo_tpot_ms), *shlex.split(serve_args)]
     except ValueError as exc:
         fail(str(exc))
     if len({v.name for v in variants}) != len(variants):
@@ -614,7 +620,9 @@ def bench_servers(
 
 @bench_app.command("engines")
 def bench_engines(
-    policies: str = typer.Option("xy,chunked,prefill-first", help="Comma list of scheduling policies."),
+    policies: str = typer.Option("xy,chunked,prefill-first", help="Comma list of scheduling policies; "
+                                 "POLICY@N gives that one a token budget of N (chunked@256,chunked@1024,xy)."),
+    dataset: str = typer.Option("synthetic", help="synthetic or a JSONL file of {\"prompt\", \"max_tokens\"}."),
     sweep_rates: str = typer.Option("1,2,3,4", help="Comma list of request rates (inf: all at once)."),
     num_prompts: int = typer.Option(60, help="Requests per rate and policy."),
     input_len: int = typer.Option(256, help="Mean prompt tokens (synthetic)."),
@@ -626,7 +634,7 @@ def bench_engines(
     profile: Path = typer.Option(..., help="Cost table (the xy policy's step-latency model)."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Use a table from another device."),
     max_num_batched_tokens: int = typer.Option(512, help="Token budget of one step (every policy)."),
-    tbt_slo_ms: float = typer.Option(120.0, help="Time-between-tokens SLO the xy policy sizes steps for."),
+    tbt_slo_ms: float = typer.Option(None, help="xy: a step-time target of its own [default: --slo-tpot-ms]."),
     ttft_slo_ms: float = typer.Option(2000.0, help="xy: a prompt waiting half of this gets longer steps."),
     enable_prefix_caching: bool = typer.Option(False, "--enable-prefix-caching/--no-enable-prefix-caching",
                                                help="Reuse the KV blocks of shared prompt prefixes."),
@@ -638,29 +646,34 @@ def bench_engines(
     """Scheduling policies on the engine alone (no HTTP, no client on the CPU): the trace of `bench servers`."""
     import torch
 
-    from xytune.bench_engines import run
-    from xytune.bench_serve import synthetic_prompts
+    from xytune.bench_engines import parse_policies, run
+    from xytune.bench_serve import file_prompts, synthetic_prompts
     from xytune.bench_servers import render
     from xytune.cost_model import CostModelError
     from xytune.runtime.config import ModelLoadError
     from xytune.runtime.loader import load_checkpoint
-    from xytune.runtime.scheduler import POLICIES
 
-    names = [p.strip() for p in policies.split(",") if p.strip()]
-    unknown = [p for p in names if p not in POLICIES]
-    if not names or unknown or len(set(names)) != len(names):
-        fail(f"--policies takes distinct names out of {', '.join(POLICIES)}, not {policies!r}.")
+    try:
+        variants = parse_policies(policies)
+    except ValueError as exc:
+        fail(str(exc))
     rates = _checked_rates(sweep_rates, num_prompts, input_len, output_len, repeats)
     if threads:
         torch.set_num_threads(threads)
     kwargs = dict(model=model, dtype=dtype, profile=str(profile), allow_mismatch=allow_mismatch,
                   max_num_batched_tokens=max_num_batched_tokens, tbt_slo_ms=tbt_slo_ms, ttft_slo_ms=ttft_slo_ms,
-                  enable_prefix_caching=enable_prefix_caching)
+                  tpot_slo_ms=slo_tpot_ms, enable_prefix_caching=enable_prefix_caching)
     try:
-        vocab = load_checkpoint(model)[0].vocab_size
-        prompts = synthetic_prompts(num_prompts, input_len, output_len, vocab, seed)
+        llm_for_vocab = load_checkpoint(model)
+        if dataset == "synthetic":
+            prompts = synthetic_prompts(num_prompts, input_len, output_len, llm_for_vocab[0].vocab_size, seed)
+        else:
+            prompts = file_prompts(Path(dataset), num_prompts, output_len)
+            tokenizer = llm_for_vocab[2]
+            prompts = [replace(p, prompt=tokenizer.encode(p.prompt) if isinstance(p.prompt, str) else p.prompt)
+                       for p in prompts]
         with console.status("loading...") as status:
-            result = run(names, kwargs, prompts, rates, seed, slo_ttft_ms, slo_tpot_ms, progress=status.update,
+            result = run(variants, kwargs, prompts, rates, seed, slo_ttft_ms, slo_tpot_ms, progress=status.update,
                          repeats=repeats)
     except (ModelLoadError, CostModelError, ValueError, OSError) as exc:
         fail(str(exc))

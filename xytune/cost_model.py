@@ -116,6 +116,11 @@ class CostModel:
         """Per primitive, its best-config latency over M for one (op, n, k, dtype); empty when unmeasured."""
         return dict(self._curves.get((op, int(n), int(k), dtype), {}))
 
+    def best_config_at(self, op: str, n: int, k: int, dtype: str, primitive: str, m: int) -> dict | None:
+        """The config ``primitive`` was measured best with at the bucket covering ``m`` (None: unmeasured)."""
+        curve = self._curves.get((op, int(n), int(k), dtype), {}).get(primitive)
+        return curve.config_for(m) if curve is not None else None
+
     def tuning(self, name: str, dtype: str) -> float:
         """A measured machine constant (see xytune/calibrate.py) for ``dtype``.
 
