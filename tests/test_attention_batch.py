@@ -68,3 +68,41 @@ def test_meta_attention_and_the_reference_agree_on_a_built_batch():
     out = run_meta_attention_torch(vouched, q, k, v, 0.125)
     torch.testing.assert_close(out, run_meta_attention_torch(checked, q, k, v, 0.125))
     torch.testing.assert_close(out, reference_attention(q, k, v, batch, 0.125), rtol=1e-4, atol=1e-4)
+
+
+def test_the_engine_runs_the_sdpa_loop_for_the_step_classes_the_table_says(tmp_path):
+    """Per step class, the path the table measured faster: the loop's output equals the reference's, and a
+    table whose loop rows are faster than Meta-Attention plus its plan sends that class to the loop."""
+    import pandas as pd
+
+    from conftest import synthetic_cost_model, synthetic_rows
+    from xytune.geometry import PRESETS
+    from xytune.runtime.attention import attention_paths_from_table, make_attention
+    from xytune.table import canonical_json
+
+    chunks = _chunks(2)
+    batch = AttentionBatch.build(16, chunks)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(sum(c[2] for c in chunks), 9, 64, generator=gen)
+    k, v = torch.randn(3, 400 * 16, 64, generator=gen), torch.randn(3, 400 * 16, 64, generator=gen)
+    loop = make_attention({"decode": "loop", "prefill": "loop"})
+    torch.testing.assert_close(loop(q, k, v, batch, 0.125), reference_attention(q, k, v, batch, 0.125),
+                               rtol=1e-4, atol=1e-4)
+
+    def rows(target, seconds):  # one shape of the class: Meta-Attention's best tile, its plan, the loop
+        shape = canonical_json({"m": 8, "n": 256, "k": 64, "heads": 9, "kv_heads": 3})
+        return pd.DataFrame([{**template, "op": "attention", "target": target, "shape": shape, "primitive": prim,
+                              "median_s": s, "config": canonical_json(cfg)} for prim, s, cfg in seconds])
+
+    template = synthetic_rows(PRESETS["smollm2-135m"], lambda *a: 1e-5, primitives=("p",)).iloc[0].to_dict()
+    decode = rows("attention.decode", [("meta.attention_short", 1e-3, {"tile_q": 8, "tile_kv": 64}),
+                                       ("meta.plan", 3e-3, {}), ("torch.sdpa_loop", 2e-3, {})])
+    # prefill: the loop is faster than one layer of Meta-Attention alone (2 ms), and than with its plan's share
+    prefill = rows("attention.prefill", [("meta.attention_long", 2e-3, {"prefill_tile": 64}),
+                                         ("meta.plan", 3e-3, {}), ("torch.sdpa_loop", 1.5e-3, {})])
+    gemm = synthetic_rows(PRESETS["smollm2-135m"], lambda *a: 1e-5, primitives=("p",))
+    model = synthetic_cost_model(tmp_path / "t.parquet", pd.concat([gemm, decode, prefill], ignore_index=True))
+    assert attention_paths_from_table(model, "float32", num_layers=30) == {"decode": "meta", "prefill": "loop"}
+    # one layer: the plan is no longer spread over 30, and Meta-Attention's decode (1 + 3 ms) loses too
+    assert attention_paths_from_table(model, "float32", num_layers=1) == {"decode": "loop", "prefill": "loop"}
+    assert model.attention_choice("attention.decode", "float32", 30)["ratio"] == 2e-3 / (1e-3 + 3e-3 / 30)

@@ -11,13 +11,31 @@ from xytune.kernels.meta_attention import CAUSAL, NO_MASK, TREE, AttnRequest, pl
     run_meta_attention_torch
 
 
+def reference_mask(r: AttnRequest) -> torch.Tensor:
+    """Which keys each new token may read, written from the definitions alone (not with ``allowed()``, the
+    code under test): key ``j`` sits at position ``j``; query ``i`` sits at ``context_len + i``."""
+    mask = torch.zeros(r.q_len, r.num_keys, dtype=torch.bool)
+    for i in range(r.q_len):
+        for j in range(r.num_keys):
+            if r.mask == NO_MASK or j < r.context_len:
+                mask[i, j] = True
+            elif r.mask == CAUSAL:
+                mask[i, j] = j <= r.context_len + i
+            else:  # a tree: itself and its ancestors among the new tokens
+                node, new = i, j - r.context_len
+                while node >= 0 and node != new:
+                    node = r.parents[node]
+                mask[i, j] = node == new
+    return mask
+
+
 def reference(requests, q, k_cache, v_cache, scale):
-    """Per request, per head, in float64 with an explicit mask."""
+    """Per request, per head, in float64 with an independently built mask."""
     H, kvh = q.shape[1], k_cache.shape[0]
     g = H // kvh
     out, base = torch.empty_like(q, dtype=torch.float64), 0
     for r in requests:
-        allowed = r.allowed()
+        allowed = reference_mask(r)
         for h in range(H):
             k = k_cache[h // g, r.key_slots].double()
             v = v_cache[h // g, r.key_slots].double()

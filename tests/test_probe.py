@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import warnings
 
+import pandas as pd
 import pytest
 import torch
 
-from conftest import synthetic_rows
-from xytune.cost_model import CostModel
+from conftest import synthetic_cost_model, synthetic_rows
 from xytune.geometry import PRESETS
 from xytune.primitives import Primitive, gemm_work, register, unregister
 from xytune.probe import fastest_dtype, probe, usable_primitives
 from xytune.runtime.loader import resolve_dtype
 from xytune.summary import render_summary, summarize_table
 from xytune.sweep import Sweep, SweepSettings
-from xytune.table import CostTable, new_meta, read_table, write_table
+from xytune.table import read_table
 from xytune.timing import TimingPolicy
 
 TINY = TimingPolicy(warmup=1, budget_s=0.0, min_samples=2, max_samples=2)
@@ -100,21 +100,13 @@ def test_fastest_dtype_leaves_out_dtypes_whose_gemms_do_not_run(cpu_device):
 
 def _two_dtype_table(tmp_path, bf16_speed: float):
     """float32 rows, and bfloat16 rows ``bf16_speed`` times as fast (below 1: slower, as on an AVX2 CPU)."""
-    from xytune.devices import get_device
-
     geometry = PRESETS["smollm2-135m"]
     latency = lambda p, m, n, k: 1e-5 + m * n * k * 1e-12  # noqa: E731
     rows = [synthetic_rows(geometry, latency, primitives=("a",), dtype="float32"),
             synthetic_rows(geometry, lambda p, m, n, k: latency(p, m, n, k) / bf16_speed, primitives=("a",),
                            dtype="bfloat16")]
-    meta = new_meta(get_device("cpu").fingerprint(), geometry.to_dict(),
-                    {"gemm_flops": {"float32": 1e11}, "copy_bytes_per_s": 1e10}, {"dtypes": ["float32", "bfloat16"]})
-    meta["complete"] = True
-    path = tmp_path / f"t{bf16_speed}.parquet"
-    import pandas as pd
-
-    write_table(path, CostTable(pd.concat(rows, ignore_index=True), meta))
-    return CostModel.load(path)
+    return synthetic_cost_model(tmp_path / f"t{bf16_speed}.parquet", pd.concat(rows, ignore_index=True),
+                                dtypes=("float32", "bfloat16"))
 
 
 def test_auto_dtype_is_what_the_table_measured_fastest(tmp_path):

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from conftest import synthetic_rows
-from xytune.cost_model import CostModel
+from conftest import synthetic_cost_model, synthetic_rows
 from xytune.geometry import PRESETS
 from xytune.runtime.kv_cache import KVCache
 from xytune.runtime.sampling import SamplingParams
 from xytune.runtime.scheduler import Request, Scheduler, SchedulerConfig
 from xytune.runtime.step_predictor import StepPredictor, attention_pairs
-from xytune.table import CostTable, new_meta, write_table
 
 
 def slow_machine(prim, m, n, k):
@@ -25,16 +23,9 @@ def slow_machine(prim, m, n, k):
 
 
 def _predictor(tmp_path):
-    geometry = PRESETS["smollm2-135m"]
-    from xytune.devices import get_device
-
-    meta = new_meta(get_device("cpu").fingerprint(), geometry.to_dict(),
-                    {"gemm_flops": {"float32": 1e11}, "copy_bytes_per_s": 1e10}, {"dtypes": ["float32"]})
-    meta["complete"] = True
-    path = tmp_path / "slow.parquet"
     ms = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-    write_table(path, CostTable(synthetic_rows(geometry, slow_machine, primitives=("p",), ms=ms), meta))
-    return StepPredictor(CostModel.load(path), "float32")
+    rows = synthetic_rows(PRESETS["smollm2-135m"], slow_machine, primitives=("p",), ms=ms)
+    return StepPredictor(synthetic_cost_model(tmp_path / "slow.parquet", rows), "float32")
 
 
 def simulate(policy: str, tmp_path, budget: int = 512, num_requests: int = 12,

@@ -7,9 +7,10 @@ machine those two wake up inside the engine's steps at random, and the
 noise they add can be larger than the differences between policies; here
 what is left is the policy.
 
-Each engine is built once and keeps its state (cost-model fit, recent step
-times) from rate to rate, as a server would; at every rate the policies
-take turns. A request's TTFT counts from the moment it was due, not from
+Each engine is built once, warmed up on a few of the trace's prompts (so the
+variant that runs first does not pay alone for compiling kernels, mapping
+memory and fitting its step predictor) and keeps its state from rate to
+rate, as a server would; at every rate the policies take turns. A request's TTFT counts from the moment it was due, not from
 when the loop got to it (a request that arrives during a step waits for
 it, as it would behind a server), and TPOT from the engine's own
 timestamps of its first and last token.
@@ -84,6 +85,9 @@ def parse_policies(spec: str) -> dict[str, dict]:
     return variants
 
 
+WARMUP_PROMPTS = 8
+
+
 def run(policies: dict[str, dict], llm_kwargs: dict, prompts: list[BenchPrompt], rates: list[float], seed: int,
         slo_ttft_ms: float, slo_tpot_ms: float, progress=None, repeats: int = 1) -> dict:
     """Capacity of each policy variant on one trace, in the result format of ``bench servers`` (so one renderer).
@@ -99,6 +103,11 @@ def run(policies: dict[str, dict], llm_kwargs: dict, prompts: list[BenchPrompt],
     if progress:
         progress("loading one engine per policy...")
     engines = {name: LLM(**{**llm_kwargs, **overrides}).engine for name, overrides in policies.items()}
+    for name, engine in engines.items():  # as a server that has seen traffic: kernels compiled, memory mapped,
+        if progress:  # the step predictor fitted; the variant that runs first would otherwise pay for it alone
+            progress(f"warming up {name}...")
+        replay(engine, prompts[:WARMUP_PROMPTS], float("inf"), seed)
+        engine.step_stats.clear()
     rows: dict[str, list[dict]] = {p: [] for p in policies}
     for rate in rates:
         pooled = {p: ([], 0.0, []) for p in policies}

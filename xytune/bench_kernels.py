@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from xytune.kernels.meta_attention import CAUSAL, TREE, AttnRequest, plan_meta_attention, run_meta_attention_torch
+from xytune.kernels.sdpa_loop import request_masks, run_sdpa_loop
 
 
 def mixed_batch(n: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int):
@@ -55,20 +56,6 @@ def mixed_batch(n: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype:
     k = torch.randn(num_kv_heads, slots, head_dim, generator=gen).to(dtype)
     v = torch.randn(num_kv_heads, slots, head_dim, generator=gen).to(dtype)
     return requests, q, k, v
-
-
-def sdpa_loop(requests, masks, q, k_cache, v_cache, scale):
-    """The baseline: one fused SDPA call per request (GQA without repeating K/V), keys gathered by index_select."""
-    out = torch.empty_like(q)
-    base, gqa = 0, q.shape[1] != k_cache.shape[0]
-    for r, mask in zip(requests, masks):
-        k = k_cache.index_select(1, r.key_slots)[None]
-        v = v_cache.index_select(1, r.key_slots)[None]
-        qr = q[base: base + r.q_len].transpose(0, 1)[None]
-        o = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[base: base + r.q_len] = o[0].transpose(0, 1)
-        base += r.q_len
-    return out
 
 
 def padded_inputs(requests):
@@ -162,12 +149,10 @@ def bench_attention(sizes=(16, 32, 64), num_heads=9, num_kv_heads=3, head_dim=64
                     engine_path: str = "meta") -> list[dict]:
     """``layers`` and ``layer_weight_bytes``: the model's, so each call finds its data where a step would.
 
-    Besides Meta-Attention, the per-request SDPA loop and the padded batch, the engine's own SDPA path
-    (decodes as one padded batch, one fused call per prefill chunk) is timed: ``engine_path`` is what the
-    table told the engine to run for a step with prefill ("meta" or "loop"), and ``engine_vs_loop`` is that
-    choice, Meta-Attention's plan spread over the step's layers, against the per-request loop.
+    ``engine_path`` is what the table told the engine to run for a step with prefill ("meta" or "loop", the
+    per-request SDPA loop), and ``engine_vs_loop`` is that choice, Meta-Attention's plan spread over the step's
+    layers, against the loop.
     """
-    from xytune.runtime.attention import batch_from_requests, reference_attention
     from xytune.runtime.host_memory import keep_freed_memory
 
     keep_freed_memory()  # as the engine does: no page faults on every call's fresh tensors
@@ -175,34 +160,31 @@ def bench_attention(sizes=(16, 32, 64), num_heads=9, num_kv_heads=3, head_dim=64
     scale = head_dim ** -0.5
     for n in sizes:
         requests, q, k, v = mixed_batch(n, num_heads, num_kv_heads, head_dim, dtype, seed + n)
-        masks = [r.allowed() for r in requests]
+        masks = request_masks(requests)
         padded = padded_inputs(requests)
-        batch = batch_from_requests(requests)
 
         def make_plan():
             return plan_meta_attention(requests, num_heads, num_kv_heads, k.shape[1], **(tiles or {}))
 
         plan = make_plan()
         plan_s = _median_alternating({"plan": make_plan}, max(5, repeats))["plan"]
-        ref = sdpa_loop(requests, masks, q.float(), k.float(), v.float(), scale)
+        ref = run_sdpa_loop(requests, masks, q.float(), k.float(), v.float(), scale)
         got = run_meta_attention_torch(plan, q, k, v, scale).float()
         err = float((got - ref).abs().max())
-        sdpa_err = float((reference_attention(q, k, v, batch, scale).float() - ref).abs().max())
         caches = [(k, v)] + [(k.clone(), v.clone()) for _ in range(layers - 1)]
         t = _per_layer_alternating({
             "meta": lambda kc, vc: run_meta_attention_torch(plan, q, kc, vc, scale),
-            "loop": lambda kc, vc: sdpa_loop(requests, masks, q, kc, vc, scale),
+            "loop": lambda kc, vc: run_sdpa_loop(requests, masks, q, kc, vc, scale),
             "padded": lambda kc, vc: sdpa_padded(padded, q, kc, vc, scale),
-            "sdpa_path": lambda kc, vc: reference_attention(q, kc, vc, batch, scale),
         }, caches, layer_weight_bytes, repeats)
         del caches
         meta_step = t["meta"] + plan_s / layers  # per layer, the plan's share included
-        engine = meta_step if engine_path == "meta" else t["sdpa_path"]
+        engine = meta_step if engine_path == "meta" else t["loop"]
         rows.append({"requests": n, "tokens": int(q.shape[0]), "meta_ms": t["meta"] * 1e3, "loop_ms": t["loop"] * 1e3,
-                     "padded_ms": t["padded"] * 1e3, "sdpa_path_ms": t["sdpa_path"] * 1e3, "plan_ms": plan_s * 1e3,
+                     "padded_ms": t["padded"] * 1e3, "plan_ms": plan_s * 1e3,
                      "vs_loop": t["loop"] / t["meta"], "vs_loop_with_plan": t["loop"] / meta_step,
                      "vs_padded": t["padded"] / t["meta"], "engine_path": engine_path,
-                     "engine_vs_loop": t["loop"] / engine, "max_abs_err": max(err, sdpa_err), "counts": plan.counts})
+                     "engine_vs_loop": t["loop"] / engine, "max_abs_err": err, "counts": plan.counts})
     return rows
 
 
@@ -259,12 +241,12 @@ def render(attention: list[dict], gemm: list[dict], console, meta: dict) -> None
     from rich.table import Table
 
     if attention:
-        t = Table("requests", "tokens", "meta ms", "SDPA loop ms", "padded SDPA ms", "engine SDPA ms",
+        t = Table("requests", "tokens", "meta ms", "SDPA loop ms", "padded SDPA ms",
                   "plan ms (once/step)", "vs loop", "vs loop +plan", "vs padded", "engine runs", "engine vs loop",
                   "max |err|", title=f"Meta-Attention ({meta['attention']}), per layer")
         for r in attention:
             t.add_row(str(r["requests"]), str(r["tokens"]), f"{r['meta_ms']:.2f}", f"{r['loop_ms']:.2f}",
-                      f"{r['padded_ms']:.2f}", f"{r['sdpa_path_ms']:.2f}", f"{r['plan_ms']:.2f}",
+                      f"{r['padded_ms']:.2f}", f"{r['plan_ms']:.2f}",
                       f"{r['vs_loop']:.2f}x", f"{r['vs_loop_with_plan']:.2f}x", f"{r['vs_padded']:.2f}x",
                       r["engine_path"], f"{r['engine_vs_loop']:.2f}x", f"{r['max_abs_err']:.1e}")
         console.print(t)

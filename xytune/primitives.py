@@ -331,12 +331,12 @@ def _make_attention_plan(shape, config, dtype, device):
 
 
 def _make_sdpa_loop(shape, config, dtype, device):
-    """The engine's other attention: decodes as one padded batch, each prefill chunk one fused SDPA call."""
-    from xytune.runtime.attention import batch_from_requests, reference_attention  # moves to kernels/ (issue 14)
+    """Meta-Attention's alternative: one fused SDPA call per request (masks made once per step, not timed)."""
+    from xytune.kernels.sdpa_loop import request_masks, run_sdpa_loop
 
     reqs, q, k, v = attention_batch(shape, dtype, device, decode="q" not in shape)
-    batch = batch_from_requests(reqs)
-    return lambda: reference_attention(q, k, v, batch, shape["k"] ** -0.5)
+    masks = request_masks(reqs, q.device)
+    return lambda: run_sdpa_loop(reqs, masks, q, k, v, shape["k"] ** -0.5)
 
 
 ATTENTION_TARGETS = ("attention.decode", "attention.prefill")
