@@ -119,6 +119,8 @@ def profile(
     try:
         table = sweep.run(progress=progress)
     except KeyboardInterrupt:
+        if not sweep.table.meta:  # stopped while measuring the peaks, before the first checkpoint
+            fail(f"interrupted before the first checkpoint; nothing was written to {out}.", code=130)
         fail(f"interrupted; the partial table ({len(sweep.table.rows)} rows) is saved in {out}; "
              "rerun with --resume to finish it.", code=130)
     console.print(f"[green]wrote[/] {out}: {len(table.rows)} rows")

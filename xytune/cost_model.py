@@ -118,7 +118,7 @@ class CostModel:
 
     def best_config_at(self, op: str, n: int, k: int, dtype: str, primitive: str, m: int) -> dict | None:
         """The config ``primitive`` was measured best with at the bucket covering ``m`` (None: unmeasured)."""
-        curve = self._curves.get((op, int(n), int(k), dtype), {}).get(primitive)
+        curve = self.curves(op, n, k, dtype).get(primitive)
         return curve.config_for(m) if curve is not None else None
 
     def tuning(self, name: str, dtype: str) -> float:
@@ -188,7 +188,7 @@ class CostModel:
         return all(("gemm", g.n, g.k, dtype) in self._curves for g in gemms)
 
     def attention_choice(self, target: str, dtype: str, num_layers: int) -> dict:
-        """Meta-Attention or the engine's SDPA path for a step of this class (``attention.decode`` or
+        """Meta-Attention or the per-request SDPA loop for a step of this class (``attention.decode`` or
         ``attention.prefill``), as this table measured them.
 
         Meta-Attention's time per layer is its best config's plus its plan's cost spread over the step's
