@@ -104,12 +104,24 @@ class ShortTiles:
     out_from: torch.Tensor  # [R] (segment * tile_q + row) each comes from; (tile * tile_q + row) unless split
     split: bool  # some segment has more than one tile: merge by log-sum-exp
     page: int = 1  # kv_index counts pages of this many slots (rows of cache.view(kvh*S/page, page*d))
+    decode: "DecodeTiles | None" = None  # decode-only tiles: what the next decode step needs to advance them
     _bias_cache: dict = field(default_factory=dict)
 
     def bias_as(self, dtype: torch.dtype) -> torch.Tensor:
         if dtype not in self._bias_cache:
             self._bias_cache[dtype] = self.bias.to(dtype)
         return self._bias_cache[dtype]
+
+
+@dataclass
+class DecodeTiles:
+    """Where each decode request's newest key sits in a decode-only ``ShortTiles``, so that the next decode
+    step (the same requests, one key longer each) updates the tiles instead of planning them again."""
+
+    num_keys: np.ndarray  # [n] keys per request
+    last_tile: np.ndarray  # [n, kvh] tile holding each request's last key chunk, per KV head
+    last_chunk_start: np.ndarray  # [n] key position where that chunk starts
+    pages_per_head: int  # kv_index = head * pages_per_head + page
 
 
 @dataclass(frozen=True)
@@ -257,10 +269,16 @@ def _plan_short(items, H, kvh, cache_slots, tile_q, tile_kv, counts, page=1) -> 
     rows = np.arange(tile_q)
     real_row = rows[None, :] < R[req][:, None]
     q_index = np.where(real_row, (base[req][:, None] + rows // g) * H + head[:, None] * g + rows % g, 0)
+    decode = None
     if (qlen == 1).all():  # decode only: the mask does not depend on the row, only on the tile's key count
         full = key_len == tile_kv
         padding = torch.arange(tile_kv)[None, None, :] >= torch.from_numpy(key_len)[:, None, None]
         bias = torch.zeros(len(req), 1, tile_kv).masked_fill_(padding, float("-inf"))
+        tile_at = np.empty(len(order), dtype=np.int64)
+        tile_at[order] = np.arange(len(order))  # unsorted tile number -> its place in longest-first order
+        first = np.cumsum(per_req) - per_req
+        last = first[:, None] + np.arange(kvh)[None, :] * chunks[:, None] + chunks[:, None] - 1
+        decode = DecodeTiles(L.copy(), tile_at[last], (chunks - 1) * tile_kv, cache_slots // page)
     else:
         pos = chunk[:, None] * tile_kv + np.arange(tile_kv)[None, :]  # key position within the request
         valid = pos < L[req][:, None]
@@ -292,8 +310,45 @@ def _plan_short(items, H, kvh, cache_slots, tile_q, tile_kv, counts, page=1) -> 
     t = torch.from_numpy
     return ShortTiles(
         q_index=t(q_index), kv_index=t(kv_index), bias=bias, segment=t(segment), num_segments=num_segments,
-        key_len=t(key_len), out_index=t(out_index), out_from=t(src), split=split, page=page,
+        key_len=t(key_len), out_index=t(out_index), out_from=t(src), split=split, page=page, decode=decode,
     )
+
+
+def advance_decode_plan(plan: MetaAttentionPlan, num_keys: np.ndarray, new_slots: np.ndarray) -> bool:
+    """Update a decode-only plan in place for the next decode step of the same requests, in the same order.
+
+    ``num_keys``: each request's keys now; ``new_slots``: the cache slot of each request's newest key. Each
+    request gained one key: its last tile gets one more real key, and a key that opens a new page adds that
+    page to the tile's gather index. A few small writes instead of a plan over every key of the batch.
+    Returns False (plan unchanged) when this is not such a step or a request's new key needs a new tile
+    (or a longer one): plan afresh then.
+    """
+    st = plan.short
+    if plan.long or plan.short_multi is not None or st is None or st.decode is None:
+        return False
+    dec, tile_kv, page = st.decode, st.bias.shape[-1], st.page
+    if num_keys.shape != dec.num_keys.shape or not (num_keys == dec.num_keys + 1).all():
+        return False
+    pos = dec.num_keys - dec.last_chunk_start  # the new key's position within its request's last tile
+    if (pos >= tile_kv).any():
+        return False
+    page_at = pos // page
+    opens = pos % page == 0
+    head0 = st.kv_index[torch.from_numpy(dec.last_tile[:, 0]), torch.from_numpy(page_at)].numpy()
+    if not (opens | (head0 == new_slots // page)).all():
+        return False  # a key off its request's current page: not the step this plan was made for
+    heads = np.arange(dec.last_tile.shape[1])[None, :] * dec.pages_per_head
+    rows, cols = torch.from_numpy(dec.last_tile[opens]), torch.from_numpy(page_at[opens])[:, None]
+    st.kv_index[rows, cols] = torch.from_numpy(heads + (new_slots[opens] // page)[:, None])
+    tiles, keys = torch.from_numpy(dec.last_tile), torch.from_numpy(pos)[:, None].expand(dec.last_tile.shape)
+    for bias in (st.bias, *(b for b in st._bias_cache.values())):
+        bias[tiles, 0, keys] = 0.0
+    st.key_len[tiles] += 1
+    filled = int((pos + 1 == tile_kv).sum())
+    plan.counts["full"] += filled
+    plan.counts["masked"] -= filled
+    dec.num_keys = num_keys.copy()
+    return True
 
 
 def _plan_long(items, kvh, tile_kv, tq, counts, page=1,

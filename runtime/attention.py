@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from xytune.kernels.meta_attention import (DEFAULT_FLOAT32_SHORT_TILES, DEFAULT_GROUP_COST_SCORES, TREE, AttnRequest,
-                                           plan_meta_attention, run_meta_attention_torch)
+                                           advance_decode_plan, plan_meta_attention, run_meta_attention_torch)
 from xytune.kernels.sdpa_loop import request_masks, run_sdpa_loop
 
 
@@ -79,6 +79,7 @@ class AttentionBatch:
     decode_keys: list = None  # [Bd] key slots of each decode row's request (numpy), for the reference's padding
     device: torch.device | str = "cpu"
     pages_aligned: bool = False  # every request's key i sits at offset i % block_size of its pages (block tables)
+    request_ids: tuple | None = None  # who each request is: a decode step of the same ones advances their plan
 
     @functools.cached_property
     def decode_slots(self) -> torch.Tensor:
@@ -111,7 +112,8 @@ class AttentionBatch:
         return not self.prefills
 
     @classmethod
-    def build(cls, block_size: int, chunks: list[tuple], device="cpu") -> "AttentionBatch":
+    def build(cls, block_size: int, chunks: list[tuple], device="cpu",
+              request_ids: tuple | None = None) -> "AttentionBatch":
         """From ``(block_table, context_before, num_tokens[, parents])`` per request, in flat-batch order.
 
         ``parents`` marks a speculative verify chunk: its rows form a tree (see ``tree_mask``). Every key
@@ -144,6 +146,7 @@ class AttentionBatch:
             slot_mapping=torch.from_numpy(slots[pos >= before[req]]).to(device),
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device), prefills=prefills,
             requests=requests, block_size=block_size, decode_keys=decode_keys, device=device, pages_aligned=True,
+            request_ids=request_ids,
         )
 
 
@@ -242,7 +245,9 @@ def make_attention(paths: dict[str, str], **tiles):
 def make_meta_attention(tile_q: int = 8, tile_kv: int = 256, prefill_tile: int = 128, sdpa_min_keys: int = 1024,
                         group_cost_scores: float = DEFAULT_GROUP_COST_SCORES,
                         float32_short_tiles: int = DEFAULT_FLOAT32_SHORT_TILES):
-    """Meta-Attention behind the same call as ``reference_attention``; the plan is made once per step."""
+    """Meta-Attention behind the same call as ``reference_attention``; the plan is made once per step, and a
+    decode step of the same requests as the step before advances that step's plan instead (torch backend)."""
+    previous = {"ids": None, "plan": None}  # the last decode-only step's requests and plan
 
     def meta_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
                        scale: float) -> torch.Tensor:
@@ -255,11 +260,12 @@ def make_meta_attention(tile_q: int = 8, tile_kv: int = 256, prefill_tile: int =
                 plan = plan_triton(batch.requests, q.shape[1], k_cache.shape[0], block_m=max(16, tile_q),
                                    kv_split=tile_kv, device=q.device)
             else:
-                plan = plan_meta_attention(batch.requests, q.shape[1], k_cache.shape[0], k_cache.shape[1], tile_q,
-                                           tile_kv, prefill_tile, sdpa_min_keys, batch.block_size,
-                                           pages_aligned=batch.pages_aligned or None,
-                                           group_cost_scores=group_cost_scores,
-                                           float32_short_tiles=float32_short_tiles)
+                plan = _advanced_plan(previous, batch) or plan_meta_attention(
+                    batch.requests, q.shape[1], k_cache.shape[0], k_cache.shape[1], tile_q, tile_kv, prefill_tile,
+                    sdpa_min_keys, batch.block_size, pages_aligned=batch.pages_aligned or None,
+                    group_cost_scores=group_cost_scores, float32_short_tiles=float32_short_tiles)
+                decode_only = batch.all_decode and batch.request_ids is not None
+                previous.update(ids=batch.request_ids if decode_only else None, plan=plan if decode_only else None)
             batch._meta_plan = plan
         if backend == "triton":
             from xytune.kernels.meta_attention_triton import run_meta_attention_triton
@@ -272,6 +278,15 @@ def make_meta_attention(tile_q: int = 8, tile_kv: int = 256, prefill_tile: int =
         return run_meta_attention_torch(plan, q, k_cache, v_cache, scale)
 
     return meta_attention
+
+
+def _advanced_plan(previous: dict, batch: AttentionBatch):
+    """The previous decode step's plan advanced by one key per request, if this step decodes the same requests."""
+    if previous["plan"] is None or batch.request_ids is None or batch.request_ids != previous["ids"]:
+        return None
+    num_keys = np.fromiter((r.num_keys for r in batch.requests), dtype=np.int64, count=len(batch.requests))
+    new_slots = batch.slot_mapping.cpu().numpy()
+    return previous["plan"] if advance_decode_plan(previous["plan"], num_keys, new_slots) else None
 
 
 def _backend(device: torch.device) -> str:

@@ -174,7 +174,8 @@ class Engine:
                     logit_rows.append(row + n - 1)
             row += n
         device = self.model.device
-        batch = AttentionBatch.build(self.kv.block_size, chunks, device)
+        batch = AttentionBatch.build(self.kv.block_size, chunks, device,
+                                     request_ids=tuple(r.request_id for r, _ in scheduled))
         logits = self.model.forward(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
                                     batch, self.kv, torch.tensor(logit_rows, dtype=torch.long, device=device))
         num_verify = sum(n for r, n in scheduled if r.draft is not None)

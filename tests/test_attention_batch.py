@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from xytune.kernels.meta_attention import TREE, plan_meta_attention, run_meta_attention_torch
-from xytune.runtime.attention import AttentionBatch, reference_attention
+from xytune.runtime.attention import AttentionBatch, make_meta_attention, reference_attention
 
 
 def _chunks(seed: int, block_size: int = 16):
@@ -68,6 +68,35 @@ def test_meta_attention_and_the_reference_agree_on_a_built_batch():
     out = run_meta_attention_torch(vouched, q, k, v, 0.125)
     torch.testing.assert_close(out, run_meta_attention_torch(checked, q, k, v, 0.125))
     torch.testing.assert_close(out, reference_attention(q, k, v, batch, 0.125), rtol=1e-4, atol=1e-4)
+
+
+def test_decode_steps_advance_the_previous_plan_and_attend_as_a_fresh_plan_does():
+    """Consecutive decode steps of the same requests reuse one plan (updated in place), across new pages; a new
+    key tile, another set of requests or no request ids plan afresh. Every step equals a fresh plan's output."""
+    gen = torch.Generator().manual_seed(2)
+    k, v = torch.randn(3, 120 * 16, 32, generator=gen), torch.randn(3, 120 * 16, 32, generator=gen)
+    tables = [list(range(b, b + 20)) for b in (100, 0, 60, 20, 40)]  # 20 pages each, out of order in the pool
+    tables[1].reverse()
+    start = [13, 15, 30, 47, 61]  # keys before each request's token: new pages every 16, a new 64-key tile every 64
+    lengths = list(start)
+    advancing, fresh = make_meta_attention(tile_q=16, tile_kv=64), make_meta_attention(tile_q=16, tile_kv=64)
+    reused, previous = [], None
+    for step in range(36):
+        ids = tuple(range(5)) if step != 20 else (0, 1, 2, 3, 9)  # step 20: one request is someone else
+        chunks = [(t, n, 1) for t, n in zip(tables, lengths)]
+        batch = AttentionBatch.build(16, chunks, request_ids=ids)
+        q = torch.randn(5, 9, 32, generator=gen)
+        out = advancing(q, k, v, batch, 0.2)
+        torch.testing.assert_close(out, fresh(q, k, v, AttentionBatch.build(16, chunks), 0.2), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out, reference_attention(q, k, v, batch, 0.2), rtol=1e-4, atol=1e-4)
+        reused.append(batch._meta_plan is previous)
+        previous = batch._meta_plan
+        lengths = [n + 1 for n in lengths]
+    # planned afresh: the first step, a step whose token opens a new key tile for some request, and the two
+    # steps around the change of requests at step 20
+    new_tile = [s for s in range(1, 36) if any((n + s) % 64 == 0 for n in start)]
+    assert [i for i, r in enumerate(reused) if not r] == sorted({0, 20, 21, *new_tile}), reused
+    assert sum(reused) >= 28
 
 
 def test_the_engine_runs_the_sdpa_loop_for_the_step_classes_the_table_says(tmp_path):
