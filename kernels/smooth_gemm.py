@@ -15,16 +15,15 @@ and every segment writes its rows straight into one output tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
+from .gemm import COPYING, SegmentKernel
 
-COPYING = {"torch.linear", "onednn.packed_linear"}  # primitives that cannot write into a given out slice
 # The host cost of one more segment (a call and a slice) and the predicted gain a split must show over one
 # exact-size call (so that table noise alone does not cut a GEMM in pieces) are this machine's: the profiler
-# measures them (xytune/calibrate.py) and the planner reads them from the cost table.
+# measures them (xytune/profiler/calibrate.py) and the planner reads them from the cost table.
 
 
 @dataclass(frozen=True)
@@ -145,10 +144,6 @@ class SmoothGEMMPlanner:
         return bucket, name, cfg, cost
 
 
-# A segment kernel: (x rows [r, K], out rows [r, N] or None, config) -> the result (``out`` when given).
-SegmentKernel = Callable[[torch.Tensor, torch.Tensor | None, dict], torch.Tensor]
-
-
 def run_smooth_gemm(plan: SmoothPlan, x: torch.Tensor, kernels: dict[str, SegmentKernel],
                     out: torch.Tensor | None = None, n: int | None = None) -> torch.Tensor:
     """``x [M, K]`` through the plan's segments into one ``out [M, N]``."""
@@ -162,73 +157,3 @@ def run_smooth_gemm(plan: SmoothPlan, x: torch.Tensor, kernels: dict[str, Segmen
     for s in plan.segments:
         kernels[s.primitive](x[s.start: s.start + s.rows], out[s.start: s.start + s.rows], dict(s.config))
     return out
-
-
-def torch_segment_kernels(weight: torch.Tensor, bias: torch.Tensor | None = None,
-                          packed: torch.Tensor | None = None) -> dict[str, SegmentKernel]:
-    """The CPU/CUDA torch primitives of the registry, as segment kernels over one weight ``[N, K]``."""
-
-    def linear(x, out, config):
-        return _into(out, torch.nn.functional.linear(x, weight, bias))
-
-    def matmul_out(x, out, config):
-        y = torch.matmul(x, weight.t(), out=out) if out is not None else torch.matmul(x, weight.t())
-        return y.add_(bias) if bias is not None else y
-
-    kernels = {"torch.linear": linear, "torch.matmul_out": matmul_out}
-    wt = None
-
-    def pretransposed(x, out, config):
-        nonlocal wt
-        if wt is None:  # made on first use: it doubles the weight's memory
-            wt = weight.t().contiguous()
-        y = torch.matmul(x, wt, out=out) if out is not None else torch.matmul(x, wt)
-        return y.add_(bias) if bias is not None else y
-
-    kernels["torch.matmul_pretransposed"] = pretransposed
-    if packed is not None:
-        def onednn(x, out, config):
-            return _into(out, torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""))
-
-        kernels["onednn.packed_linear"] = onednn
-    if weight.device.type == "cuda":
-        from xytune.kernels.triton_gemm import triton_available, triton_gemm
-
-        if triton_available():
-            def triton(x, out, config):  # the tail segment is masked inside the kernel, not padded
-                if out is None:
-                    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-                triton_gemm(x, weight, out, **config)
-                return out.add_(bias) if bias is not None else out
-
-            kernels["triton.tiled_gemm"] = triton
-    if weight.device.type == "npu":
-        kernels["npu.matmul"] = _npu_matmul(weight, bias)
-    return kernels
-
-
-def _into(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
-    if out is None:
-        return y
-    return out.copy_(y)
-
-
-def _npu_matmul(weight: torch.Tensor, bias: torch.Tensor | None) -> SegmentKernel:
-    """The registry's ``npu.matmul``: the transposed weight kept in ND or FRACTAL_NZ, as the config says."""
-    from xytune.primitives import NPU_FORMAT_FRACTAL_NZ
-
-    layouts: dict[str, torch.Tensor] = {}
-
-    def run(x, out, config):
-        fmt = config.get("weight_format", "ND")
-        if fmt not in layouts:  # cast once per layout
-            import torch_npu
-
-            wt = weight.t().contiguous()
-            layouts[fmt] = torch_npu.npu_format_cast(wt, NPU_FORMAT_FRACTAL_NZ) if fmt == "NZ" else wt
-        y = torch.matmul(x, layouts[fmt])
-        if bias is not None:
-            y = y + bias
-        return _into(out, y)
-
-    return run

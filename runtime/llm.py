@@ -6,27 +6,26 @@ import warnings
 
 import torch
 
-from xytune.cost_model import CostModel
-from xytune.runtime.attention import (attention_paths_from_table, make_attention, meta_tiles_from_table,
-                                      reference_attention)
-from xytune.runtime.engine import Engine, RequestOutput
-from xytune.runtime.kv_cache import bytes_per_block
-from xytune.runtime.linear import GEMM_MODES, packing_failure
-from xytune.runtime.loader import load_checkpoint, resolve_dtype
-from xytune.runtime.model import LlamaModel
-from xytune.runtime.sampling import SamplingParams
-from xytune.runtime.scheduler import SchedulerConfig
-from xytune.runtime.speculative import SpeculativeConfig
-from xytune.runtime.step_predictor import StepPredictor
+from xytune.kernels.gemm import packing_failure
+from xytune.kernels.smooth_gemm import SmoothGEMMPlanner
+from xytune.profiler.cost_model import CostModel
 
+from .engine.engine import Engine, RequestOutput
+from .engine.kv_cache import bytes_per_block
+from .engine.sampling import SamplingParams
+from .engine.scheduler import SchedulerConfig
+from .engine.speculative import SpeculativeConfig
+from .engine.step_predictor import StepPredictor
+from .model.attention import attention_paths_from_table, make_attention, meta_tiles_from_table, reference_attention
+from .model.linear import GEMM_MODES
+from .model.llama import LlamaModel
+from .model.loader import load_checkpoint, resolve_dtype
 
 ATTENTION_KINDS = ("reference", "meta")
 
 
 def _planners(cost_model, dtype: str):
     """SmoothGEMM planners per weight shape, made on first use."""
-    from xytune.kernels.smooth_gemm import SmoothGEMMPlanner
-
     cache = {}
 
     def planner_for(n: int, k: int, kernels: set[str]):

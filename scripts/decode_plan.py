@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from xytune.kernels.meta_attention import advance_decode_plan, plan_meta_attention
-from xytune.runtime.attention import AttentionBatch
+from xytune.runtime.model.attention import AttentionBatch
 
 BLOCK, HEADS, KV_HEADS, STEPS = 16, 9, 3, 15
 

@@ -103,8 +103,8 @@ for name in ["triton", "transformers", "tokenizers", "safetensors", "numpy", "pa
         print(f"{name:18s} {md.version(name)}")
     except md.PackageNotFoundError:
         print(f"{name:18s} MISSING")
-for mod in ["optuna", "gguf", "fastapi", "uvicorn", "pydantic", "openai", "triton", "xytune.cli", "xytune.runtime.server",
-            "xytune.kernels.meta_attention_triton", "xytune.kernels.triton_gemm"]:
+for mod in ["optuna", "gguf", "fastapi", "uvicorn", "pydantic", "openai", "triton", "xytune.cli", "xytune.runtime.serve.app",
+            "xytune.kernels.meta_attention.triton_backend", "xytune.kernels.triton_gemm"]:
     try:
         importlib.import_module(mod)
         print("import ok  ", mod)

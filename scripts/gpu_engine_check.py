@@ -177,6 +177,7 @@ def profile_tiny(folder: Path, device: str, workdir: Path, timeout_s: int,
 def run_variant(name: str, folder: Path, prompts, new_tokens: int, device: str, chunk: int | None = None,
                 **llm_kwargs):
     import torch  # noqa: F401
+
     from xytune import LLM, SamplingParams
 
     t0 = time.perf_counter()

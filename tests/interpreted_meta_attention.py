@@ -13,11 +13,12 @@ import torch
 triton = pytest.importorskip("triton")
 
 from test_meta_attention import MIXED, random_batch, reference  # noqa: E402
+
 from xytune.kernels.meta_attention import CAUSAL, TREE  # noqa: E402
 
 
 def _run(batch, heads, kv_heads, head_dim, seed, **tiles):
-    from xytune.kernels.meta_attention_triton import plan_triton, run_meta_attention_triton
+    from xytune.kernels.meta_attention.triton_backend import plan_triton, run_meta_attention_triton
 
     requests, q, k, v = random_batch(batch, heads, kv_heads, head_dim, seed=seed)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,7 +37,7 @@ def test_mixed_batch_matches_float64(heads, kv_heads, head_dim):
 
 
 def test_tasks_are_longest_first_and_skip_the_causal_corner():
-    from xytune.kernels.meta_attention_triton import T_K0, T_K1, plan_triton
+    from xytune.kernels.meta_attention.triton_backend import T_K0, T_K1, plan_triton
 
     requests, *_ = random_batch([(CAUSAL, 64, 0), (CAUSAL, 1, 300), (TREE, 5, 20)], 4, 4, 64, seed=1)
     plan = plan_triton(requests, 4, 4, block_m=16, block_n=16, kv_split=128)
@@ -48,7 +49,7 @@ def test_tasks_are_longest_first_and_skip_the_causal_corner():
 
 
 def test_long_trees_are_refused():
-    from xytune.kernels.meta_attention_triton import plan_triton
+    from xytune.kernels.meta_attention.triton_backend import plan_triton
 
     requests, *_ = random_batch([(TREE, 70, 3)], 2, 2, 64, seed=2)
     with pytest.raises(ValueError, match="tree"):

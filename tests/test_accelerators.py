@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from xytune.devices import cuda_available, get_device, npu_available
-from xytune.geometry import PRESETS
-from xytune.primitives import primitives_for
-from xytune.sweep import Sweep, SweepSettings
-from xytune.table import read_table
-from xytune.timing import TimingPolicy
+from xytune.profiler.devices import cuda_available, get_device, npu_available
+from xytune.profiler.geometry import PRESETS
+from xytune.profiler.primitives import primitives_for
+from xytune.profiler.sweep import Sweep, SweepSettings
+from xytune.profiler.table import read_table
+from xytune.profiler.timing import TimingPolicy
 
 FAST = TimingPolicy(warmup=1, budget_s=0.005, min_samples=5, max_samples=10)
 
@@ -66,8 +66,9 @@ def test_npu_sweep_nd_and_nz(tmp_path):
 @needs_cuda
 def test_engine_on_cuda_matches_cpu_greedy():
     from conftest import require_default_model
+
+    from xytune.runtime.engine.sampling import SamplingParams
     from xytune.runtime.llm import LLM
-    from xytune.runtime.sampling import SamplingParams
 
     require_default_model()
     prompts = ["The capital of France is", "def add(a, b):"]
@@ -81,8 +82,9 @@ def test_engine_on_cuda_matches_cpu_greedy():
 @needs_npu
 def test_meta_attention_npu_matches_float64():
     from test_meta_attention import MIXED, random_batch, reference
+
     from xytune.kernels.meta_attention import plan_meta_attention
-    from xytune.kernels.meta_attention_npu import run_meta_attention_npu
+    from xytune.kernels.meta_attention.npu_backend import run_meta_attention_npu
 
     requests, q, k, v = random_batch(MIXED, 8, 2, 128, seed=0)
     plan = plan_meta_attention(requests, 8, 2, k.shape[1], tile_q=16, tile_kv=64, prefill_tile=32)
@@ -95,8 +97,9 @@ def test_meta_attention_npu_matches_float64():
 def test_engine_meta_attention_and_smooth_gemm_on_cuda(tmp_path):
     """Meta-Attention runs the Triton kernel and SmoothGEMM plans from a CUDA table; greedy output agrees."""
     from conftest import require_default_model
+
+    from xytune.runtime.engine.sampling import SamplingParams
     from xytune.runtime.llm import LLM
-    from xytune.runtime.sampling import SamplingParams
 
     require_default_model()
     table = tmp_path / "cuda.parquet"

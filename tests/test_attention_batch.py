@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from xytune.kernels.meta_attention import TREE, plan_meta_attention, run_meta_attention_torch
-from xytune.runtime.attention import AttentionBatch, make_meta_attention, reference_attention
+from xytune.runtime.model.attention import AttentionBatch, make_meta_attention, reference_attention
 
 
 def _chunks(seed: int, block_size: int = 16):
@@ -103,11 +103,11 @@ def test_the_engine_runs_the_sdpa_loop_for_the_step_classes_the_table_says(tmp_p
     """Per step class, the path the table measured faster: the loop's output equals the reference's, and a
     table whose loop rows are faster than Meta-Attention plus its plan sends that class to the loop."""
     import pandas as pd
-
     from conftest import synthetic_cost_model, synthetic_rows
-    from xytune.geometry import PRESETS
-    from xytune.runtime.attention import attention_paths_from_table, make_attention
-    from xytune.table import canonical_json
+
+    from xytune.profiler.geometry import PRESETS
+    from xytune.profiler.table import canonical_json
+    from xytune.runtime.model.attention import attention_paths_from_table, make_attention
 
     chunks = _chunks(2)
     batch = AttentionBatch.build(16, chunks)

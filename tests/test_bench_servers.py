@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REFERENCE_TABLE, require_default_model
-from xytune.bench_servers import parse_variant
+
+from xytune.bench.servers import parse_variant
 
 REFERENCE = REFERENCE_TABLE  # a table from some machine: read with --allow-mismatch
 

@@ -7,11 +7,11 @@ import sys
 import time
 
 import pytest
-
 from conftest import REFERENCE_TABLE, resampled
-from xytune.devices import get_device
-from xytune.probe import usable_primitives
-from xytune.table import KEY_COLUMNS, CostTable, read_table, write_table
+
+from xytune.profiler.devices import get_device
+from xytune.profiler.probe import usable_primitives
+from xytune.profiler.table import KEY_COLUMNS, CostTable, read_table, write_table
 
 PRIMS = len(usable_primitives("gemm", get_device("cpu"), "float32")[0])  # those that run on this machine
 REFERENCE = REFERENCE_TABLE  # a table from some machine: read with --allow-mismatch

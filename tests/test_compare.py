@@ -1,8 +1,8 @@
 import pytest
-
 from conftest import resampled
-from xytune.compare import CompareError, compare_tables, markdown_report
-from xytune.table import CostTable
+
+from xytune.profiler.table import CostTable
+from xytune.reports.compare import CompareError, compare_tables, markdown_report
 
 
 def test_injected_20_percent_regression_is_found(synthetic_table):

@@ -3,10 +3,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from conftest import linear_latency
-from xytune.cost_model import CostModel, CostModelError
-from xytune.table import write_table
+
+from xytune.profiler.cost_model import CostModel, CostModelError
+from xytune.profiler.table import write_table
 
 
 @pytest.fixture

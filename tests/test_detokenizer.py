@@ -6,11 +6,11 @@ SentencePiece-style decoder that drops the leading space of a sequence."""
 from __future__ import annotations
 
 import pytest
+from conftest import require_default_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import require_default_model
-from xytune.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+from xytune.runtime.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXT = ("naïve café 😀 日本語のテキスト, the quick brown fox jumps over the lazy dog; "
         "Ünïcödé ∑ x² — «quotes» and emoji 🚀🔥 mixed in.")
@@ -27,7 +27,7 @@ def _check_every_prefix(tok: Tokenizer, ids: list[int]) -> None:
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer() -> Tokenizer:
-    from xytune.runtime.loader import load_checkpoint
+    from xytune.runtime.model.loader import load_checkpoint
 
     require_default_model()
     return load_checkpoint("smollm2-135m")[2]
@@ -46,7 +46,8 @@ def test_byte_level_random_ids_stream_exactly(smollm2_tokenizer, ids):
 
 
 def test_sentencepiece_style_leading_space_streams_exactly():
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     hf = HFTokenizer(models.BPE(unk_token="<unk>"))
     hf.pre_tokenizer = pre_tokenizers.Metaspace()

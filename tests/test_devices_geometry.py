@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from xytune.devices import DeviceError, fingerprint_mismatches, get_device
-from xytune.geometry import PRESETS, GeometryError, resolve_geometry
+from xytune.profiler.devices import DeviceError, fingerprint_mismatches, get_device
+from xytune.profiler.geometry import PRESETS, GeometryError, resolve_geometry
 
 
 def test_cpu_device_sets_and_records_threads():
@@ -111,7 +111,7 @@ def test_gguf_metadata_only(tmp_path):
 
 
 def test_default_model_gguf_when_installed():
-    from xytune.geometry import smollm2_gguf_path
+    from xytune.profiler.geometry import smollm2_gguf_path
 
     try:
         path = smollm2_gguf_path()
@@ -125,8 +125,8 @@ def test_default_model_gguf_when_installed():
 TRITON_CHECK = r"""
 import torch
 from xytune.kernels.triton_gemm import triton_gemm
-from xytune.primitives import REGISTRY, triton_gemm_invalid
-from xytune.devices import get_device
+from xytune.profiler.primitives import REGISTRY, triton_gemm_invalid
+from xytune.profiler.devices import get_device
 torch.manual_seed(0)
 dev = get_device("cpu")
 for (m, n, k) in [(1, 40, 64), (37, 70, 100), (64, 64, 64), (5, 96, 33)]:

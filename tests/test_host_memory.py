@@ -13,7 +13,7 @@ import pytest
 PROBE = """
 import ctypes, ctypes.util, sys
 if sys.argv[1] == "apply":
-    from xytune.runtime.host_memory import keep_freed_memory
+    from xytune.profiler.host_memory import keep_freed_memory
     assert keep_freed_memory() is True
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

@@ -7,8 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xytune.kernels.meta_attention import CAUSAL, NO_MASK, TREE, AttnRequest, plan_meta_attention, \
-    run_meta_attention_torch
+from xytune.kernels.meta_attention import (
+    CAUSAL,
+    NO_MASK,
+    TREE,
+    AttnRequest,
+    plan_meta_attention,
+    run_meta_attention_torch,
+)
 
 
 def reference_mask(r: AttnRequest) -> torch.Tensor:
@@ -168,7 +174,7 @@ def test_long_groups_are_the_cheapest_cut(tiles, group_cost):
     range of measured group costs (the table's ``group_cost_scores``)."""
     import itertools
 
-    from xytune.kernels.meta_attention import _group_by_padded_cost
+    from xytune.kernels.meta_attention.long import _group_by_padded_cost
 
     tiles = sorted(tiles, key=lambda t: -t[0])
 

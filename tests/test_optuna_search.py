@@ -5,9 +5,9 @@ import json
 import optuna
 import pytest
 
-from xytune.primitives import Primitive, gemm_work, register, unregister
-from xytune.sweep import optuna_search
-from xytune.table import canonical_json
+from xytune.profiler.primitives import Primitive, gemm_work, register, unregister
+from xytune.profiler.search import optuna_search
+from xytune.profiler.table import canonical_json
 
 SPACE = {"a": tuple(range(8)), "b": tuple(range(8)), "c": (1, 2, 4, 8)}  # 256 configs
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import warnings
 
 import pytest
-
 from conftest import REFERENCE_TABLE, require_default_model
+
+from xytune.runtime.engine.sampling import SamplingParams
+from xytune.runtime.engine.scheduler import SchedulerConfig
 from xytune.runtime.llm import LLM
-from xytune.runtime.sampling import SamplingParams
-from xytune.runtime.scheduler import SchedulerConfig
 
 REFERENCE = REFERENCE_TABLE  # a table from some machine: read with allow_mismatch
 PROMPTS = ["Tell me about the moon. " * 8, "List three colors:", "Why do cats purr? " * 5, "Count: 1, 2, 3,",
@@ -81,7 +81,7 @@ def test_xy_sizes_prefill_to_the_slo(llm, monkeypatch):
 
 
 def test_step_deadline_spends_the_slack_of_requests_ahead_of_their_pace(llm):
-    from xytune.runtime.scheduler import Request
+    from xytune.runtime.engine.scheduler import Request
 
     sched = llm.engine.scheduler
     sched.config = SchedulerConfig(64, 256, "xy", 100.0, 16)
@@ -123,8 +123,8 @@ def test_step_deadline_spends_the_slack_of_requests_ahead_of_their_pace(llm):
 
 
 def test_xy_needs_a_cost_table():
-    from xytune.runtime.kv_cache import KVCache
-    from xytune.runtime.scheduler import Scheduler
+    from xytune.runtime.engine.kv_cache import KVCache
+    from xytune.runtime.engine.scheduler import Scheduler
 
     with pytest.raises(ValueError, match="cost table"):
         Scheduler(SchedulerConfig(policy="xy"), KVCache(1, 4, 16, 1, 8, __import__("torch").float32))
@@ -133,7 +133,7 @@ def test_xy_needs_a_cost_table():
 
 
 def test_xy_serves_prompts_that_can_still_meet_their_ttft_first(llm):
-    from xytune.runtime.scheduler import Request
+    from xytune.runtime.engine.scheduler import Request
 
     sched = llm.engine.scheduler
     sched.config = SchedulerConfig(64, 256, "xy", 100.0, 16, ttft_slo_ms=2000.0)

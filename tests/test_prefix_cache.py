@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import require_default_model
-from xytune.runtime.engine import Engine
-from xytune.runtime.kv_cache import BlockAllocator, block_hashes
+
+from xytune.runtime.engine.engine import Engine
+from xytune.runtime.engine.kv_cache import BlockAllocator, block_hashes
+from xytune.runtime.engine.sampling import SamplingParams
 from xytune.runtime.llm import LLM
-from xytune.runtime.sampling import SamplingParams
 
 
 def test_hashes_chain_over_the_whole_prefix():

@@ -7,16 +7,16 @@ import warnings
 import pandas as pd
 import pytest
 import torch
-
 from conftest import synthetic_cost_model, synthetic_rows
-from xytune.geometry import PRESETS
-from xytune.primitives import Primitive, gemm_work, register, unregister
-from xytune.probe import fastest_dtype, probe, usable_primitives
-from xytune.runtime.loader import resolve_dtype
-from xytune.summary import render_summary, summarize_table
-from xytune.sweep import Sweep, SweepSettings
-from xytune.table import read_table
-from xytune.timing import TimingPolicy
+
+from xytune.profiler.geometry import PRESETS
+from xytune.profiler.primitives import Primitive, gemm_work, register, unregister
+from xytune.profiler.probe import fastest_dtype, probe, usable_primitives
+from xytune.profiler.sweep import Sweep, SweepSettings
+from xytune.profiler.table import read_table
+from xytune.profiler.timing import TimingPolicy
+from xytune.reports.summary import render_summary, summarize_table
+from xytune.runtime.model.loader import resolve_dtype
 
 TINY = TimingPolicy(warmup=1, budget_s=0.0, min_samples=2, max_samples=2)
 MISSING_ISA = "mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw"

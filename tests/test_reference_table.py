@@ -7,13 +7,13 @@ tests made them (or asserts what that machine measured, such as which dtype won 
 import warnings
 
 import pytest
-
 from conftest import PROFILES, REFERENCE_TABLE, SCHEMA_1_TABLE
-from xytune.calibrate import TUNING_DEFAULTS
-from xytune.cost_model import CostModel
-from xytune.geometry import PRESETS
-from xytune.sweep import m_buckets
-from xytune.table import KEY_COLUMNS, read_table
+
+from xytune.profiler.calibrate import TUNING_DEFAULTS
+from xytune.profiler.cost_model import CostModel
+from xytune.profiler.geometry import PRESETS
+from xytune.profiler.sweep import m_buckets
+from xytune.profiler.table import KEY_COLUMNS, read_table
 
 TABLES = sorted(PROFILES.glob("*.parquet"))
 

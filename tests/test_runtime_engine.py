@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-
 from conftest import require_default_model
-from xytune.runtime.engine import Engine, RequestError
-from xytune.runtime.kv_cache import BlockAllocator
+
+from xytune.runtime.engine.engine import Engine, RequestError
+from xytune.runtime.engine.kv_cache import BlockAllocator
+from xytune.runtime.engine.sampling import SamplingParams, filter_logits, row_argmax
 from xytune.runtime.llm import LLM
-from xytune.runtime.sampling import SamplingParams, filter_logits, row_argmax
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_row_argmax_takes_the_first_maximum_like_torch():
 
 
 def test_bad_words_ban_a_last_token_only_after_the_rest_of_the_word():
-    from xytune.runtime.sampling import adjust_logits
+    from xytune.runtime.engine.sampling import adjust_logits
 
     params = SamplingParams(bad_words_ids=[[5], [7, 8, 9]])
     z = adjust_logits(torch.zeros(12), params, prompt_ids=[1], output_ids=[3, 7])
@@ -173,7 +173,7 @@ def test_generate_cli(llm):
 
 
 def test_adjust_logits_applies_bias_then_repetition_then_output_penalties():
-    from xytune.runtime.sampling import adjust_logits, top_logprobs
+    from xytune.runtime.engine.sampling import adjust_logits, top_logprobs
 
     z = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0])
     p = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25, logit_bias={4: 10.0})

@@ -14,8 +14,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from conftest import REFERENCE_TABLE, require_default_model  # noqa: E402
+
+from xytune.runtime.engine.sampling import SamplingParams  # noqa: E402
 from xytune.runtime.llm import LLM  # noqa: E402
-from xytune.runtime.sampling import SamplingParams  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -141,7 +142,6 @@ def test_tiny_random_checkpoints(tmp_path, arch):
 def test_meta_attention_and_smooth_gemm_keep_the_equality(smollm2):
     """The engine on Meta-Attention and SmoothGEMM (planned from the reference table) still matches."""
     import warnings
-    from pathlib import Path
 
     _, prompt_ids, expected = smollm2
     table = REFERENCE_TABLE
@@ -246,7 +246,7 @@ def test_allowed_token_ids_restrict_greedy_to_the_best_allowed_token(smollm2, hf
 
 def test_bench_prefill_baseline_computes_the_last_position_only(hf):
     """`bench runtime` times transformers' prefill as its generate runs it, not with a head GEMM per row."""
-    from xytune.bench_runtime import last_position_only
+    from xytune.bench.runtime import last_position_only
 
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     with torch.inference_mode():

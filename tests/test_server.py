@@ -25,7 +25,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-
 def start_server(*args: str) -> tuple[subprocess.Popen, str]:
     """``xytune serve`` on a free loopback port (float32, the reference table), once /health answers."""
     require_default_model()
@@ -84,7 +83,7 @@ def _metric(body: str, name: str) -> float:
 
 
 def test_models_and_completion_match_the_engine(client, reference):
-    from xytune.runtime.sampling import SamplingParams
+    from xytune.runtime.engine.sampling import SamplingParams
 
     assert [m.id for m in client.models.list().data] == ["smollm2-135m"]
     out = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=20,
@@ -96,7 +95,7 @@ def test_models_and_completion_match_the_engine(client, reference):
 
 
 def test_speculative_greedy_equals_plain_greedy(client, server, reference):
-    from xytune.runtime.sampling import SamplingParams
+    from xytune.runtime.engine.sampling import SamplingParams
 
     prompt = ("Repeat the list: red, green, blue, yellow, red, green, blue, yellow, red, green, blue, yellow, "
               "red, green, blue, yellow, red,")
@@ -247,7 +246,7 @@ def test_bad_requests_are_4xx(client, server):
 def test_logprobs_penalties_and_logit_bias(client, reference):
     """On the speculative server: logprobs equal the plain engine's (such requests decode without drafts),
     streamed ones add up to the whole, chat ones spell the message; penalties and bias as in the engine."""
-    from xytune.runtime.sampling import SamplingParams
+    from xytune.runtime.engine.sampling import SamplingParams
 
     prompt = "Repeat: apple, pear, apple, pear, apple, pear, apple,"
     kwargs = dict(model="smollm2-135m", prompt=prompt, max_tokens=12, temperature=0, logprobs=3)
@@ -286,7 +285,7 @@ def test_logprobs_penalties_and_logit_bias(client, reference):
 
 def test_echo_scores_the_prompt_as_lm_eval_asks(client, reference):
     """lm-eval's loglikelihood request: context + continuation, echo, max_tokens 0, logprobs 1."""
-    from xytune.runtime.sampling import SamplingParams
+    from xytune.runtime.engine.sampling import SamplingParams
 
     context, continuation = "The capital of France is", " Paris"
     out = client.completions.create(model="smollm2-135m", prompt=context + continuation, max_tokens=0, echo=True,
@@ -553,7 +552,7 @@ def test_a_dead_engine_process_fails_requests_instead_of_hanging_them():
 
 
 def test_the_engine_also_runs_in_the_server_process(reference):
-    from xytune.runtime.sampling import SamplingParams
+    from xytune.runtime.engine.sampling import SamplingParams
 
     proc, base = start_server("--kv-cache-gb", "0.1", "--no-engine-process")
     try:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+import torch.nn.functional as F
 from conftest import synthetic_rows
-from xytune.cost_model import CostModel
-from xytune.geometry import PRESETS
-from xytune.kernels.smooth_gemm import SmoothGEMMPlanner, run_smooth_gemm, torch_segment_kernels
-from xytune.table import CostTable, new_meta, write_table
+
+from xytune.kernels.gemm import pack_weight
+from xytune.kernels.smooth_gemm import SmoothGEMMPlanner, run_smooth_gemm
+from xytune.profiler.cost_model import CostModel
+from xytune.profiler.geometry import PRESETS
+from xytune.profiler.primitives import gemm_kernels, primitives_for
+from xytune.profiler.table import CostTable, new_meta, write_table
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -21,7 +24,7 @@ def padded_cost(prim, m, n, k):
 
 @pytest.fixture
 def planner(tmp_path):
-    from xytune.devices import get_device
+    from xytune.profiler.devices import get_device
 
     geometry = PRESETS["smollm2-135m"]
     meta = new_meta(get_device("cpu").fingerprint(), geometry.to_dict(),
@@ -77,7 +80,7 @@ def p_model(planner):
 
 @pytest.mark.parametrize("m", [1, 5, 64, 70, 129, 300])
 def test_run_writes_every_segment_into_one_output(tmp_path, m):
-    from xytune.devices import get_device
+    from xytune.profiler.devices import get_device
 
     geometry = PRESETS["smollm2-135m"]
     meta = new_meta(get_device("cpu").fingerprint(), geometry.to_dict(),
@@ -93,12 +96,28 @@ def test_run_writes_every_segment_into_one_output(tmp_path, m):
     w, b = torch.randn(g.n, g.k, generator=gen), torch.randn(g.n, generator=gen)
     x = torch.randn(m, g.k, generator=gen)
     plan = planner.plan(m)
-    out = run_smooth_gemm(plan, x, torch_segment_kernels(w, b), n=g.n)
+    out = run_smooth_gemm(plan, x, gemm_kernels(w, b), n=g.n)
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4)
     into = torch.full((m, g.n), float("nan"))
-    assert run_smooth_gemm(plan, x, torch_segment_kernels(w, b), out=into) is into
+    assert run_smooth_gemm(plan, x, gemm_kernels(w, b), out=into) is into
     torch.testing.assert_close(into, out)
     if len(plan.segments) == 1:  # several segments may prefer a primitive that writes into out without a copy
         assert plan.segments[0].primitive == prims[m % 3]
     with pytest.raises(ValueError, match="rows"):
-        run_smooth_gemm(plan, x[:-1] if m > 1 else torch.randn(2, g.k), torch_segment_kernels(w, b), n=g.n)
+        run_smooth_gemm(plan, x[:-1] if m > 1 else torch.randn(2, g.k), gemm_kernels(w, b), n=g.n)
+
+
+def test_serving_binds_the_kernels_the_profiler_registry_times():
+    """One definition per GEMM primitive: SmoothGEMM's kernels for a weight are the registry's, each computing
+    ``x @ W.T + b`` into the output it is given."""
+    gen = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(24, 16, generator=gen), torch.randn(24, generator=gen), torch.randn(5, 16, generator=gen)
+    packed = pack_weight(w)
+    kernels = gemm_kernels(w, b, packed)
+    registered = {p.name for p in primitives_for("gemm", "cpu", "float32")}
+    assert set(kernels) == (registered if packed is not None else registered - {"onednn.packed_linear"})
+    for name, kernel in kernels.items():
+        torch.testing.assert_close(kernel(x, None, {}), F.linear(x, w, b), msg=name)
+        out = torch.empty(5, 24)
+        assert kernel(x, out, {}) is out
+        torch.testing.assert_close(out, F.linear(x, w, b), msg=name)

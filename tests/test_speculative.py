@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import require_default_model
 from scipy import stats
 
-from conftest import require_default_model
-from xytune.runtime.attention import tree_mask
+from xytune.runtime.engine.sampling import SamplingParams
+from xytune.runtime.engine.speculative import Draft, SpeculativeConfig, propose_ngram, verify
 from xytune.runtime.llm import LLM
-from xytune.runtime.sampling import SamplingParams
-from xytune.runtime.speculative import Draft, SpeculativeConfig, propose_ngram, verify
+from xytune.runtime.model.attention import tree_mask
 
 REPETITIVE = [
     "Copy this sentence twice: the old lighthouse keeper climbed the spiral stairs every evening at dusk. "

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import synthetic_rows
-from xytune.cost_model import CostModel
-from xytune.geometry import PRESETS
-from xytune.runtime.kv_cache import KVCache
-from xytune.runtime.scheduler import Scheduler, SchedulerConfig
-from xytune.runtime.step_predictor import StepPredictor, attention_pairs
-from xytune.table import CostTable, new_meta, write_table
+
+from xytune.profiler.cost_model import CostModel
+from xytune.profiler.geometry import PRESETS
+from xytune.profiler.table import CostTable, new_meta, write_table
+from xytune.runtime.engine.kv_cache import KVCache
+from xytune.runtime.engine.scheduler import Scheduler, SchedulerConfig
+from xytune.runtime.engine.step_predictor import StepPredictor, attention_pairs
 
 
 def _model(tmp_path, latency, ms=(1, 2, 4, 8, 16, 32, 48, 64, 65, 80, 96, 128, 256)):
-    from xytune.devices import get_device
+    from xytune.profiler.devices import get_device
 
     geometry = PRESETS["smollm2-135m"]
     meta = new_meta(get_device("cpu").fingerprint(), geometry.to_dict(),

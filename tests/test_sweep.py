@@ -1,10 +1,10 @@
 import pytest
 
-from xytune.geometry import PRESETS
-from xytune.primitives import primitives_for
-from xytune.sweep import Sweep, SweepError, SweepSettings, m_buckets, quick_buckets
-from xytune.table import KEY_COLUMNS, read_table
-from xytune.timing import TimingPolicy
+from xytune.profiler.geometry import PRESETS
+from xytune.profiler.primitives import primitives_for
+from xytune.profiler.sweep import Sweep, SweepError, SweepSettings, m_buckets, quick_buckets
+from xytune.profiler.table import KEY_COLUMNS, read_table
+from xytune.profiler.timing import TimingPolicy
 
 TINY = TimingPolicy(warmup=1, budget_s=0.0, min_samples=3, max_samples=3)
 PRIMS = len(primitives_for("gemm", "cpu", "float32"))  # no config knobs on CPU: one row each
@@ -96,7 +96,7 @@ def test_bad_settings_are_refused(tmp_path, cpu_device):
 
 
 def test_off_bucket_ms_avoid_buckets_and_repeat():
-    from xytune.bench_profile import off_bucket_ms
+    from xytune.bench.profile import off_bucket_ms
 
     buckets = m_buckets(4096)
     ms = off_bucket_ms(buckets, 4096, 24, seed=0)
@@ -106,9 +106,9 @@ def test_off_bucket_ms_avoid_buckets_and_repeat():
 
 def test_attention_tiles_are_swept_and_chosen_from_the_table(tmp_path, cpu_device):
     """`--targets attention` times Meta-Attention's tile classes; the runtime takes the best config."""
-    from xytune.cost_model import CostModel
-    from xytune.primitives import REGISTRY
-    from xytune.runtime.attention import META_DEFAULTS, meta_tiles_from_table
+    from xytune.profiler.cost_model import CostModel
+    from xytune.profiler.primitives import REGISTRY
+    from xytune.runtime.model.attention import META_DEFAULTS, meta_tiles_from_table
 
     out = tmp_path / "attn.parquet"
     settings = SweepSettings(dtypes=["float32"], buckets=[1], targets=["attention"], timing=TINY,
@@ -133,7 +133,7 @@ def test_attention_tiles_are_swept_and_chosen_from_the_table(tmp_path, cpu_devic
 
 
 def test_grid_configs_are_timed_in_turns(cpu_device):
-    from xytune.timing import TimingPolicy, measure_interleaved
+    from xytune.profiler.timing import TimingPolicy, measure_interleaved
 
     order = []
     fns = [lambda name=name: order.append(name) for name in "abc"]

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from xytune.table import META_KEY, SCHEMA_VERSION, TableError, read_table, write_table
+from xytune.profiler.table import META_KEY, SCHEMA_VERSION, TableError, read_table, write_table
 
 
 def test_round_trip_keeps_rows_and_metadata(tmp_path, synthetic_table):

@@ -7,13 +7,13 @@ predicts, so the figures are the table's, not this machine's, and the test holds
 from __future__ import annotations
 
 import torch
-
 from conftest import synthetic_cost_model, synthetic_rows
-from xytune.geometry import PRESETS
-from xytune.runtime.kv_cache import KVCache
-from xytune.runtime.sampling import SamplingParams
-from xytune.runtime.scheduler import Request, Scheduler, SchedulerConfig
-from xytune.runtime.step_predictor import StepPredictor, attention_pairs
+
+from xytune.profiler.geometry import PRESETS
+from xytune.runtime.engine.kv_cache import KVCache
+from xytune.runtime.engine.sampling import SamplingParams
+from xytune.runtime.engine.scheduler import Request, Scheduler, SchedulerConfig
+from xytune.runtime.engine.step_predictor import StepPredictor, attention_pairs
 
 
 def slow_machine(prim, m, n, k):

@@ -12,7 +12,7 @@ def __getattr__(name):
 
         return LLM
     if name == "SamplingParams":
-        from xytune.runtime.sampling import SamplingParams
+        from xytune.runtime.engine.sampling import SamplingParams
 
         return SamplingParams
     raise AttributeError(name)

@@ -1,0 +1,234 @@
+"""The engine in a process of its own (the engine core), so HTTP work never stalls a step.
+
+In one process the HTTP loop and the engine thread share the GIL: a torch call
+that returns waits for the loop's Python (JSON, SSE, detokenizing many streams)
+to let go, so steps slow down under load by more than any step predictor sees.
+Here the server process only parses, detokenizes and streams; the core process
+owns the model, the KV cache and the scheduler and runs steps back to back.
+One pipe joins them: requests, aborts and the stop go in; per step, the token
+updates, finished requests' timings and a snapshot of the gauges come out.
+``EngineProcess`` has the interface of ``AsyncEngine``, so the server takes
+either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import signal
+import threading
+import time
+
+from ..llm import LLM
+from .engine import RequestError
+from .protocol import (
+    AbortRequest,
+    AddRequest,
+    EngineCrashed,
+    EngineFailed,
+    EngineIdle,
+    EngineInfo,
+    EngineReady,
+    EngineStopped,
+    FinishRecord,
+    RequestRejected,
+    StepDone,
+    StopEngine,
+    Update,
+    engine_snapshot,
+    update_of,
+)
+from .sampling import SamplingParams
+
+SNAPSHOT_EVERY_S = 0.2  # the gauges travel with a step at most this often, or when it finishes a request
+
+
+class EngineStartError(RuntimeError):
+    """The core could not build its engine; the message is the engine's own one-line error."""
+
+
+def _core_main(conn, llm_kwargs: dict) -> None:
+    """The core process: build the engine, then step while there is work, reading the pipe between steps."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server drains and then stops the core over the pipe
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    try:
+        llm = LLM(**llm_kwargs)
+    except Exception as exc:  # noqa: BLE001 - sent to the server, which prints it as one line
+        conn.send(EngineFailed(str(exc) or type(exc).__name__))
+        return
+    engine = llm.engine
+    conn.send(EngineReady(EngineInfo.of(engine), llm.tokenizer, str(llm.dtype).replace("torch.", ""),
+                          engine_snapshot(engine)))
+    stopping, snapshot_at = False, time.monotonic()
+    sent: dict[str, int] = {}  # output tokens already sent, per request
+    try:
+        while not (stopping and not engine.has_work()):
+            wait = 0 if engine.has_work() else 0.5
+            while conn.poll(wait):
+                wait = 0
+                msg = conn.recv()
+                if isinstance(msg, AddRequest):
+                    try:
+                        engine.add_request(msg.prompt_ids, msg.params, request_id=msg.request_id)
+                    except RequestError as exc:
+                        conn.send(RequestRejected(msg.request_id, str(exc)))
+                elif isinstance(msg, AbortRequest):
+                    engine.abort(msg.request_id)
+                    sent.pop(msg.request_id, None)
+                elif isinstance(msg, StopEngine):
+                    stopping = True
+            if not engine.has_work():
+                if stopping:
+                    break
+                conn.send(EngineIdle(engine_snapshot(engine)))  # aborts may have freed blocks
+                continue
+            step = engine.step()
+            finished = step.finished
+            updates = []
+            for req in step.updated:
+                updates.append((req.request_id, update_of(req, since=sent.get(req.request_id, 0))))
+                sent[req.request_id] = len(req.output_ids)
+            records = [FinishRecord.of(req) for req in finished]
+            for req in finished:
+                sent.pop(req.request_id, None)
+            seconds = engine.step_stats[-1].seconds if engine.step_stats else 0.0
+            # The gauges (the cost-model error is a median over thousands of steps) at most 5x/s, and with every
+            # step that finishes a request: a client that has its response then reads /metrics that count it.
+            snapshot = None
+            if finished or time.monotonic() - snapshot_at >= SNAPSHOT_EVERY_S:
+                snapshot, snapshot_at = engine_snapshot(engine), time.monotonic()
+            conn.send(StepDone(updates, seconds, records, snapshot))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the server is gone
+    except BaseException as exc:  # noqa: BLE001 - every waiting client hears of it instead of hanging
+        conn.send(EngineCrashed(f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(EngineStopped())
+
+
+class EngineProcess:
+    """The server side of the core: submits, aborts, and fans the core's updates out to asyncio queues."""
+
+    def __init__(self, llm_kwargs: dict, metrics=None, start_timeout_s: float = 600):
+        self.llm_kwargs, self.metrics, self.start_timeout_s = llm_kwargs, metrics, start_timeout_s
+        self.error: BaseException | None = None
+        self.info: EngineInfo | None = None
+        self.tokenizer = None
+        self.dtype: str | None = None
+        self._snapshot: dict = {}
+        self._queues: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._so_far: dict[str, Update] = {}  # each live request's state, from the core's per-step deltas
+        self._send_lock = threading.Lock()
+        self._proc = None
+        self._conn = None
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the core and wait until its engine is built; raise EngineStartError if it cannot be."""
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_core_main, args=(child, self.llm_kwargs), name="xytune-engine-core",
+                                 daemon=True)
+        self._proc.start()
+        child.close()
+        if not self._conn.poll(self.start_timeout_s):
+            self._proc.kill()
+            raise EngineStartError(f"the engine process did not start within {self.start_timeout_s:.0f} s.")
+        try:
+            msg = self._conn.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise EngineStartError(f"the engine process exited with code {self._proc.exitcode}.") from None
+        if isinstance(msg, EngineFailed):
+            self._proc.join(5)
+            raise EngineStartError(msg.message)
+        self.info, self.tokenizer, self.dtype, self._snapshot = msg.info, msg.tokenizer, msg.dtype, msg.snapshot
+        self._reader = threading.Thread(target=self._read, name="xytune-engine-reader", daemon=True)
+        self._reader.start()
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """Let the core finish what it holds, then end it."""
+        if self._proc is None:
+            return
+        try:
+            self._send(StopEngine())
+        except (OSError, ValueError):
+            pass
+        if self._reader is not None:
+            self._reader.join(timeout_s)
+        self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+    @property
+    def num_active(self) -> int:
+        return len(self._queues)
+
+    def snapshot(self) -> dict:
+        return self._snapshot
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> asyncio.Queue:
+        """Validate and send a request; its updates arrive on the returned queue."""
+        if self.error is not None:
+            raise RuntimeError(f"engine failed: {self.error}")
+        self.info.validate_prompt(prompt_ids, params)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = (queue, asyncio.get_running_loop())
+        self._send(AddRequest(request_id, list(prompt_ids), params))
+        return queue
+
+    def abort(self, request_id: str) -> None:
+        self._so_far.pop(request_id, None)
+        if self._queues.pop(request_id, None) is not None and self.error is None:
+            self._send(AbortRequest(request_id))
+
+    def _send(self, msg) -> None:
+        with self._send_lock:
+            self._conn.send(msg)
+
+    def _deliver(self, rid: str, item) -> None:
+        entry = self._queues.get(rid)
+        if entry is not None:
+            queue, loop = entry
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _read(self) -> None:
+        """The reader thread: one message per step from the core."""
+        try:
+            while True:
+                msg = self._conn.recv()
+                if isinstance(msg, StepDone):
+                    self._on_step(msg)
+                elif isinstance(msg, EngineIdle):
+                    self._snapshot = msg.snapshot
+                elif isinstance(msg, RequestRejected):
+                    self._deliver(msg.request_id, RuntimeError(msg.message))
+                    self._queues.pop(msg.request_id, None)
+                elif isinstance(msg, EngineCrashed):
+                    raise RuntimeError(msg.message)
+                elif isinstance(msg, EngineStopped):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - a dead core fails every waiting request, never hangs it
+            self.error = exc if not isinstance(exc, EOFError) else RuntimeError("the engine process exited")
+            for rid in list(self._queues):
+                self._deliver(rid, self.error)
+            self._queues.clear()
+
+    def _on_step(self, msg: StepDone) -> None:
+        """Add each request's new tokens to what it had and hand the result to its client."""
+        self._snapshot = msg.snapshot or self._snapshot
+        for rid, delta in msg.updates:
+            if rid not in self._queues:  # aborted: its client is gone
+                self._so_far.pop(rid, None)
+                continue
+            update = self._so_far[rid].extended(delta) if rid in self._so_far else delta
+            self._so_far[rid] = update
+            self._deliver(rid, update)
+            if update.finished:
+                self._queues.pop(rid, None)
+                self._so_far.pop(rid, None)
+        if self.metrics is not None:
+            self.metrics.on_step(msg.seconds)
+            for rec in msg.finished:
+                self.metrics.on_finish(rec)

@@ -1,0 +1,240 @@
+"""The engine: one step = schedule, build the flat batch, run the model once, sample, retire.
+
+Continuous batching: every step mixes decode tokens and prefill chunks of
+many requests into one flat token batch with per-token positions; requests
+join and leave between steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from xytune.profiler.host_memory import keep_freed_memory
+
+from ..model.llama import LlamaModel
+from ..model.tokenizer import Tokenizer
+from .model_runner import ModelRunner, ModelRunnerOutput
+from .sampling import SamplingParams, make_generator, text_token_ids
+from .scheduler import Request, Scheduler, SchedulerConfig, Status
+from .speculative import SpeculativeConfig
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (too long, empty); one user-facing sentence."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    metrics: dict = field(default_factory=dict)
+    logprobs: list | None = None  # per token of token_ids (SamplingParams.logprobs): (logprob, [(id, logprob)])
+    prompt_logprobs: list | None = None  # per prompt token (SamplingParams.prompt_logprobs), None for the first
+
+
+@dataclass
+class StepOutput:
+    updated: list[Request]  # requests that got new tokens in the step
+    finished: list[Request]  # requests that finished in it (also among ``updated`` unless aborted)
+
+
+@dataclass
+class StepStats:
+    num_tokens: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    seconds: float
+    predicted_seconds: float | None = None
+    num_verify_tokens: int = 0
+
+
+@dataclass
+class SpecStats:
+    """Speculative decoding totals: acceptance rate and tokens per verify step."""
+
+    proposed: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    emitted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.emitted / self.verify_steps if self.verify_steps else 0.0
+
+
+def check_prompt(prompt_ids: list[int], max_model_len: int, vocab_size: int,
+                 params: SamplingParams | None = None) -> None:
+    """Raise ``RequestError`` for a prompt (and sampling parameters) an engine with this context and
+    vocabulary cannot run."""
+    if not prompt_ids:
+        raise RequestError("The prompt is empty.")
+    if len(prompt_ids) >= max_model_len:
+        raise RequestError(f"The prompt has {len(prompt_ids)} tokens; this engine's context holds "
+                           f"{max_model_len} (prompt plus at least one new token).")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"Token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1}).")
+    bad = [t for t in (params.logit_bias if params else ()) if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"logit_bias names token id {bad[0]}, outside the vocabulary (0..{vocab_size - 1}).")
+    bad = [t for t in ((params.allowed_token_ids or ()) if params else ()) if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"allowed_token_ids names token id {bad[0]}, outside the vocabulary "
+                           f"(0..{vocab_size - 1}).")
+
+
+class Engine:
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, num_blocks: int, block_size: int = 16,
+                 scheduler_config: SchedulerConfig | None = None, predictor=None,
+                 enable_prefix_caching: bool = False, speculative: SpeculativeConfig | None = None):
+        keep_freed_memory()
+        self.model, self.tokenizer = model, tokenizer
+        self.kv = model.new_kv_cache(num_blocks, block_size, enable_prefix_caching)
+        self.predictor = predictor  # StepPredictor: step latency from the cost table, calibrated online
+        self.max_model_len = min(model.config.max_position_embeddings, self.kv.capacity_tokens)
+        self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), self.kv, predictor, speculative,
+                                   self.max_model_len)
+        self.spec = SpecStats()
+        eos = set(model.config.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_ids = eos
+        self.runner = ModelRunner(model, self.kv, eos)
+        self._ids = itertools.count()
+        self.requests: dict[str, Request] = {}
+        self.step_stats: list[StepStats] = []
+
+    # -- requests ------------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
+                    request_id: str | None = None) -> Request:
+        self.validate_prompt(prompt_ids, params)
+        rid = request_id or f"req-{next(self._ids)}"
+        req = Request(rid, list(prompt_ids), params, prompt=prompt,
+                      generator=make_generator(params, self.model.device))
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        return req
+
+    def validate_prompt(self, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
+        """Raise ``RequestError`` for a prompt (and sampling parameters) this engine cannot run."""
+        check_prompt(prompt_ids, self.max_model_len, self.model.config.vocab_size, params)
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None and req.status is not Status.FINISHED:
+            self.scheduler.finish(req, "abort")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step ------------------------------------------------------------
+
+    def step(self) -> StepOutput:
+        """Run one model step: the requests that got tokens in it and those that finished (no longer tracked)."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return StepOutput([], [])
+        start = time.perf_counter()
+        num_verify = sum(n for r, n in scheduled if r.draft is not None)
+        # a decode token follows an output token; a prompt's last token (say after a prefix-cache hit) is prefill
+        num_decode = sum(1 for r, n in scheduled if n == 1 and r.draft is None and r.output_ids)
+        out = self.runner.execute(scheduled)
+        result = self._update_from_output(scheduled, out)
+        self._record_step(out, time.perf_counter() - start, num_decode, num_verify)
+        for req in result.finished:
+            self.requests.pop(req.request_id, None)
+        return result
+
+    def _update_from_output(self, scheduled: list[tuple[Request, int]], out: ModelRunnerOutput) -> StepOutput:
+        """Advance every scheduled request by what the step computed and emitted; retire the finished."""
+        for req, n in scheduled:
+            if req.draft is None:
+                req.num_computed += n
+        for req, lp in out.output_logprobs:
+            req.output_logprobs.append(lp)
+        for req, lps in out.prompt_logprobs:
+            req.prompt_logprobs.extend(lps)
+        new_tokens = [(req, [tok]) for req, tok in out.sampled]
+        for req, result in out.verified:
+            req.num_computed += 1 + len(result.path)
+            self.spec.proposed += len(req.draft)
+            self.spec.accepted += len(result.path)
+            self.spec.verify_steps += 1
+            self.spec.emitted += len(result.tokens)
+            new_tokens.append((req, result.tokens))
+        finished, updated, now = [], [], time.perf_counter()
+        for req, toks in new_tokens:
+            req.first_token_time = req.first_token_time or now
+            reason = None
+            for tok in toks:
+                req.output_ids.append(tok)
+                if reason := self._finish_reason(req, tok):
+                    break
+            self.scheduler.cache_computed_blocks(req)
+            if reason:
+                self.scheduler.finish(req, reason)
+                finished.append(req)
+            updated.append(req)
+        got_tokens = {id(r) for r in updated}
+        for req, _ in scheduled:  # prefill chunks that sampled nothing (the others were registered above)
+            if id(req) not in got_tokens:
+                self.scheduler.cache_computed_blocks(req)
+            req.draft = None
+        return StepOutput(updated, finished)
+
+    def _record_step(self, out: ModelRunnerOutput, seconds: float, num_decode: int, num_verify: int) -> None:
+        """Step statistics, and the step predictor's observation of what this step really took."""
+        predicted = None
+        if self.predictor is not None:
+            predicted = self.predictor.predict(out.num_tokens, out.num_logit_rows, out.attention_pairs)
+            self.predictor.observe(out.num_tokens, out.num_logit_rows, seconds, out.attention_pairs)
+        self.step_stats.append(StepStats(out.num_tokens, out.num_tokens - num_decode - num_verify, num_decode,
+                                         seconds, predicted, num_verify))
+
+    def _finish_reason(self, req: Request, tok: int) -> str | None:
+        p = req.params
+        n_out = len(req.output_ids)
+        if n_out >= p.min_tokens:
+            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+                return "stop"
+            if p.stop:
+                text = self.tokenizer.decode(req.output_ids, p.skip_special_tokens)
+                hits = [(text.find(s), len(s)) for s in p.stop if s in text]
+                if hits:
+                    at, length = min(hits)
+                    req.text = text[: at + length] if p.include_stop_str_in_output else text[:at]
+                    return "stop"
+        if n_out >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    # -- whole runs ------------------------------------------------------------
+
+    def output(self, req: Request) -> RequestOutput:
+        ids = req.output_ids
+        text_ids = text_token_ids(ids, req.finish_reason, req.params, self.eos_ids)
+        text = req.text if req.text is not None else self.tokenizer.decode(text_ids, req.params.skip_special_tokens)
+        end = req.finish_time or time.perf_counter()
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, text, list(ids), req.finish_reason, {
+            "ttft_s": (req.first_token_time - req.arrival) if req.first_token_time else None,
+            "latency_s": end - req.arrival, "num_preemptions": req.num_preemptions,
+        }, list(req.output_logprobs) if req.params.logprobs is not None else None,
+            list(req.prompt_logprobs) if req.params.prompt_logprobs is not None else None)
+
+    def run_to_completion(self, reqs: list[Request]) -> list[RequestOutput]:
+        while any(r.status is not Status.FINISHED for r in reqs):
+            self.step()
+        for r in reqs:
+            self.requests.pop(r.request_id, None)
+        return [self.output(r) for r in reqs]

@@ -1,0 +1,162 @@
+"""What the engine tells its callers, in one module both sides import: a request's progress (``Update``),
+the engine's fixed facts (``EngineInfo``), finished requests' timings, the gauges, and the typed messages
+between the server and the engine in its own process (``core``).
+
+One update protocol: the engine sends each step's new tokens (``update_of(req, since)``) and the receiver
+adds them up (``Update.extended``); the engine thread, which shares memory, sends whole states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .engine import Engine, check_prompt
+from .sampling import SamplingParams
+from .scheduler import Request, Status
+
+
+@dataclass
+class Update:
+    """What a request has produced so far."""
+
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    stop_text: str | None  # the output cut at a stop string, once one matched
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    logprobs: list | None = None  # per output token: (logprob, [(token id, logprob), ...]) when asked for
+    prompt_logprobs: list | None = None  # per prompt token (None for the first), once the prompt is through
+
+    def extended(self, delta: "Update") -> "Update":
+        """This update followed by ``delta`` (an ``update_of(req, since=...)``): the request's state after both."""
+        logprobs = None if delta.logprobs is None else (self.logprobs or []) + delta.logprobs
+        return Update(self.token_ids + delta.token_ids, delta.finished, delta.finish_reason, delta.num_prompt_tokens,
+                      delta.stop_text, delta.num_cached_tokens, logprobs,
+                      self.prompt_logprobs if self.prompt_logprobs is not None else delta.prompt_logprobs)
+
+
+def update_of(req: Request, since: int = 0) -> Update:
+    """The request's state, or with ``since`` only the output tokens (and logprobs) from that index on: the
+    engine process sends each step's new tokens, not the whole output again (quadratic over a long one)."""
+    prompt_logprobs = None
+    if req.params.prompt_logprobs is not None and req.output_ids and since == 0:
+        prompt_logprobs = list(req.prompt_logprobs)
+    return Update(req.output_ids[since:], req.status is Status.FINISHED, req.finish_reason, len(req.prompt_ids),
+                  req.text, req.num_cached_tokens,
+                  req.output_logprobs[since:] if req.params.logprobs is not None else None, prompt_logprobs)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the HTTP side needs to know about the engine, fixed for its lifetime."""
+
+    eos_ids: tuple[int, ...]
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+
+    @classmethod
+    def of(cls, engine: Engine) -> "EngineInfo":
+        return cls(tuple(sorted(engine.eos_ids)), engine.max_model_len, engine.model.config.vocab_size,
+                   engine.kv.num_blocks)
+
+    def validate_prompt(self, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
+        """The engine's own checks (``Engine.validate_prompt``), made before a request is sent to it."""
+        check_prompt(prompt_ids, self.max_model_len, self.vocab_size, params)
+
+
+@dataclass(frozen=True)
+class FinishRecord:
+    """A finished request's timings, for the latency histograms."""
+
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    arrival: float
+    first_token_time: float | None
+    finish_time: float | None
+
+    @classmethod
+    def of(cls, req: Request) -> "FinishRecord":
+        return cls(req.finish_reason, len(req.prompt_ids), len(req.output_ids), req.arrival, req.first_token_time,
+                   req.finish_time)
+
+
+def engine_snapshot(engine: Engine) -> dict:
+    """The engine's gauges (queue, KV, prefix cache, speculation, cost model) as plain numbers."""
+    sched, kv, spec = engine.scheduler, engine.kv, engine.spec
+    alloc = kv.allocator
+    snap = {"waiting": len(sched.waiting), "running": len(sched.running), "kv_blocks_free": alloc.num_free,
+            "kv_blocks_total": kv.num_blocks, "preemptions": sched.num_preemptions,
+            "prefix_queried_tokens": alloc.queried_tokens, "prefix_hit_tokens": alloc.hit_tokens,
+            "prefix_hit_rate": alloc.hit_rate, "spec_draft_tokens": spec.proposed,
+            "spec_accepted_tokens": spec.accepted, "spec_acceptance_rate": spec.acceptance_rate,
+            "spec_tokens_per_step": spec.tokens_per_step, "cost_error": None, "cost_scale": None}
+    if engine.predictor is not None:
+        snap["cost_error"] = engine.predictor.error_summary()["median_ape"]
+        snap["cost_scale"] = engine.predictor.scale
+    return snap
+
+
+# -- messages between the server and the engine process (core.py) --
+
+@dataclass(frozen=True)
+class AddRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class StopEngine:
+    """Finish what is running, then stop."""
+
+
+@dataclass(frozen=True)
+class EngineReady:
+    info: EngineInfo
+    tokenizer: object
+    dtype: str
+    snapshot: dict
+
+
+@dataclass(frozen=True)
+class EngineFailed:
+    """The engine could not be built (a one-line error)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class StepDone:
+    updates: list[tuple[str, Update]]  # (request id, its new tokens since the last update)
+    seconds: float
+    finished: list[FinishRecord]
+    snapshot: dict | None  # the gauges, at most every SNAPSHOT_EVERY_S and with every step that finishes one
+
+
+@dataclass(frozen=True)
+class EngineIdle:
+    snapshot: dict
+
+
+@dataclass(frozen=True)
+class RequestRejected:
+    request_id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class EngineCrashed:
+    message: str
+
+
+@dataclass(frozen=True)
+class EngineStopped:
+    """The engine process finished its work and ends."""

@@ -1,0 +1,105 @@
+"""StepPredictor: how long will a step take, from the cost table plus a fit to the steps already run.
+
+The cost table knows the weight GEMMs of a step (``CostModel.predict_step``);
+attention (which grows with context), norms and per-step overheads it does
+not. So a step's latency is modelled as
+
+    seconds = a * table_gemm_seconds(tokens) + b * attention_pairs + c * tokens + e * sampled + d
+
+with non-negative coefficients fitted (scipy's NNLS, relative error) to the
+most recent measured steps and refitted as steps come in. The fit spans
+hundreds of steps, so on top of it a prediction is scaled by the median
+measured/fitted ratio of the last few steps: a machine whose speed drifts
+(a shared VM, thermal limits, a neighbour process) is tracked within a few
+steps. Until enough steps are measured, the table figure times a running
+measured/table ratio stands in. Every step's prediction and
+measurement are kept for reports.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+from scipy.optimize import nnls
+
+from xytune.profiler.cost_model import CostModel
+
+MIN_FIT_STEPS = 12
+DRIFT_STEPS = 4  # the last steps whose measured/fitted ratio scales the next prediction
+
+
+def attention_pairs(chunks: list[tuple[int, int]]) -> float:
+    """(query, key) pairs of a step's attention: ``(context_before, num_tokens)`` per request, causal."""
+    return float(sum(n * (before + (n + 1) / 2) for before, n in chunks))
+
+
+class StepPredictor:
+    def __init__(self, cost_model: CostModel, dtype: str, alpha: float = 0.2, history: int = 4096,
+                 fit_window: int = 256, refit_every: int = 8):
+        if dtype not in cost_model.dtypes:
+            raise ValueError(f"the cost table has no {dtype} rows (it has {', '.join(cost_model.dtypes)}); "
+                             "profile this dtype or serve in one it has.")
+        self.cost_model, self.dtype, self.alpha = cost_model, dtype, alpha
+        self.scale = 1.0  # measured / table, a running ratio (the fallback and a health figure)
+        self.calibrated = False
+        self.coef: np.ndarray | None = None  # fitted (a, b, c, e, d)
+        self.refit_every = refit_every
+        self._table_cache: dict[tuple[int, int], float] = {}
+        self._fit_rows: deque[tuple[np.ndarray, float]] = deque(maxlen=fit_window)
+        self.records: deque[tuple[int, float, float]] = deque(maxlen=history)  # (tokens, predicted, actual)
+        self._drift: deque[float] = deque(maxlen=DRIFT_STEPS)  # measured / fitted of the last steps
+        self.drift = 1.0  # their median
+
+    def table_seconds(self, num_tokens: int, num_logits: int) -> float:
+        key = (num_tokens, max(num_logits, 1))
+        if key not in self._table_cache:
+            self._table_cache[key] = self.cost_model.predict_step(num_tokens, num_logits=key[1], dtype=self.dtype)
+        return self._table_cache[key]
+
+    def features(self, num_tokens: int, num_logits: int, attn_pairs: float) -> np.ndarray:
+        """Table GEMM seconds, attention pairs, tokens (norms, rotary...), sampled rows (sampling, per-request
+        host work), one (per-step overhead)."""
+        return np.array([self.table_seconds(num_tokens, num_logits), attn_pairs * 1e-6, num_tokens * 1e-3,
+                         num_logits * 1e-3, 1.0])
+
+    def predict(self, num_tokens: int, num_logits: int, attn_pairs: float = 0.0) -> float:
+        if num_tokens < 1:
+            return 0.0
+        f = self.features(num_tokens, num_logits, attn_pairs)
+        if self.coef is None:
+            return self.scale * f[0]
+        return float(f @ self.coef) * self.drift
+
+    def observe(self, num_tokens: int, num_logits: int, actual_s: float, attn_pairs: float = 0.0) -> None:
+        """Record a finished step (its prediction made before seeing it) and learn from it."""
+        if num_tokens < 1 or actual_s <= 0:
+            return
+        f = self.features(num_tokens, num_logits, attn_pairs)
+        self.records.append((num_tokens, self.predict(num_tokens, num_logits, attn_pairs), actual_s))
+        if f[0] > 0:
+            ratio = actual_s / f[0]
+            self.scale = ratio if not self.calibrated else (1 - self.alpha) * self.scale + self.alpha * ratio
+            self.calibrated = True
+        self._fit_rows.append((f, actual_s))
+        if self.coef is not None and (fitted := float(f @ self.coef)) > 0:
+            self._drift.append(actual_s / fitted)
+            self.drift = float(np.median(self._drift))
+        if len(self._fit_rows) >= MIN_FIT_STEPS and len(self.records) % self.refit_every == 0:
+            self._refit()
+
+    def _refit(self) -> None:
+        """Non-negative least squares on relative error: each step counts alike, long or short."""
+        X = np.stack([f for f, _ in self._fit_rows])
+        y = np.array([a for _, a in self._fit_rows])
+        coef, _ = nnls(X / y[:, None], np.ones_like(y))
+        if coef.any():
+            self.coef = coef
+
+    def error_summary(self, skip: int = 5) -> dict:
+        """Median and p90 absolute percentage error of the predictions (the first ``skip`` steps warm up)."""
+        recs = list(self.records)[skip:]
+        if not recs:
+            return {"steps": 0, "median_ape": None, "p90_ape": None}
+        ape = np.array([abs(p - a) / a for _, p, a in recs if a > 0])
+        return {"steps": len(recs), "median_ape": float(np.median(ape)), "p90_ape": float(np.percentile(ape, 90))}

@@ -1,0 +1,128 @@
+"""``xytune bench engines``: scheduling policies side by side on the engine alone.
+
+The trace of ``bench servers`` (the same seeded prompts and Poisson
+arrivals) is replayed in real time against one in-process engine per policy,
+with no HTTP server and no benchmark client sharing the CPU. On a small
+machine those two wake up inside the engine's steps at random, and the
+noise they add can be larger than the differences between policies; here
+what is left is the policy.
+
+Each engine is built once, warmed up on a few of the trace's prompts (so the
+variant that runs first does not pay alone for compiling kernels, mapping
+memory and fitting its step predictor) and keeps its state from rate to
+rate, as a server would; at every rate the policies take turns. A request's TTFT counts from the moment it was due, not from
+when the loop got to it (a request that arrives during a step waits for
+it, as it would behind a server), and TPOT from the engine's own
+timestamps of its first and last token.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from xytune.bench.serve import BenchPrompt, RequestResult, capacity, summarize
+from xytune.runtime.engine.sampling import SamplingParams
+from xytune.runtime.engine.scheduler import POLICIES
+from xytune.runtime.llm import LLM
+
+
+def replay(engine, prompts: list[BenchPrompt], rate: float, seed: int) -> tuple[list[RequestResult], float]:
+    """Run ``prompts`` (token ids) through ``engine`` with Poisson arrivals at ``rate``; results and wall time."""
+    rng = np.random.default_rng(seed)
+    due = np.cumsum(rng.exponential(1.0 / rate, size=len(prompts)))  # the arrivals bench serve sends
+    start = time.perf_counter()
+    reqs, nxt = [], 0
+    while nxt < len(prompts) or engine.has_work():
+        now = time.perf_counter() - start
+        while nxt < len(prompts) and due[nxt] <= now:
+            p = prompts[nxt]
+            req = engine.add_request(p.prompt, SamplingParams(max_tokens=p.max_tokens, temperature=0, ignore_eos=True))
+            req.arrival = start + float(due[nxt])  # it waited for the step that was running when it arrived
+            reqs.append(req)
+            nxt += 1
+        if engine.has_work():
+            engine.step()
+        else:
+            time.sleep(max(0.0, min(float(due[nxt]) - now, 0.05)))
+    wall = time.perf_counter() - start
+    results = [RequestResult(ok=True, ttft_s=r.first_token_time - r.arrival, latency_s=r.finish_time - r.arrival,
+                             output_tokens=len(r.output_ids)) for r in reqs]
+    return results, wall
+
+
+def step_summary(steps) -> dict:
+    """How a policy cut the work into steps: counts, prefill tokens per step that had any, step times."""
+    prefill = np.array([s.num_prefill_tokens for s in steps])
+    seconds = np.array([s.seconds for s in steps])
+    mixed = prefill > 0
+
+    def median_ms(mask):
+        return float(np.median(seconds[mask]) * 1e3) if mask.any() else None
+
+    return {"steps": len(steps), "steps_with_prefill": int(mixed.sum()),
+            "prefill_tokens_per_prefill_step": float(prefill[mixed].mean()) if mixed.any() else None,
+            "decode_only_step_ms_p50": median_ms(~mixed), "prefill_step_ms_p50": median_ms(mixed),
+            "busy_s": float(seconds.sum())}
+
+
+def parse_policies(spec: str) -> dict[str, dict]:
+    """``xy,chunked@256`` -> {variant name: LLM keyword overrides}; ``@N`` sets that variant's token budget."""
+    variants = {}
+    for name in (p.strip() for p in spec.split(",")):
+        if not name:
+            continue
+        policy, _, budget = name.partition("@")
+        if policy not in POLICIES or (budget and (not budget.isdigit() or int(budget) < 1)) or name in variants:
+            raise ValueError(f"--policies takes distinct names out of {', '.join(POLICIES)}, each optionally "
+                             f"@N with N a positive token budget, not {spec!r}.")
+        variants[name] = {"policy": policy, **({"max_num_batched_tokens": int(budget)} if budget else {})}
+    if not variants:
+        raise ValueError("--policies names no policy.")
+    return variants
+
+
+WARMUP_PROMPTS = 8
+
+
+def run(policies: dict[str, dict], llm_kwargs: dict, prompts: list[BenchPrompt], rates: list[float], seed: int,
+        slo_ttft_ms: float, slo_tpot_ms: float, progress=None, repeats: int = 1) -> dict:
+    """Capacity of each policy variant on one trace, in the result format of ``bench servers`` (so one renderer).
+
+    ``policies``: variant name -> LLM keyword overrides (see ``parse_policies``).
+
+    ``repeats``: each rate is replayed this many times (arrivals seeded ``seed``, ``seed + 1``, ...), the
+    policies taking turns at every repeat, and a rate's figures pool all of its requests: on a machine
+    whose speed drifts, one slow stretch then moves one share of a rate's requests, not all of them.
+    """
+    if progress:
+        progress("loading one engine per policy...")
+    engines = {name: LLM(**{**llm_kwargs, **overrides}).engine for name, overrides in policies.items()}
+    for name, engine in engines.items():  # as a server that has seen traffic: kernels compiled, memory mapped,
+        if progress:  # the step predictor fitted; the variant that runs first would otherwise pay for it alone
+            progress(f"warming up {name}...")
+        replay(engine, prompts[:WARMUP_PROMPTS], float("inf"), seed)
+        engine.step_stats.clear()
+    rows: dict[str, list[dict]] = {p: [] for p in policies}
+    for rate in rates:
+        pooled = {p: ([], 0.0, []) for p in policies}
+        for rep in range(repeats):
+            for p, engine in engines.items():
+                if progress:
+                    progress(f"rate {rate:g} req/s on {p} ({rep + 1}/{repeats}): {len(prompts)} requests...")
+                first_step = len(engine.step_stats)
+                results, wall = replay(engine, prompts, rate, seed + rep)
+                results_so_far, wall_so_far, steps = pooled[p]
+                pooled[p] = (results_so_far + results, wall_so_far + wall, steps + engine.step_stats[first_step:])
+        for p, (results, wall, steps) in pooled.items():
+            rows[p].append({**summarize(results, wall, rate, slo_ttft_ms, slo_tpot_ms), "steps": step_summary(steps)})
+    variants = []
+    for p, engine in engines.items():
+        err = engine.predictor.error_summary()["median_ape"] if engine.predictor is not None else None
+        budget = engine.scheduler.config.max_num_batched_tokens
+        variants.append({"name": p, "args": ["--policy", policies[p]["policy"], "--max-num-batched-tokens",
+                                             str(budget)], "rows": rows[p],
+                         "server": {"xytune_cost_model_step_error_ratio": err}})
+    return {"rates": rates, "slo_ttft_ms": slo_ttft_ms, "slo_tpot_ms": slo_tpot_ms, "repeats": repeats,
+            "capacity": {p: capacity(rows[p]) for p in policies}, "variants": variants}

@@ -1,0 +1,44 @@
+"""The ``xytune`` command line (typer + rich).
+
+Every user error is one red sentence and exit code 2; a regression found by
+``compare`` is exit code 1; an interrupted profile saves its partial table
+and exits 130.
+"""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+from xytune import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Offline profiler, cost tables and regression reports for LLM serving (after XY-Serve).")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool):
+    if value:
+        console.print(f"xytune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    pass
+
+
+def _interrupt(signum, frame):
+    """SIGTERM takes the Ctrl-C path, so a killed sweep still saves its partial table."""
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    app()
