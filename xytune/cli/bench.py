@@ -9,23 +9,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
-import torch
 import typer
-
-from xytune.bench import engines as engines_bench
-from xytune.bench import kernels as kernels_bench
-from xytune.bench import profile as profile_bench
-from xytune.bench import runtime as runtime_bench
-from xytune.bench import serve as load_client
-from xytune.bench import servers as servers_bench
-from xytune.model_config import ModelLoadError
-from xytune.profiler.cost_model import CostModel, CostModelError
-from xytune.profiler.devices import DeviceError, get_device
-from xytune.profiler.geometry import GeometryError, resolve_geometry
-from xytune.profiler.sweep import default_dtypes
-from xytune.runtime.model.attention import attention_paths_from_table, meta_tiles_from_table
-from xytune.runtime.model.loader import load_checkpoint
 
 from .app import app, console, fail
 
@@ -45,6 +29,12 @@ def bench_profile(
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ):
     """Time the --quick and default sweeps and the cost model's error on unseen M, in one run."""
+    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    from xytune.bench import profile as profile_bench
+    from xytune.profiler.devices import DeviceError, get_device
+    from xytune.profiler.geometry import GeometryError, resolve_geometry
+    from xytune.profiler.sweep import default_dtypes
+
     try:
         dev = get_device(device, threads=threads)
         geometry = resolve_geometry(model)
@@ -72,6 +62,10 @@ def bench_runtime(
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ):
     """xytune's engine against Hugging Face transformers on SmolLM2-135M: prefill, decode steps, batch generate."""
+    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    from xytune.bench import runtime as runtime_bench
+    from xytune.model_config import ModelLoadError
+
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -119,6 +113,11 @@ def bench_serve(
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ):
     """Benchmark a running server: TTFT, TPOT, ITL, throughput, goodput and capacity under Poisson load."""
+    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    import httpx
+
+    from xytune.bench import serve as load_client
+
     if (rate is None) == (sweep_rates is None):
         fail("give exactly one of --rate or --sweep-rates.")
     rates = _checked_rates(str(rate) if rate is not None else sweep_rates, num_prompts, input_len, output_len)
@@ -169,6 +168,14 @@ def bench_kernels(
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ):
     """Meta-Attention vs SDPA loop / padded SDPA, and SmoothGEMM vs exact / pad-to-bucket / oracle, side by side."""
+    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    import torch
+
+    from xytune.bench import kernels as kernels_bench
+    from xytune.profiler.cost_model import CostModel, CostModelError
+    from xytune.profiler.devices import DeviceError, get_device
+    from xytune.runtime.model.attention import attention_paths_from_table, meta_tiles_from_table
+
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -228,6 +235,11 @@ def bench_servers(
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ):
     """Start several `xytune serve` variants and compare their capacity on one trace, taking turns per rate."""
+    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    from xytune.bench import serve as load_client
+    from xytune.bench import servers as servers_bench
+    from xytune.runtime.model.loader import load_checkpoint
+
     try:
         variants = [servers_bench.parse_variant(v) for v in (variant or ['xy=--policy xy', 'chunked=--policy chunked',
                                                          'prefill-first=--policy prefill-first'])]
@@ -283,6 +295,16 @@ def bench_engines(
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ):
     """Scheduling policies on the engine alone (no HTTP, no client on the CPU): the trace of `bench servers`."""
+    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    import torch
+
+    from xytune.bench import engines as engines_bench
+    from xytune.bench import serve as load_client
+    from xytune.bench import servers as servers_bench
+    from xytune.model_config import ModelLoadError
+    from xytune.profiler.cost_model import CostModelError
+    from xytune.runtime.model.loader import load_checkpoint
+
     try:
         variants = engines_bench.parse_policies(policies)
     except ValueError as exc:

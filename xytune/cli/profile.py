@@ -10,15 +10,6 @@ from pathlib import Path
 
 import typer
 
-from xytune.profiler.devices import DeviceError, get_device
-from xytune.profiler.geometry import GeometryError, resolve_geometry
-from xytune.profiler.primitives import DTYPES
-from xytune.profiler.sweep import Sweep, SweepError, SweepSettings, default_dtypes, m_buckets, quick_buckets
-from xytune.profiler.table import TableError, read_table
-from xytune.reports.compare import CompareError, compare_tables, markdown_report
-from xytune.reports.plot import plot_table
-from xytune.reports.summary import render_summary, summarize_table
-
 from .app import _interrupt, app, console, fail
 
 
@@ -59,6 +50,13 @@ def profile(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Sweep GEMM shape buckets and kernel configs on DEVICE into a Parquet cost table."""
+    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    from xytune.profiler.devices import DeviceError, get_device
+    from xytune.profiler.geometry import GeometryError, resolve_geometry
+    from xytune.profiler.primitives import DTYPES
+    from xytune.profiler.sweep import Sweep, SweepError, SweepSettings, default_dtypes, m_buckets, quick_buckets
+    from xytune.profiler.table import TableError
+
     try:
         dev = get_device(device, threads=threads)
         geometry = resolve_geometry(model, tp=tp)
@@ -101,6 +99,10 @@ def show(
     format: str = typer.Option("table", "--format", help="table | json"),
 ):
     """Summarise a cost table: device, fingerprint, counts, best primitive per op and M."""
+    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    from xytune.profiler.table import TableError, read_table
+    from xytune.reports.summary import render_summary, summarize_table
+
     if format not in ("table", "json"):
         fail(f"--format must be table or json, not {format!r}.")
     try:
@@ -120,6 +122,10 @@ def plot(
     dtype: str = typer.Option(None, help="Which dtype to plot [default: the table's first]."),
 ):
     """Plot latency and fraction of peak against M per primitive, the best choice marked."""
+    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    from xytune.profiler.table import TableError, read_table
+    from xytune.reports.plot import plot_table
+
     try:
         out = plot_table(read_table(table), output, dtype)
     except (TableError, ValueError) as exc:
@@ -138,6 +144,10 @@ def compare(
                                         help="Compare tables of different devices (the report says so on top)."),
 ):
     """Compare two cost tables; exit 1 on a significant regression beyond the threshold."""
+    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    from xytune.profiler.table import TableError, read_table
+    from xytune.reports.compare import CompareError, compare_tables, markdown_report
+
     try:
         result = compare_tables(read_table(base), read_table(new), threshold, alpha, allow_mismatch)
     except (TableError, CompareError) as exc:

@@ -8,25 +8,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-import uvicorn
-
-from xytune.model_config import ModelLoadError
-from xytune.profiler.cost_model import CostModelError
-from xytune.profiler.devices import DeviceError, get_device
-from xytune.profiler.geometry import resolve_geometry
-from xytune.profiler.sweep import Sweep, SweepSettings, default_dtypes
-from xytune.profiler.table import TableError, read_table
-from xytune.runtime.engine.async_engine import AsyncEngine
-from xytune.runtime.engine.core import EngineProcess, EngineStartError
-from xytune.runtime.engine.engine import RequestError
-from xytune.runtime.engine.sampling import SamplingParams
-from xytune.runtime.llm import LLM
-from xytune.runtime.serve.app import build_app
-from xytune.runtime.serve.metrics import ServingMetrics
 
 from .app import app, err_console, fail
+
+if TYPE_CHECKING:
+    from xytune.runtime.llm import LLM
 
 
 @app.command()
@@ -59,6 +48,14 @@ def generate(
     num_speculative_tokens: int = typer.Option(4, help="Draft tokens verified per step."),
 ):
     """Generate a completion for one prompt with the xytune engine."""
+    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    from xytune.model_config import ModelLoadError
+    from xytune.profiler.cost_model import CostModelError
+    from xytune.profiler.devices import DeviceError, get_device
+    from xytune.runtime.engine.engine import RequestError
+    from xytune.runtime.engine.sampling import SamplingParams
+    from xytune.runtime.llm import LLM
+
     try:
         dev = get_device(device)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -95,6 +92,11 @@ def _generation_json(model: str, llm: LLM, out, load_s: float) -> dict:
 
 def _cached_quick_profile(dev, model: str) -> Path:
     """A quick profile of this device and model, made once and kept in ~/.cache/xytune."""
+    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    from xytune.profiler.geometry import resolve_geometry
+    from xytune.profiler.sweep import Sweep, SweepSettings, default_dtypes
+    from xytune.profiler.table import TableError, read_table
+
     geometry = resolve_geometry(model)
     fp = dev.fingerprint()
     key = hashlib.sha256(json.dumps([fp.get(k) for k in ("backend", "device_name", "compute_units", "threads",
@@ -117,6 +119,12 @@ def _cached_quick_profile(dev, model: str) -> Path:
 
 def _start_engine(llm_kwargs: dict, own_process: bool):
     """The engine in a process of its own or in a thread of this one: (engine, tokenizer, dtype name)."""
+    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    from xytune.runtime.engine.async_engine import AsyncEngine
+    from xytune.runtime.engine.core import EngineProcess
+    from xytune.runtime.llm import LLM
+    from xytune.runtime.serve.metrics import ServingMetrics
+
     if own_process:
         engine = EngineProcess(llm_kwargs, ServingMetrics())
         engine.start()
@@ -158,6 +166,15 @@ def serve(
                                         "streaming (else in a thread of the server's process)."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (completions and chat, streaming or not)."""
+    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    import uvicorn
+
+    from xytune.model_config import ModelLoadError
+    from xytune.profiler.cost_model import CostModelError
+    from xytune.profiler.devices import DeviceError, get_device
+    from xytune.runtime.engine.core import EngineStartError
+    from xytune.runtime.serve.app import build_app
+
     if not 0 < port < 65536:
         fail(f"--port must be in 1..65535, got {port}.")
 
