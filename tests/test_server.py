@@ -353,6 +353,21 @@ def test_a_batch_of_prompts_gets_prompt_major_choices(client):
             client.completions.create(model="smollm2-135m", prompt=bad, max_tokens=2)
 
 
+def test_the_fuzzers_reproducers_are_answered_not_crashed(server):
+    """Bodies the schema allows that once gave 500s (schemathesis, issue 17): a 2xx or a 400 with a message."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    cases = [("/v1/chat/completions", {"messages": [{"role": "tool"}], "max_tokens": 2}),
+             ("/v1/chat/completions", {"messages": [{"role": "system", "content": None},
+                                                    {"role": "user", "content": "Hi"}], "max_tokens": 2}),
+             ("/tokenize", {"messages": [{"role": "tool"}]}),
+             ("/tokenize", {"messages": [{"role": "system", "content": None}]}),
+             ("/v1/completions", {"prompt": "", "allowed_token_ids": [0, 1, 2], "max_tokens": 2}),
+             ("/v1/completions", {"prompt": "", "allowed_token_ids": [2**63 + 5], "max_tokens": 2})]
+    for path, body in cases:
+        r = httpx.post(f"{server}{path}", json=body, headers=auth, timeout=120)
+        assert r.status_code == 200 or (r.status_code == 400 and r.json()["error"]["message"]), (path, body, r.text)
+
+
 def test_tokenize_and_detokenize(server, reference):
     """vLLM's /tokenize and /detokenize: the server's own tokenizer and chat template, round trip."""
     text = "Hello, naïve world 😀"

@@ -163,7 +163,9 @@ class Tokenizer:
             text = env.from_string(self.chat_template).render(
                 **(template_kwargs or {}), messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-        except TemplateError as exc:
+        except (TemplateError, TypeError, IndexError, KeyError, AttributeError) as exc:
+            # the template's own checks, and messages it cannot render (a tool turn it does not expect, a null
+            # content it concatenates): the request's fault, one line, never a traceback
             raise ValueError(f"chat template error: {exc}") from None
         if continue_final_message:
             final = messages[-1].get("content") or ""

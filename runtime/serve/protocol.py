@@ -175,7 +175,8 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Union[str, list[dict], None] = None  # a string, or content parts (text only), or none
+    # a string, or content parts (text only), or none (read as ""; validated even when left out)
+    content: Union[str, list[dict], None] = Field(default=None, validate_default=True)
 
     @field_validator("content")
     @classmethod
