@@ -47,7 +47,7 @@ def simulate(policy: str, tmp_path, budget: int = 512, num_requests: int = 12,
     for _ in range(10_000):
         if not sched.has_work():
             break
-        scheduled = sched.schedule()
+        scheduled = sched.schedule().scheduled
         assert scheduled, "a step with work waiting must schedule something"
         tokens = sum(n for _, n in scheduled)
         logits = [r for r, n in scheduled if r.num_computed + n >= r.num_tokens]

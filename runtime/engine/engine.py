@@ -142,15 +142,13 @@ class Engine:
 
     def step(self) -> StepOutput:
         """Run one model step: the requests that got tokens in it and those that finished (no longer tracked)."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+        work = self.scheduler.schedule()
+        if not work.scheduled:
             return StepOutput([], [])
         start = time.perf_counter()
-        num_verify = sum(n for r, n in scheduled if r.draft is not None)
-        # a decode token follows an output token; a prompt's last token (say after a prefix-cache hit) is prefill
-        num_decode = sum(1 for r, n in scheduled if n == 1 and r.draft is None and r.output_ids)
-        out = self.runner.execute(scheduled)
-        result = self._update_from_output(scheduled, out)
+        num_decode, num_verify = work.num_decode_tokens, work.num_verify_tokens  # before the step advances them
+        out = self.runner.execute(work)
+        result = self._update_from_output(work.scheduled, out)
         self._record_step(out, time.perf_counter() - start, num_decode, num_verify)
         for req in result.finished:
             self.requests.pop(req.request_id, None)

@@ -17,7 +17,7 @@ from ..model.attention import AttentionBatch
 from ..model.llama import LlamaModel
 from .kv_cache import KVCache
 from .sampling import adjust_logits, banned_tokens, sample, top_logprobs
-from .scheduler import Request
+from .scheduler import Request, SchedulerOutput
 from .speculative import VerifyResult, verify
 from .step_predictor import attention_pairs
 
@@ -90,7 +90,8 @@ class ModelRunner:
         self.model, self.kv, self.eos_ids = model, kv, eos_ids
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Request, int]]) -> ModelRunnerOutput:
+    def execute(self, work: SchedulerOutput) -> ModelRunnerOutput:
+        scheduled = work.scheduled
         step = StepInputs.build(scheduled)
         device = self.model.device
         batch = AttentionBatch.build(self.kv.block_size, step.chunks, device,

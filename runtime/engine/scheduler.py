@@ -104,6 +104,23 @@ class SchedulerConfig:
         return (self.tbt_slo_ms if self.tbt_slo_ms is not None else self.tpot_slo_ms) / 1e3
 
 
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step's work: ``(request, new tokens)`` in batch order. A request with a draft verifies its pending
+    token and the draft tree in one chunk; the others run a decode token or a prefill chunk."""
+
+    scheduled: list[tuple[Request, int]]
+
+    @property
+    def num_verify_tokens(self) -> int:
+        return sum(n for r, n in self.scheduled if r.draft is not None)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        """Tokens that follow an output token (a prompt's last token, say after a prefix-cache hit, is prefill)."""
+        return sum(1 for r, n in self.scheduled if n == 1 and r.draft is None and r.output_ids)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCache, predictor=None,
                  speculative: SpeculativeConfig | None = None, max_model_len: int | None = None):
@@ -302,7 +319,11 @@ class Scheduler:
                 best, best_cost = p, c
         return best if best_cost < base * (1 - gain) else prefill
 
-    def schedule(self) -> list[tuple[Request, int]]:
+    def schedule(self) -> SchedulerOutput:
+        """The next step's work under the policy, within the token budget, the sequence limit and the KV pool."""
+        return SchedulerOutput(self._schedule())
+
+    def _schedule(self) -> list[tuple[Request, int]]:
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         policy = self.config.policy
