@@ -27,7 +27,8 @@ def llm():
 
 def run(llm, policy, slo_ms=100.0):
     eng = llm.engine
-    eng.scheduler.config = SchedulerConfig(64, 256, policy, slo_ms, 16)
+    eng.scheduler.reconfigure(max_num_batched_tokens=64, max_num_seqs=256, policy=policy, tbt_slo_ms=slo_ms,
+                              align=16)
     eng.step_stats.clear()
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     reqs = [eng.add_request(llm.tokenizer.encode(p), params) for p in PROMPTS[:2]]
@@ -84,7 +85,10 @@ def test_step_deadline_spends_the_slack_of_requests_ahead_of_their_pace(llm):
     from xytune.runtime.engine.scheduler import Request
 
     sched = llm.engine.scheduler
-    sched.config = SchedulerConfig(64, 256, "xy", 100.0, 16)
+    sched.reconfigure(max_num_batched_tokens=64, max_num_seqs=256, policy="xy", tbt_slo_ms=100.0, align=16)
+    with pytest.raises(ValueError):
+        sched.reconfigure(max_num_batched_tokens=0)  # checked as a new config is, and left unchanged
+    assert sched.config.max_num_batched_tokens == 64
     now = 1000.0
     def decoding(rid, tokens, since, max_tokens=16, ttft=0.2):
         return Request(rid, [1, 2], SamplingParams(max_tokens=max_tokens), arrival=now - since - ttft,

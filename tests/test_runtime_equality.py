@@ -61,11 +61,11 @@ def smollm2(hf):
 
 def run(llm: LLM, prompt_ids, chunk: int | None = None) -> list[list[int]]:
     if chunk is not None:
-        llm.engine.scheduler.config.max_num_batched_tokens = chunk
+        llm.engine.scheduler.reconfigure(max_num_batched_tokens=chunk)
     try:
         outs = llm.generate(prompt_ids, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
     finally:
-        llm.engine.scheduler.config.max_num_batched_tokens = 2048
+        llm.engine.scheduler.reconfigure(max_num_batched_tokens=2048)
     return [o.token_ids for o in outs]
 
 
@@ -134,7 +134,7 @@ def test_tiny_random_checkpoints(tmp_path, arch):
     expected = [hf_greedy(hf, p, 24, set()) for p in prompts]
     outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == expected
-    llm.engine.scheduler.config.max_num_batched_tokens = 5
+    llm.engine.scheduler.reconfigure(max_num_batched_tokens=5)
     outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == expected
 
@@ -183,11 +183,11 @@ def test_logprobs_match_transformers(smollm2, hf):
 def test_prompt_logprobs_match_transformers(smollm2, hf, chunk):
     """Every prompt token's logprob (after the first) and its top 3, in prefill chunks or whole."""
     llm, prompt_ids, _ = smollm2
-    llm.engine.scheduler.config.max_num_batched_tokens = chunk
+    llm.engine.scheduler.reconfigure(max_num_batched_tokens=chunk)
     try:
         outs = llm.generate(prompt_ids[:2], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))
     finally:
-        llm.engine.scheduler.config.max_num_batched_tokens = 2048
+        llm.engine.scheduler.reconfigure(max_num_batched_tokens=2048)
     for ids, out in zip(prompt_ids[:2], outs):
         assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
         with torch.inference_mode():

@@ -9,6 +9,7 @@ generated, so nothing is dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field
@@ -132,6 +133,13 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
+
+    def reconfigure(self, **changes) -> None:
+        """New scheduling settings for a loaded engine, from the next step on (checked as a new config is)."""
+        config = dataclasses.replace(self.config, **changes)
+        if config.policy == "xy" and self.predictor is None:
+            raise ValueError("the xy policy needs a cost table (a StepPredictor).")
+        self.config = config
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
