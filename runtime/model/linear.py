@@ -5,9 +5,8 @@ weight, segments from the cost table)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from xytune.kernels.gemm import pack_weight
+from xytune.kernels.gemm import bind_linear, bind_onednn_packed, pack_weight
 from xytune.kernels.smooth_gemm import run_smooth_gemm
 from xytune.profiler.primitives import gemm_kernels
 
@@ -28,6 +27,9 @@ class Linear:
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
         self.packed = pack_weight(weight, batch_hint) if mode in ("packed", "smooth") else None
+        # the registry's kernel for a whole GEMM: oneDNN on the packed weight where it packed, else F.linear
+        self.kernel = bind_onednn_packed(weight, bias, self.packed) if self.packed is not None \
+            else bind_linear(weight, bias)
         self.planner, self.kernels = None, None
         if mode == "smooth":
             self.kernels = gemm_kernels(weight, bias, self.packed)
@@ -36,9 +38,7 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.planner is not None:
             return self._smooth(x)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return self.kernel(x, None, {})
 
     def _smooth(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:  # a step that samples nothing still passes an empty batch to lm_head

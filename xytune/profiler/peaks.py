@@ -28,9 +28,10 @@ def measure_gemm_peak(device: Device, dtype: str, policy: TimingPolicy = PEAK_TI
     out = torch.empty(n, n, dtype=a.dtype, device=a.device)
     best = min(measure(lambda: torch.matmul(a, b, out=out), device, policy))
     if device.backend == "cpu":  # oneDNN with a pre-packed operand is faster still on many CPUs
-        packed = pack_weight(b.t().contiguous())
+        weight = b.t().contiguous()  # a @ b as a linear layer: x @ W.T with W = b.T
+        packed = pack_weight(weight)
         if packed is not None:  # None where the probe found packing unsupported for this dtype
-            linear = bind_onednn_packed(b, None, packed)
+            linear = bind_onednn_packed(weight, None, packed)
             best = min(best, min(measure(lambda: linear(a, None, {}), device, policy)))
     return 2.0 * n**3 / best
 

@@ -277,47 +277,19 @@ ATTENTION_TARGETS = ("attention.decode", "attention.prefill")
 PROBE_DECODE = {"m": 2, "n": 32, "k": 16, "heads": 4, "kv_heads": 2}
 PROBE_PREFILL = {"m": 1, "q": 8, "n": 8, "k": 16, "heads": 4, "kv_heads": 2}
 
-register(Primitive(
-    name="meta.attention_short",
-    op="attention",
-    backends=("cpu",),
-    dtypes=("float32", "bfloat16"),
-    make=functools.partial(_make_meta_attention, decode=True),
-    work=attention_work,
-    space={"tile_q": (4, 8, 16), "tile_kv": (64, 128, 256, 512)},
-    invalid=_short_invalid,
-    probe_shape=PROBE_DECODE,
-    targets=("attention.decode",),
-))
-register(Primitive(
-    name="meta.attention_long",
-    op="attention",
-    backends=("cpu",),
-    dtypes=("float32", "bfloat16"),
-    make=functools.partial(_make_meta_attention, decode=False),
-    work=attention_work,
-    space={"prefill_tile": (32, 64, 128), "sdpa_min_keys": (256, 1024, 1 << 20)},
-    probe_shape=PROBE_PREFILL,
-    targets=("attention.prefill",),
-))
+def register_attention(name: str, make: Callable, **fields) -> Primitive:
+    """An attention primitive of the torch backend (CPU), timed per step class (``targets``)."""
+    return register(Primitive(name=name, op="attention", backends=("cpu",), dtypes=("float32", "bfloat16"),
+                              make=make, **{"work": attention_work, **fields}))
+
+
+register_attention("meta.attention_short", functools.partial(_make_meta_attention, decode=True),
+                   space={"tile_q": (4, 8, 16), "tile_kv": (64, 128, 256, 512)}, invalid=_short_invalid,
+                   probe_shape=PROBE_DECODE, targets=("attention.decode",))
+register_attention("meta.attention_long", functools.partial(_make_meta_attention, decode=False),
+                   space={"prefill_tile": (32, 64, 128), "sdpa_min_keys": (256, 1024, 1 << 20)},
+                   probe_shape=PROBE_PREFILL, targets=("attention.prefill",))
 # What the engine weighs Meta-Attention against for a step (plan cost included): see CostModel.attention_choice
-register(Primitive(
-    name="meta.plan",
-    op="attention",
-    backends=("cpu",),
-    dtypes=("float32", "bfloat16"),
-    make=_make_attention_plan,
-    work=lambda shape, dtype: (0.0, 0.0),
-    probe_shape=PROBE_PREFILL,
-    targets=ATTENTION_TARGETS,
-))
-register(Primitive(
-    name="torch.sdpa_loop",
-    op="attention",
-    backends=("cpu",),
-    dtypes=("float32", "bfloat16"),
-    make=_make_sdpa_loop,
-    work=attention_work,
-    probe_shape=PROBE_PREFILL,
-    targets=ATTENTION_TARGETS,
-))
+register_attention("meta.plan", _make_attention_plan, work=lambda shape, dtype: (0.0, 0.0),
+                   probe_shape=PROBE_PREFILL, targets=ATTENTION_TARGETS)
+register_attention("torch.sdpa_loop", _make_sdpa_loop, probe_shape=PROBE_PREFILL, targets=ATTENTION_TARGETS)
