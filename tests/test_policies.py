@@ -113,6 +113,14 @@ def test_step_deadline_spends_the_slack_of_requests_ahead_of_their_pace(llm):
     assert sched.step_deadline([(fresh, 1)], now, 0.03) == pytest.approx(0.8)
     assert sched.step_deadline([(short, 1)], now, 0.03) == pytest.approx(0.24)
     assert sched.step_deadline([(fresh, 1), (short, 1)], now, 0.03) == pytest.approx(0.24)
+    # a request whose length is known (ignore_eos, no stops) counts all of its tokens to come: 47 x 0.1 -
+    # 46 x 0.09 = 0.56 s, where the same request that may stop early counts 16: 16 x 0.1 - 15 x 0.09 = 0.25 s
+    known = Request("k", [1, 2], SamplingParams(max_tokens=48, ignore_eos=True), arrival=now - 0.2,
+                    output_ids=[5], first_token_time=now)
+    assert sched.step_deadline([(known, 1)], now, 0.09) == pytest.approx(0.56)
+    assert sched.step_deadline([(fresh, 1)], now, 0.09) == pytest.approx(0.25)
+    known.params.stop_token_ids.append(7)  # a stop token can end it early: back to 16
+    assert sched.step_deadline([(known, 1)], now, 0.09) == pytest.approx(0.25)
     # slow steps take slack away: 3 x 0.1 - 2 x 0.2 < the SLO, so the step gets the SLO
     assert sched.step_deadline([(short, 1)], now, 0.2) == pytest.approx(0.1)
     # a prompt that has waited over half its TTFT SLO (2 s) lets the step run 2x the TBT SLO

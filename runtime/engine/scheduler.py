@@ -222,9 +222,8 @@ class Scheduler:
         """Seconds this step may take without pushing any decoding request's TPOT past the SLO.
 
         The step SLO (``step_slo_s``, the TPOT SLO unless a TBT SLO was given) is an average over a request's
-        tokens. A request that has ``n`` tokens,
-        ``E`` seconds after its first, and ``H`` more to come (at most 16 are counted: it may stop early) ends
-        at ``(E + S + (H - 1) * s) / (n + H - 1)`` per token if this step takes ``S`` and the rest take the
+        tokens. A request that has ``n`` tokens, ``E`` seconds after its first, and ``H`` more to come
+        (``_horizon``) ends at ``(E + S + (H - 1) * s) / (n + H - 1)`` per token if this step takes ``S`` and the rest take the
         recent step time ``s``; the step may take the largest ``S`` that keeps that within the SLO for every
         decoder (at least the SLO itself, at most 8x). With ``s`` at the SLO this is the plain pace rule
         (token ``n + 1`` is due at ``n`` SLOs after the first); fast decode steps leave slack that lets a
@@ -242,7 +241,7 @@ class Scheduler:
             if self._lost(r, now):
                 continue
             n = len(r.output_ids)
-            h = max(1, min(16, r.params.max_tokens - n))
+            h = self._horizon(r)
             allowed.append(tbt * (n + h - 1) - (now - r.first_token_time) - (h - 1) * recent_step_s)
         if not allowed:  # nobody decoding: the SLO; only decoders that missed their SLOs: nothing to protect
             return 8 * tbt if decoders else tbt
@@ -252,6 +251,20 @@ class Scheduler:
         if waiting and now - min(waiting) > self.config.ttft_slo_ms / 2e3:
             deadline = max(deadline, 2 * tbt)
         return deadline
+
+    @staticmethod
+    def _horizon(r: Request, unknown_length: int = 16) -> int:
+        """Tokens the request still has to produce, as far as the pace rule may count on them.
+
+        With ``ignore_eos`` and no stop strings or stop tokens it runs to ``max_tokens``, so its TPOT is an
+        average over all of them and the slack of the whole remainder is real; otherwise it may stop at any
+        token, and only the next ``unknown_length`` are counted.
+        """
+        remaining = max(1, r.params.max_tokens - len(r.output_ids))
+        p = r.params
+        if p.ignore_eos and not p.stop and not p.stop_token_ids:
+            return remaining
+        return min(unknown_length, remaining)
 
     def _lost(self, r: Request, now: float) -> bool:
         """Has this decoder already missed its SLOs, whatever the next steps do?
