@@ -91,23 +91,31 @@ class LLM:
                                              ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms), predictor,
                              enable_prefix_caching=enable_prefix_caching, speculative=spec)
 
-    def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> tuple[list[int], str | None]:
-        if isinstance(prompt, list):
-            return list(prompt), None
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-        return self.tokenizer.encode(text, add_special_tokens=not chat), prompt  # templates add their own
-
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
-                 chat: bool = False) -> list[RequestOutput]:
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
         """Generate for one prompt or many (text or token ids), all in one continuous batch."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = params or SamplingParams()
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
+        encoded = [(list(p), None) if isinstance(p, list) else (self.tokenizer.encode(p), p) for p in prompts]
+        return self._run(encoded, sampling_params)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Answer one conversation (a list of ``{"role", "content"}`` messages) or several, rendered with the
+        model's own chat template, as vLLM's ``LLM.chat`` does."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        encoded = []
+        for conversation in conversations:
+            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt and not continue_final_message,
+                                                      continue_final_message, chat_template_kwargs)
+            encoded.append((self.tokenizer.encode(text, add_special_tokens=False), text))  # the template adds its own
+        return self._run(encoded, sampling_params)
+
+    def _run(self, encoded: list[tuple[list[int], str | None]], sampling_params) -> list[RequestOutput]:
+        params = sampling_params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(encoded)
+        if len(plist) != len(encoded):
             raise ValueError("give one SamplingParams or one per prompt.")
-        reqs = []
-        for prompt, p in zip(prompts, plist):
-            ids, text = self.encode_prompt(prompt, chat)
-            reqs.append(self.engine.add_request(ids, p, prompt=text))
+        reqs = [self.engine.add_request(ids, p, prompt=text) for (ids, text), p in zip(encoded, plist)]
         return self.engine.run_to_completion(reqs)

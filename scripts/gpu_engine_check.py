@@ -193,7 +193,7 @@ def run_variant(name: str, folder: Path, prompts, new_tokens: int, device: str, 
     outs = llm.generate(prompts, params)
     sync(device)
     gen_s = time.perf_counter() - t0
-    got = [o.token_ids for o in outs]
+    got = [o.outputs[0].token_ids for o in outs]
     info = {"load_s": load_s, "generate_s": gen_s, "tokens": sum(len(g) for g in got),
             "tokens_per_s": sum(len(g) for g in got) / gen_s if gen_s > 0 else None,
             "attention": llm.attention, "gemm": llm.gemm, "meta_tiles": llm.meta_tiles, "chunk": chunk}

@@ -73,8 +73,8 @@ def test_engine_on_cuda_matches_cpu_greedy():
     require_default_model()
     prompts = ["The capital of France is", "def add(a, b):"]
     params = SamplingParams(max_tokens=24, temperature=0)
-    cpu = [o.token_ids for o in LLM(dtype="float32").generate(prompts, params)]
-    gpu = [o.token_ids for o in LLM(dtype="float32", device="cuda").generate(prompts, params)]
+    cpu = [o.outputs[0].token_ids for o in LLM(dtype="float32").generate(prompts, params)]
+    gpu = [o.outputs[0].token_ids for o in LLM(dtype="float32", device="cuda").generate(prompts, params)]
     # TF32 and other kernels may differ in the last bits; the first tokens must agree
     assert [g[:8] for g in gpu] == [c[:8] for c in cpu]
 
@@ -107,7 +107,7 @@ def test_engine_meta_attention_and_smooth_gemm_on_cuda(tmp_path):
     Sweep(get_device("cuda"), PRESETS["smollm2-135m"], settings, table).run(progress=False)
     prompts = ["The capital of France is", "def add(a, b):"]
     params = SamplingParams(max_tokens=24, temperature=0)
-    cpu = [o.token_ids for o in LLM(dtype="float32").generate(prompts, params)]
-    gpu = [o.token_ids for o in LLM(dtype="float32", device="cuda", attention="meta", gemm="smooth",
+    cpu = [o.outputs[0].token_ids for o in LLM(dtype="float32").generate(prompts, params)]
+    gpu = [o.outputs[0].token_ids for o in LLM(dtype="float32", device="cuda", attention="meta", gemm="smooth",
                                     profile=str(table)).generate(prompts, params)]
     assert [g[:8] for g in gpu] == [c[:8] for c in cpu]

@@ -35,7 +35,7 @@ def run(llm, policy, slo_ms=100.0):
     eng.step()  # two requests start decoding, then three more arrive
     reqs += [eng.add_request(llm.tokenizer.encode(p), params) for p in PROMPTS[2:]]
     outs = eng.run_to_completion(reqs)
-    return [o.token_ids for o in outs], list(eng.step_stats)
+    return [o.outputs[0].token_ids for o in outs], list(eng.step_stats)
 
 
 def test_policies_agree_on_outputs_and_differ_in_steps(llm):

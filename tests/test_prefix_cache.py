@@ -70,12 +70,12 @@ def test_a_shared_prefix_hits_and_outputs_stay_exact(llm):
     p = SamplingParams(max_tokens=16, temperature=0)
     qs = [SYSTEM + "What is entropy?", SYSTEM + "What is a mole?", SYSTEM + "Why does ice float?"]
     cold = Engine(llm.model, llm.tokenizer, num_blocks=64, enable_prefix_caching=False)
-    expected = [o.token_ids for o in cold.run_to_completion(
+    expected = [o.outputs[0].token_ids for o in cold.run_to_completion(
         [cold.add_request(llm.tokenizer.encode(q), p) for q in qs])]
     eng = Engine(llm.model, llm.tokenizer, num_blocks=64, enable_prefix_caching=True)
     first = eng.run_to_completion([eng.add_request(llm.tokenizer.encode(qs[0]), p)])
     rest = eng.run_to_completion([eng.add_request(llm.tokenizer.encode(q), p) for q in qs[1:]])
-    assert [o.token_ids for o in first + rest] == expected
+    assert [o.outputs[0].token_ids for o in first + rest] == expected
     shared = len(llm.tokenizer.encode(SYSTEM)) // 16 * 16
     alloc = eng.kv.allocator
     assert alloc.hit_tokens >= 2 * shared > 0
@@ -102,9 +102,9 @@ def test_prefix_cache_with_preemption_keeps_outputs(llm):
     prompts = [SYSTEM + q for q in ("Define force.", "Define energy.", "Define mass.", "Define heat.")]
     ids = [llm.tokenizer.encode(q) for q in prompts]
     cold = Engine(llm.model, llm.tokenizer, num_blocks=64, enable_prefix_caching=False)
-    expected = [o.token_ids for o in cold.run_to_completion([cold.add_request(i, greedy) for i in ids])]
+    expected = [o.outputs[0].token_ids for o in cold.run_to_completion([cold.add_request(i, greedy) for i in ids])]
     eng = Engine(llm.model, llm.tokenizer, num_blocks=14, enable_prefix_caching=True)
     outs = eng.run_to_completion([eng.add_request(i, greedy) for i in ids])
     assert eng.scheduler.num_preemptions > 0
-    assert [o.token_ids for o in outs] == expected
+    assert [o.outputs[0].token_ids for o in outs] == expected
     assert eng.kv.allocator.num_free == 14

@@ -29,7 +29,7 @@ PROMPTS = ["Tell me a story about a dragon.", "List five fruits:", "The history 
 def test_blocks_return_to_the_pool(llm):
     kv = llm.engine.kv
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0))
-    assert all(o.finish_reason in ("stop", "length") for o in outs)
+    assert all(o.outputs[0].finish_reason in ("stop", "length") for o in outs)
     assert kv.allocator.num_free == kv.num_blocks
     assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
 
@@ -40,12 +40,13 @@ def test_preemption_under_a_small_cache_keeps_outputs_exact(llm):
     engine = Engine(llm.model, llm.tokenizer, num_blocks=12, block_size=16)  # 6 requests need 24 blocks
     outs = engine.run_to_completion([engine.add_request(llm.tokenizer.encode(p), greedy) for p in PROMPTS])
     assert engine.scheduler.num_preemptions > 0, "the cache was meant to be too small for all requests"
-    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
     for got, want in zip(outs, expected):  # recomputed requests record each logprob once
         assert len(got.prompt_logprobs) == len(got.prompt_token_ids) and got.prompt_logprobs[0] is None
         assert [e[0] for e in got.prompt_logprobs[1:]] == pytest.approx([e[0] for e in want.prompt_logprobs[1:]],
                                                                           abs=1e-4)
-        assert [e[0] for e in got.logprobs] == pytest.approx([e[0] for e in want.logprobs], abs=1e-4)
+        got_lp, want_lp = got.outputs[0].logprobs, want.outputs[0].logprobs
+        assert [e[0] for e in got_lp] == pytest.approx([e[0] for e in want_lp], abs=1e-4)
     assert sum(o.metrics["num_preemptions"] for o in outs) == engine.scheduler.num_preemptions
     assert engine.kv.allocator.num_free == 12
 
@@ -55,11 +56,11 @@ def test_seeded_sampling_is_reproducible_and_varies(llm):
     a = llm.generate(PROMPTS[:2], SamplingParams(**p, seed=7))
     b = llm.generate(PROMPTS[:2], SamplingParams(**p, seed=7))
     c = llm.generate(PROMPTS[:2], SamplingParams(**p, seed=8))
-    assert [o.token_ids for o in a] == [o.token_ids for o in b]
-    assert [o.token_ids for o in a] != [o.token_ids for o in c]
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    assert [o.outputs[0].token_ids for o in a] != [o.outputs[0].token_ids for o in c]
     # The same seed gives the same tokens whether the request runs alone or in a batch.
     alone = llm.generate(PROMPTS[0], SamplingParams(**p, seed=7))
-    assert alone[0].token_ids == a[0].token_ids
+    assert alone[0].outputs[0].token_ids == a[0].outputs[0].token_ids
 
 
 def test_top_k_and_top_p_filters():
@@ -101,23 +102,25 @@ def test_bad_words_ban_a_last_token_only_after_the_rest_of_the_word():
 
 
 def test_stop_strings_stop_ids_and_lengths(llm):
-    base = llm.generate("1, 2, 3, 4, 5,", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    base = llm.generate("1, 2, 3, 4, 5,", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0].outputs[0]
     assert base.finish_reason == "length" and len(base.token_ids) == 30
     assert " 8," in base.text
-    cut = llm.generate("1, 2, 3, 4, 5,", SamplingParams(max_tokens=30, temperature=0, stop=[" 8,"]))[0]
+    cut = llm.generate("1, 2, 3, 4, 5,", SamplingParams(max_tokens=30, temperature=0, stop=[" 8,"]))[0].outputs[0]
     assert cut.finish_reason == "stop" and base.text.startswith(cut.text) and " 8," not in cut.text
     stop_id = base.token_ids[5]
     by_id = llm.generate("1, 2, 3, 4, 5,", SamplingParams(max_tokens=30, temperature=0,
-                                                          stop_token_ids=[stop_id]))[0]
+                                                          stop_token_ids=[stop_id]))[0].outputs[0]
     first = base.token_ids.index(stop_id)
     assert by_id.finish_reason == "stop" and by_id.token_ids == base.token_ids[: first + 1]
     late = llm.generate("1, 2, 3, 4, 5,", SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop_id],
-                                                         min_tokens=first + 2))[0]
+                                                         min_tokens=first + 2))[0].outputs[0]
     assert stop_id not in late.token_ids[: first + 2]
 
 
 def test_eos_finishes_with_stop(llm):
-    out = llm.generate("What is 2+2?", SamplingParams(max_tokens=200, temperature=0), chat=True)[0]
+    out = llm.chat([{"role": "user", "content": "What is 2+2?"}], SamplingParams(max_tokens=200, temperature=0))[0]
+    assert out.prompt.startswith("<|im_start|>") and out.finished
+    out = out.outputs[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] in llm.engine.eos_ids
     assert "4" in out.text and "<|im_end|>" not in out.text
 
@@ -153,7 +156,7 @@ def test_generate_cli(llm):
     proc = _cli("--prompt", "The capital of France is", "--max-tokens", "8", "--dtype", "float32", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    expected = llm.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0))[0]
+    expected = llm.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0))[0].outputs[0]
     assert out["token_ids"] == expected.token_ids and out["text"] == expected.text
     assert out["finish_reason"] == "length" and out["timings"]["ttft_s"] > 0 and "logprobs" not in out
     proc = _cli("--prompt", "one two one two one", "--max-tokens", "8", "--dtype", "float32", "--json",
@@ -161,7 +164,7 @@ def test_generate_cli(llm):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     expected = llm.generate("one two one two one", SamplingParams(max_tokens=8, temperature=0, repetition_penalty=1.3,
-                                                                 logprobs=2))[0]
+                                                                 logprobs=2))[0].outputs[0]
     assert out["token_ids"] == expected.token_ids
     assert [e["logprob"] for e in out["logprobs"]] == pytest.approx([lp for lp, _ in expected.logprobs], abs=1e-4)
     assert [[t["id"] for t in e["top"]] for e in out["logprobs"]] == [[t for t, _ in top] for _, top in expected.logprobs]
@@ -195,5 +198,5 @@ def test_logit_bias_outside_the_vocabulary_is_refused(llm):
     with pytest.raises(RequestError, match="logit_bias names token id"):
         llm.engine.add_request([1, 2, 3], SamplingParams(logit_bias={10**9: 1.0}))
     forced = llm.generate(["Hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True,
-                                                    logit_bias={42: 100.0}))[0]
+                                                    logit_bias={42: 100.0}))[0].outputs[0]
     assert forced.token_ids == [42] * 5

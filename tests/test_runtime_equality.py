@@ -66,7 +66,7 @@ def run(llm: LLM, prompt_ids, chunk: int | None = None) -> list[list[int]]:
         outs = llm.generate(prompt_ids, SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
     finally:
         llm.engine.scheduler.reconfigure(max_num_batched_tokens=2048)
-    return [o.token_ids for o in outs]
+    return [o.outputs[0].token_ids for o in outs]
 
 
 def test_tokenizer_matches_transformers(smollm2):
@@ -133,10 +133,10 @@ def test_tiny_random_checkpoints(tmp_path, arch):
     prompts = [[5, 17, 33, 2, 90, 91, 92], [7] * 20, list(range(10, 50)), [300, 3]]
     expected = [hf_greedy(hf, p, 24, set()) for p in prompts]
     outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
-    assert [o.token_ids for o in outs] == expected
+    assert [o.outputs[0].token_ids for o in outs] == expected
     llm.engine.scheduler.reconfigure(max_num_batched_tokens=5)
     outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
-    assert [o.token_ids for o in outs] == expected
+    assert [o.outputs[0].token_ids for o in outs] == expected
 
 
 def test_meta_attention_and_smooth_gemm_keep_the_equality(smollm2):
@@ -167,7 +167,7 @@ def test_logprobs_match_transformers(smollm2, hf):
     """Each sampled token's logprob and its top 5 equal transformers' log-softmax at that position."""
     llm, prompt_ids, _ = smollm2
     outs = llm.generate(prompt_ids[:3], SamplingParams(max_tokens=12, temperature=0, logprobs=5))
-    for ids, out in zip(prompt_ids[:3], outs):
+    for ids, out in zip(prompt_ids[:3], (o.outputs[0] for o in outs)):
         assert len(out.logprobs) == len(out.token_ids)
         with torch.inference_mode():
             logits = hf(torch.tensor([ids + out.token_ids[:-1]])).logits[0, len(ids) - 1:].float()
@@ -223,10 +223,10 @@ def test_penalties_and_logit_bias_match_their_definitions(smollm2, hf):
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, repetition_penalty=1.3,
                             frequency_penalty=0.5, presence_penalty=0.4, logit_bias=bias)
     got = llm.generate([ids, prompt_ids[0]], [params, SamplingParams(max_tokens=NEW_TOKENS, temperature=0)])
-    assert got[0].token_ids == _reference_penalised_greedy(hf, ids, 10, 1.3, 0.5, 0.4, bias)
-    assert got[1].token_ids == expected[0]  # a plain request in the same batch is untouched
-    plain = llm.generate([ids], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
-    assert plain.token_ids != got[0].token_ids  # the penalties did change this output
+    assert got[0].outputs[0].token_ids == _reference_penalised_greedy(hf, ids, 10, 1.3, 0.5, 0.4, bias)
+    assert got[1].outputs[0].token_ids == expected[0]  # a plain request in the same batch is untouched
+    plain = llm.generate([ids], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0].outputs[0]
+    assert plain.token_ids != got[0].outputs[0].token_ids  # the penalties did change this output
 
 
 def test_allowed_token_ids_restrict_greedy_to_the_best_allowed_token(smollm2, hf):
@@ -234,7 +234,7 @@ def test_allowed_token_ids_restrict_greedy_to_the_best_allowed_token(smollm2, hf
     gen = torch.Generator().manual_seed(1)
     allowed = torch.randint(100, 40000, (6,), generator=gen).tolist()
     got = llm.generate([prompt_ids[0]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True,
-                                                       allowed_token_ids=allowed))[0].token_ids
+                                                       allowed_token_ids=allowed))[0].outputs[0].token_ids
     expected, ids = [], list(prompt_ids[0])
     for _ in range(5):
         with torch.inference_mode():

@@ -103,10 +103,10 @@ def models():
 def test_speculative_greedy_equals_plain_greedy(models):
     plain, spec = models
     p = SamplingParams(max_tokens=40, temperature=0)
-    expected = [o.token_ids for o in plain.generate(REPETITIVE, p)]
+    expected = [o.outputs[0].token_ids for o in plain.generate(REPETITIVE, p)]
     before = spec.engine.spec.accepted
     got = spec.generate(REPETITIVE, p)
-    assert [o.token_ids for o in got] == expected
+    assert [o.outputs[0].token_ids for o in got] == expected
     st = spec.engine.spec
     assert st.accepted - before > 10, "the repetitive prompts should accept drafts"
     assert 0 < st.acceptance_rate <= 1 and st.tokens_per_step > 1
@@ -118,7 +118,7 @@ def test_a_winning_side_branch_moves_its_kv_into_place(models, monkeypatch):
     plain, spec = models
     p = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     prompt = plain.tokenizer.encode("Why is the sky blue?")
-    truth = plain.generate([prompt], p)[0].token_ids
+    truth = plain.generate([prompt], p)[0].outputs[0].token_ids
     sched = spec.engine.scheduler
 
     def oracle(req, budget):  # wrong first branch (2 nodes), the true next tokens on the second (3 nodes)
@@ -131,7 +131,7 @@ def test_a_winning_side_branch_moves_its_kv_into_place(models, monkeypatch):
 
     monkeypatch.setattr(sched, "_propose", oracle)
     before = spec.engine.spec.accepted
-    out = spec.generate([prompt], p)[0]
+    out = spec.generate([prompt], p)[0].outputs[0]
     assert out.token_ids == truth
     assert spec.engine.spec.accepted - before >= 9
 
@@ -141,5 +141,5 @@ def test_seeded_sampling_with_speculation_is_reproducible(models):
     p = SamplingParams(max_tokens=24, temperature=0.7, seed=3, ignore_eos=True)
     a = spec.generate(REPETITIVE[:2], p)
     b = spec.generate(REPETITIVE[:2], p)
-    assert [o.token_ids for o in a] == [o.token_ids for o in b]
-    assert all(len(o.token_ids) == 24 for o in a)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    assert all(len(o.outputs[0].token_ids) == 24 for o in a)

@@ -98,7 +98,8 @@ class AsyncEngine:
                     for req in step.updated:
                         self._push(req)
                     if self.metrics is not None and engine.step_stats:
-                        self.metrics.on_step(engine.step_stats[-1].seconds)
+                        stats = engine.step_stats[-1]
+                        self.metrics.on_step(stats.seconds, stats.num_tokens)
                         for req in step.finished:
                             self.metrics.on_finish(FinishRecord.of(req))
         except BaseException as exc:  # surface the failure to every waiting client instead of hanging them

@@ -92,13 +92,14 @@ def _core_main(conn, llm_kwargs: dict) -> None:
             records = [FinishRecord.of(req) for req in finished]
             for req in finished:
                 sent.pop(req.request_id, None)
-            seconds = engine.step_stats[-1].seconds if engine.step_stats else 0.0
+            stats = engine.step_stats[-1] if engine.step_stats else None
             # The gauges (the cost-model error is a median over thousands of steps) at most 5x/s, and with every
             # step that finishes a request: a client that has its response then reads /metrics that count it.
             snapshot = None
             if finished or time.monotonic() - snapshot_at >= SNAPSHOT_EVERY_S:
                 snapshot, snapshot_at = engine_snapshot(engine), time.monotonic()
-            conn.send(StepDone(updates, seconds, records, snapshot))
+            conn.send(StepDone(updates, stats.seconds if stats else 0.0, stats.num_tokens if stats else 0, records,
+                               snapshot))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the server is gone
     except BaseException as exc:  # noqa: BLE001 - every waiting client hears of it instead of hanging
@@ -229,6 +230,6 @@ class EngineProcess:
                 self._queues.pop(rid, None)
                 self._so_far.pop(rid, None)
         if self.metrics is not None:
-            self.metrics.on_step(msg.seconds)
+            self.metrics.on_step(msg.seconds, msg.num_tokens)
             for rec in msg.finished:
                 self.metrics.on_finish(rec)

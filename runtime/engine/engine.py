@@ -26,16 +26,32 @@ class RequestError(ValueError):
 
 
 @dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
+class CompletionOutput:
+    """One generated sequence of a request: ``RequestOutput.outputs[i]``, as vLLM scripts read it."""
+
+    index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None
-    metrics: dict = field(default_factory=dict)
     logprobs: list | None = None  # per token of token_ids (SamplingParams.logprobs): (logprob, [(id, logprob)])
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """Sum of the sampled tokens' logprobs (vLLM's field); None unless logprobs were asked for."""
+        return None if self.logprobs is None else float(sum(lp for lp, _ in self.logprobs))
+
+
+@dataclass
+class RequestOutput:
+    """A request's result in vLLM's shape (``out.outputs[0].text``); ``metrics`` are xytune's timings."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
     prompt_logprobs: list | None = None  # per prompt token (SamplingParams.prompt_logprobs), None for the first
+    metrics: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -224,11 +240,13 @@ class Engine:
         text_ids = text_token_ids(ids, req.finish_reason, req.params, self.eos_ids)
         text = req.text if req.text is not None else self.tokenizer.decode(text_ids, req.params.skip_special_tokens)
         end = req.finish_time or time.perf_counter()
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, text, list(ids), req.finish_reason, {
-            "ttft_s": (req.first_token_time - req.arrival) if req.first_token_time else None,
-            "latency_s": end - req.arrival, "num_preemptions": req.num_preemptions,
-        }, list(req.output_logprobs) if req.params.logprobs is not None else None,
-            list(req.prompt_logprobs) if req.params.prompt_logprobs is not None else None)
+        completion = CompletionOutput(0, text, list(ids), req.finish_reason,
+                                      list(req.output_logprobs) if req.params.logprobs is not None else None)
+        metrics = {"ttft_s": (req.first_token_time - req.arrival) if req.first_token_time else None,
+                   "latency_s": end - req.arrival, "num_preemptions": req.num_preemptions}
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, [completion],
+                             req.status is Status.FINISHED,
+                             list(req.prompt_logprobs) if req.params.prompt_logprobs is not None else None, metrics)
 
     def run_to_completion(self, reqs: list[Request]) -> list[RequestOutput]:
         while any(r.status is not Status.FINISHED for r in reqs):

@@ -74,13 +74,14 @@ class FinishRecord:
     num_prompt_tokens: int
     num_output_tokens: int
     arrival: float
+    scheduled_time: float | None
     first_token_time: float | None
     finish_time: float | None
 
     @classmethod
     def of(cls, req: Request) -> "FinishRecord":
-        return cls(req.finish_reason, len(req.prompt_ids), len(req.output_ids), req.arrival, req.first_token_time,
-                   req.finish_time)
+        return cls(req.finish_reason, len(req.prompt_ids), len(req.output_ids), req.arrival, req.scheduled_time,
+                   req.first_token_time, req.finish_time)
 
 
 def engine_snapshot(engine: Engine) -> dict:
@@ -137,6 +138,7 @@ class EngineFailed:
 class StepDone:
     updates: list[tuple[str, Update]]  # (request id, its new tokens since the last update)
     seconds: float
+    num_tokens: int
     finished: list[FinishRecord]
     snapshot: dict | None  # the gauges, at most every SNAPSHOT_EVERY_S and with every step that finishes one
 

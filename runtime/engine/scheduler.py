@@ -43,6 +43,7 @@ class Request:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     text: str | None = None  # set when a stop string cut the output
+    scheduled_time: float | None = None  # when it last left the waiting queue for a step (queue-time metric)
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
@@ -412,6 +413,7 @@ class Scheduler:
                 self.waiting.remove(req)
                 self.running.append(req)
                 req.status = Status.RUNNING
+                req.scheduled_time = time.perf_counter()
             scheduled.append((req, n))
             budget -= n
         return scheduled

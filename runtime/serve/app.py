@@ -8,12 +8,15 @@ mid-stream has its request aborted, which frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
+import signal
 import time
 import uuid
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -306,3 +309,23 @@ class _Reply:
         choice = {"index": i, "finish_reason": u.finish_reason if u.finished else None, "logprobs": logprobs}
         choice.update({"delta": {"content": delta}} if self.chat else {"text": delta})
         return self._chunk(choice, (u.num_prompt_tokens, 0 if self.score_only else len(u.token_ids)))
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn finishes the requests in flight on SIGTERM or Ctrl-C, then raises the signal again, so a server
+    stopped cleanly exits 143 (or 130), which process managers read as a crash. This one asks uvicorn for the
+    same graceful shutdown and then returns: exit 0 after a clean drain. A second Ctrl-C still forces exit."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def serve_http(app: FastAPI, host: str, port: int) -> None:
+    """Serve ``app`` until SIGTERM or Ctrl-C, then drain and return."""
+    _DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()

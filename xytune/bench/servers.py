@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from rich.table import Table
 
 from xytune.bench.serve import BenchPrompt, capacity, run_rate, summarize
@@ -83,13 +84,9 @@ def stop(variant: Variant) -> None:
 def scrape(variant: Variant) -> dict:
     """The gauges of interest from the variant's /metrics."""
     wanted = ("xytune_cost_model_step_error_ratio", "xytune_spec_acceptance_rate", "xytune_spec_tokens_per_step",
-              "xytune_prefix_cache_hit_rate", "xytune_preemptions")
-    out = {}
-    for line in httpx.get(f"{variant.url}/metrics", timeout=10).text.splitlines():
-        name = line.split(" ", 1)[0]
-        if name in wanted:
-            out[name] = float(line.rsplit(" ", 1)[1])
-    return out
+              "xytune_prefix_cache_hit_rate", "xytune_preemptions_total")
+    body = httpx.get(f"{variant.url}/metrics", timeout=10).text
+    return {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples if s.name in wanted}
 
 
 def run(variants: list[Variant], common: list[str], prompts: list[BenchPrompt], rates: list[float], seed: int,

@@ -12,7 +12,9 @@ from rich.console import Console
 
 from xytune import __version__
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: click's plain help, which keeps "[default: ...]" and brackets in help texts (rich markup
+# ate them) and full option names at any terminal width (rich's boxed columns cut them at 80)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Offline profiler, cost tables and regression reports for LLM serving (after XY-Serve).")
 console = Console()
 err_console = Console(stderr=True)

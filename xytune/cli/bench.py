@@ -13,7 +13,8 @@ import typer
 
 from .app import app, console, fail
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print side-by-side measurements.")
+bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Benchmarks that print side-by-side measurements.")
 app.add_typer(bench_app, name="bench")
 
 

@@ -69,22 +69,27 @@ def generate(
                   allow_mismatch=allow_mismatch, speculative=speculative,
                   num_speculative_tokens=num_speculative_tokens)
         load_s = time.perf_counter() - start
-        out = llm.generate(prompt, params, chat=chat)[0]
+        if chat:
+            out = llm.chat([{"role": "user", "content": prompt}], params)[0]
+        else:
+            out = llm.generate(prompt, params)[0]
     except (DeviceError, ModelLoadError, RequestError, CostModelError, ValueError) as exc:
         fail(str(exc))
-    sys.stdout.write((json.dumps(_generation_json(model, llm, out, load_s), indent=2) if as_json else out.text)
-                     + "\n")
+    text = json.dumps(_generation_json(model, llm, out, load_s), indent=2) if as_json else out.outputs[0].text
+    sys.stdout.write(text + "\n")
 
 
 def _generation_json(model: str, llm: LLM, out, load_s: float) -> dict:
     """`generate --json`: tokens, finish reason, logprobs when asked for, and timings."""
-    n = len(out.token_ids)
+    completion = out.outputs[0]
+    n = len(completion.token_ids)
     decode_s = out.metrics["latency_s"] - (out.metrics["ttft_s"] or 0)
     return {
-        "model": model, "dtype": str(llm.dtype).replace("torch.", ""), "text": out.text,
-        "prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+        "model": model, "dtype": str(llm.dtype).replace("torch.", ""), "text": completion.text,
+        "prompt_token_ids": out.prompt_token_ids, "token_ids": completion.token_ids,
+        "finish_reason": completion.finish_reason,
         **({"logprobs": [{"logprob": lp, "top": [{"id": t, "logprob": v} for t, v in top]}
-                         for lp, top in out.logprobs]} if out.logprobs is not None else {}),
+                         for lp, top in completion.logprobs]} if completion.logprobs is not None else {}),
         "timings": {"load_s": load_s, "ttft_s": out.metrics["ttft_s"], "total_s": out.metrics["latency_s"],
                     "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None},
     }
@@ -117,7 +122,7 @@ def _cached_quick_profile(dev, model: str) -> Path:
     return path
 
 
-def _start_engine(llm_kwargs: dict, own_process: bool):
+def _start_engine(llm_kwargs: dict, own_process: bool, model_name: str):
     """The engine in a process of its own or in a thread of this one: (engine, tokenizer, dtype name)."""
     # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
     from xytune.runtime.engine.async_engine import AsyncEngine
@@ -126,11 +131,11 @@ def _start_engine(llm_kwargs: dict, own_process: bool):
     from xytune.runtime.serve.metrics import ServingMetrics
 
     if own_process:
-        engine = EngineProcess(llm_kwargs, ServingMetrics())
+        engine = EngineProcess(llm_kwargs, ServingMetrics(model_name))
         engine.start()
         return engine, engine.tokenizer, engine.dtype
     llm = LLM(**llm_kwargs)
-    engine = AsyncEngine(llm.engine, ServingMetrics())
+    engine = AsyncEngine(llm.engine, ServingMetrics(model_name))
     engine.start()
     return engine, llm.tokenizer, str(llm.dtype).replace("torch.", "")
 
@@ -167,13 +172,11 @@ def serve(
 ):
     """Serve the model over an OpenAI-compatible HTTP API (completions and chat, streaming or not)."""
     # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
-    import uvicorn
-
     from xytune.model_config import ModelLoadError
     from xytune.profiler.cost_model import CostModelError
     from xytune.profiler.devices import DeviceError, get_device
     from xytune.runtime.engine.core import EngineStartError
-    from xytune.runtime.serve.app import build_app
+    from xytune.runtime.serve.app import build_app, serve_http
 
     if not 0 < port < 65536:
         fail(f"--port must be in 1..65535, got {port}.")
@@ -188,13 +191,13 @@ def serve(
                           tbt_slo_ms=tbt_slo_ms, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=slo_tpot_ms,
                           enable_prefix_caching=enable_prefix_caching, speculative=speculative,
                           num_speculative_tokens=num_speculative_tokens, attention=attention, gemm=gemm)
-        engine, tokenizer, dtype_name = _start_engine(llm_kwargs, engine_process)
+        engine, tokenizer, dtype_name = _start_engine(llm_kwargs, engine_process, served_model_name or model)
     except (DeviceError, ModelLoadError, CostModelError, EngineStartError, ValueError) as exc:
         fail(str(exc))
     app = build_app(engine, tokenizer, served_model_name or model, api_key=api_key)
     err_console.print(f"serving {served_model_name or model} ({dtype_name}) on http://{host}:{port}/v1"
                       f"{' (engine in its own process)' if engine_process else ''}", highlight=False)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        serve_http(app, host, port)
     finally:
         engine.stop()
