@@ -17,6 +17,8 @@ openai = pytest.importorskip("openai")
 
 from conftest import REFERENCE_TABLE, require_default_model  # noqa: E402
 
+from xytune.bench.serve import synthetic_prompts  # noqa: E402
+
 KEY = "test-key"
 
 
@@ -479,16 +481,32 @@ def test_bench_serve_against_the_server(server, tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "xytune.cli", "bench", "serve", "--url", server, "--api-key", KEY,
                            "--sweep-rates", "2,inf", "--num-prompts", "6", "--input-len", "32", "--output-len", "8",
-                           "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+                           "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--save-result",
+                           "--result-filename", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    result = __import__("json").loads(out.read_text())
-    assert [r["rate"] for r in result["rates"]] == [2.0, float("inf")]
-    for r in result["rates"]:
+    result = json.loads(out.read_text())
+    assert result["backend"] == "openai" and result["model_id"] == "smollm2-135m"
+    vocab = httpx.get(f"{server}/v1/models", headers={"authorization": f"Bearer {KEY}"}).json()["data"][0]["vocab_size"]
+    trace = synthetic_prompts(6, 32, 8, vocab, seed=0)  # what the benchmark sent (its default seed)
+    sent = (sum(len(p.prompt) for p in trace), sum(p.max_tokens for p in trace))
+    assert [r["request_rate"] for r in result["rates"]] == [2.0, float("inf")]
+    for r in result["rates"]:  # vllm bench serve's flat keys
         assert r["completed"] == 6 and r["failed"] == 0 and r["slo_attainment"] == 1.0
-        assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] and r["tpot_ms"]["p50"] > 0
-        assert r["output_throughput"] > 0
+        assert 0 < r["median_ttft_ms"] <= r["p99_ttft_ms"] and r["median_tpot_ms"] > 0
+        assert r["mean_e2el_ms"] > r["mean_ttft_ms"] and r["median_itl_ms"] > 0
+        assert (r["total_input_tokens"], r["total_output_tokens"]) == sent  # the server's usage, summed
+        assert r["total_token_throughput"] > r["output_throughput"] > 0 and r["request_goodput"] > 0
     assert result["capacity"] == float("inf")
+    # the chat endpoint, one request in flight at a time: the run lasts at least the sum of their latencies
+    chat = tmp_path / "chat.json"
+    proc = subprocess.run([sys.executable, "-m", "xytune.cli", "bench", "serve", "--url", server, "--api-key", KEY,
+                           "--rate", "inf", "--num-prompts", "3", "--input-len", "16", "--output-len", "6",
+                           "--endpoint", "/v1/chat/completions", "--max-concurrency", "1", "--save-result",
+                           "--result-filename", str(chat)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    one = json.loads(chat.read_text())
+    assert one["backend"] == "openai-chat" and one["max_concurrency"] == 1 and one["completed"] == 3
+    assert one["duration"] * 1e3 >= 0.95 * 3 * one["mean_e2el_ms"]
     bad = subprocess.run([sys.executable, "-m", "xytune.cli", "bench", "serve", "--url", "http://127.0.0.1:9",
                           "--rate", "1", "--num-prompts", "1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "cannot list models" in bad.stderr

@@ -48,7 +48,7 @@ def replay(engine, prompts: list[BenchPrompt], rate: float, seed: int) -> tuple[
             time.sleep(max(0.0, min(float(due[nxt]) - now, 0.05)))
     wall = time.perf_counter() - start
     results = [RequestResult(ok=True, ttft_s=r.first_token_time - r.arrival, latency_s=r.finish_time - r.arrival,
-                             output_tokens=len(r.output_ids)) for r in reqs]
+                             output_tokens=len(r.output_ids), input_tokens=len(r.prompt_ids)) for r in reqs]
     return results, wall
 
 

@@ -111,9 +111,16 @@ def bench_serve(
     ignore_eos: bool = typer.Option(True, "--ignore-eos/--no-ignore-eos", help="Ask for exact output lengths."),
     seed: int = typer.Option(0, help="Seed of lengths, tokens and arrivals."),
     timeout_s: float = typer.Option(600.0, help="Per-request timeout."),
-    json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    endpoint: str = typer.Option("/v1/completions", help="/v1/completions or /v1/chat/completions (the prompt "
+                                 "as one user message)."),
+    max_concurrency: int = typer.Option(None, help="Most requests in flight; later arrivals wait [default: no "
+                                        "limit]."),
+    save_result: bool = typer.Option(False, "--save-result", help="Write the results as JSON, under the keys "
+                                     "`vllm bench serve --save-result` writes."),
+    result_filename: Path = typer.Option(None, help="Where --save-result writes [default: "
+                                         "openai-<rate>qps-<model>-<date>.json, as vLLM names it]."),
 ):
-    """Benchmark a running server: TTFT, TPOT, ITL, throughput, goodput and capacity under Poisson load."""
+    """Benchmark a running server: TTFT, TPOT, ITL, E2EL, throughput, goodput and capacity under Poisson load."""
     # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
     import httpx
 
@@ -121,6 +128,10 @@ def bench_serve(
 
     if (rate is None) == (sweep_rates is None):
         fail("give exactly one of --rate or --sweep-rates.")
+    if endpoint not in load_client.ENDPOINTS:
+        fail(f"--endpoint must be one of {', '.join(load_client.ENDPOINTS)}, not {endpoint!r}.")
+    if max_concurrency is not None and max_concurrency < 1:
+        fail(f"--max-concurrency must be at least 1, got {max_concurrency}.")
     rates = _checked_rates(str(rate) if rate is not None else sweep_rates, num_prompts, input_len, output_len)
     url = url.rstrip("/")
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -134,6 +145,8 @@ def bench_serve(
         if dataset == "synthetic":
             vocab = int(models.json()["data"][0].get("vocab_size", 32000))
             prompts = load_client.synthetic_prompts(num_prompts, input_len, output_len, vocab, seed)
+            if endpoint == "/v1/chat/completions":  # a chat message is text: the server's own detokenizer
+                prompts = load_client.detokenized(url, headers, model, prompts)
         else:
             prompts = load_client.file_prompts(Path(dataset), num_prompts, output_len)
     except (OSError, ValueError) as exc:
@@ -142,12 +155,17 @@ def bench_serve(
     for r in rates:
         with console.status(f"rate {r:g} req/s: {num_prompts} requests..."):
             results, wall = asyncio.run(load_client.run_rate(url, model, prompts, r, seed, api_key, ignore_eos,
-                                                             timeout_s))
+                                                             timeout_s, endpoint, max_concurrency))
         rows.append(load_client.summarize(results, wall, r, slo_ttft_ms, slo_tpot_ms))
     cap = load_client.capacity(rows)
     load_client.render(rows, cap, slo_ttft_ms, slo_tpot_ms, console)
-    if json_out:
-        json_out.write_text(json.dumps({"url": url, "model": model, "rates": rows, "capacity": cap}, indent=2))
+    if save_result:
+        result = load_client.saved_result(rows, cap, url=url, model=model, endpoint=endpoint,
+                                          max_concurrency=max_concurrency, slo_ttft_ms=slo_ttft_ms,
+                                          slo_tpot_ms=slo_tpot_ms)
+        path = result_filename or Path(load_client.default_result_filename(model, rates, max_concurrency))
+        path.write_text(json.dumps(result, indent=2))
+        console.print(f"results written to {path}", highlight=False)
     if all(row["completed"] == 0 for row in rows):
         fail("no request completed; first errors: " + "; ".join(rows[0]["errors"]))
 
