@@ -47,6 +47,24 @@ def test_profile_show_plot_compare_end_to_end(tmp_path):
     xytune("compare", table, table, "--report", report, check=0)
     assert "PASS" in report.read_text()
 
+    # CI: the rows slower than base go back for re-timing; their samples pool, the rest stay as they were
+    again = tmp_path / "again.parquet"
+    xytune("profile", "--device", "cpu", "--threads", "1", "-o", again, *SMALL, check=0)
+    suspects, ratios = tmp_path / "suspects.json", tmp_path / "ratios.png"
+    xytune("compare", table, again, "--threshold", "0", "--suspects", suspects, "--plot", ratios, "--report",
+           report)
+    assert report.read_text().count("# xytune cost-table comparison") == 2  # appended, not overwritten
+    assert ratios.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    keys = json.loads(suspects.read_text())
+    before = read_table(again).rows
+    slower = before.merge(read_table(table).rows, on=KEY_COLUMNS, suffixes=("", "_base"))
+    assert len(keys) == int((slower["median_s"] > slower["median_s_base"]).sum()) > 0
+    xytune("retime", again, suspects, "--threads", "1", check=0)
+    after = read_table(again).rows
+    grew = after["n_samples"] > before["n_samples"]
+    assert set(map(tuple, after.loc[grew, KEY_COLUMNS].values)) == {tuple(k[c] for c in KEY_COLUMNS) for k in keys}
+    assert all(list(a[:len(b)]) == list(b) for a, b in zip(after.loc[grew, "samples_s"], before.loc[grew, "samples_s"]))
+
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
     for args, needle in [
@@ -72,6 +90,11 @@ def test_compare_exit_codes(tmp_path, synthetic_table):
     report = tmp_path / "summary.md"
     proc = xytune("compare", base, new, "--report", report, check=1)
     assert "FAIL" in proc.stdout and report.read_text().count("| gemm |") == 2
+    # stdout is the report as written, one table row per line at any width (a console would wrap it at 80)
+    assert proc.stdout.strip() == report.read_text().strip() and max(map(len, proc.stdout.splitlines())) > 80
+    partial = tmp_path / "partial.parquet"
+    write_table(partial, CostTable(synthetic_table.rows, {**synthetic_table.meta, "complete": False}))
+    assert "partial" in xytune("compare", base, partial, check=2).stderr
     xytune("compare", base, new, "--threshold", "0.5", check=0)
     geometry = {**synthetic_table.meta["geometry"], "tp": 3}
     write_table(other, CostTable(synthetic_table.rows, {**synthetic_table.meta, "geometry": geometry}))

@@ -1,8 +1,11 @@
 """Every command's --help at an 80-column terminal: full option names and every default, brackets kept."""
 
 import re
+import shlex
+from pathlib import Path
 
 import pytest
+import yaml
 from typer.main import get_command
 from typer.testing import CliRunner
 
@@ -42,3 +45,20 @@ def test_help_keeps_full_option_names_and_defaults_at_80_columns(path, command):
             assert f"[default: {default}]" in text, (opt, default)
         if param.help and "[" in param.help:  # brackets written in a help text are printed, not eaten as markup
             assert " ".join(param.help.split()) in text, param.help
+
+
+def test_the_ci_workflow_calls_only_commands_and_options_that_exist():
+    """The example workflow is not run here (it needs GitHub); its xytune calls are checked against the CLI."""
+    workflow = Path(__file__).parents[1] / ".github" / "workflows" / "cost-table-regression.yml"
+    steps = yaml.safe_load(workflow.read_text())["jobs"]["compare"]["steps"]
+    env = yaml.safe_load(workflow.read_text())["jobs"]["compare"]["env"]
+    script = "\n".join(step.get("run", "") for step in steps).replace("\\\n", " ")
+    script = script.replace("$PROFILE_ARGS", env["PROFILE_ARGS"])
+    commands = dict(COMMANDS)
+    calls = [shlex.split(line.split("xytune ", 1)[1]) for line in script.splitlines() if "bin/xytune " in line]
+    assert {c[0] for c in calls} == {"profile", "compare", "retime"}
+    for args in calls:
+        command = commands[(args[0],)]
+        known = {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
+        used = {a.split("=")[0] for a in args[1:] if a.startswith("-")} - {"--help"}
+        assert used <= known, (args[0], used - known)

@@ -61,3 +61,24 @@ def test_tables_of_different_devices_are_refused_unless_allowed(synthetic_table)
     # software versions alone do not make another device
     newer = CostTable(synthetic_table.rows.copy(), {**synthetic_table.meta, "fingerprint": {**fp, "torch": "9.9"}})
     assert not compare_tables(synthetic_table, newer).mismatch
+
+
+def test_partial_tables_are_refused_unless_allowed_and_then_flagged(synthetic_table):
+    partial = CostTable(synthetic_table.rows.iloc[:40].copy(), {**synthetic_table.meta, "complete": False})
+    with pytest.raises(CompareError, match="new table is partial"):
+        compare_tables(synthetic_table, partial)
+    c = compare_tables(synthetic_table, partial, allow_partial=True)
+    assert c.partial == ["new"] and len(c.rows) == 40 and c.only_base == len(synthetic_table.rows) - 40
+    assert "Warning: the new table is partial" in markdown_report(c, "a", "b")
+
+
+def test_suspects_are_the_rows_beyond_the_threshold_significant_or_not(synthetic_table):
+    """Five samples a side cannot reach alpha 0.002 (the smallest two-sided p is 0.008): such a row is a
+    suspect for re-timing, not a regression."""
+    base, new = resampled(synthetic_table, noise=0.02, seed=1), resampled(synthetic_table, scale_rows=[2, 30],
+                                                                       factor=1.3, noise=0.02, seed=2)
+    for t in (base, new):
+        t.rows["samples_s"] = t.rows["samples_s"].map(lambda s: s[:5])
+    c = compare_tables(base, new)
+    assert c.regressions.empty and sorted(c.suspects.index) == [2, 30]
+    assert not compare_tables(base, new, alpha=0.05).regressions.empty

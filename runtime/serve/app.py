@@ -20,6 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -58,14 +59,45 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
                 return _error(401, "Missing or wrong API key.", "authentication_error")
         return await call_next(request)
 
-    app.get("/health")(server.health)
-    app.get("/metrics")(server.metrics)
-    app.post("/tokenize")(server.tokenize)
-    app.post("/detokenize")(server.detokenize)
-    app.get("/v1/models")(server.models)
-    app.post("/v1/completions")(server.completions)
-    app.post("/v1/chat/completions")(server.chat_completions)
+    json_or_stream = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+    app.get("/health", responses=_errors(503))(server.health)
+    app.get("/metrics", responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}, **_errors(404)})(
+        server.metrics)
+    app.post("/tokenize", responses=_errors(400, 404))(server.tokenize)
+    app.post("/detokenize", responses=_errors(400, 404))(server.detokenize)
+    app.get("/v1/models", responses=_errors(401))(server.models)
+    app.post("/v1/completions", responses={**json_or_stream, **_errors(400, 401, 404, 503)})(server.completions)
+    app.post("/v1/chat/completions", responses={**json_or_stream, **_errors(400, 401, 404, 503)})(
+        server.chat_completions)
+    app.openapi = lambda: _openapi_without_422(app)
     return app
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "integer"}}}}}
+ERROR_MEANINGS = {400: "A bad request body: one sentence says what is wrong.", 401: "Missing or wrong API key.",
+                  404: "No such model (or metrics are off).", 503: "The engine failed."}
+
+
+def _errors(*codes: int) -> dict:
+    """OpenAPI ``responses`` entries for the errors a route answers, each with the OpenAI error body."""
+    return {c: {"description": ERROR_MEANINGS[c], "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+            for c in codes}
+
+
+def _openapi_without_422(app: FastAPI) -> dict:
+    """FastAPI documents a 422 for every body it validates; this server answers bad bodies with a 400 in
+    OpenAI's error shape instead (as OpenAI and vLLM do), so the schema says that."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class OpenAIServer:

@@ -6,9 +6,9 @@ a field this server cannot honour is refused, not ignored; fields it does not kn
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from ..engine.engine import RequestError
 from ..engine.sampling import MAX_LOGPROBS, SamplingParams
@@ -136,8 +136,16 @@ class SamplingFields(BaseModel):
             raise RequestError(str(exc)) from None
 
 
+_TEXT = {"type": "string", "minLength": 1}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+# the schema says what the server takes (non-empty prompts, token ids >= 0); validation keeps its own sentences
+PROMPT_SCHEMA = WithJsonSchema({"title": "Prompt", "anyOf": [
+    _TEXT, _IDS, {"type": "array", "items": _TEXT, "minItems": 1}, {"type": "array", "items": _IDS, "minItems": 1}]})
+
+
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[int], list[str], list[list[int]]]  # one prompt, or several (a batch)
+    # one prompt, or several (a batch)
+    prompt: Annotated[Union[str, list[int], list[str], list[list[int]]], PROMPT_SCHEMA]
     max_tokens: int | None = Field(default=16, ge=0)  # 0: with echo, score the prompt and generate nothing
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from xytune.reports import DEFAULT_ALPHA, DEFAULT_THRESHOLD
+
 from .app import _interrupt, app, console, fail
 
 
@@ -137,24 +139,58 @@ def plot(
 def compare(
     base: Path = typer.Argument(..., help="Baseline cost table."),
     new: Path = typer.Argument(..., help="New cost table."),
-    threshold: float = typer.Option(0.10, help="Relative slowdown that counts (0.10 = 10%)."),
-    alpha: float = typer.Option(0.05, help="Significance level of the Mann-Whitney U test."),
-    report: Path = typer.Option(None, help="Write the markdown report here (e.g. $GITHUB_STEP_SUMMARY)."),
+    threshold: float = typer.Option(DEFAULT_THRESHOLD, help="Relative slowdown that counts (0.10 = 10%)."),
+    alpha: float = typer.Option(DEFAULT_ALPHA, help="Per-row significance level of the Mann-Whitney U test."),
+    report: Path = typer.Option(None, help="Append the markdown report to this file (e.g. $GITHUB_STEP_SUMMARY)."),
+    plot: Path = typer.Option(None, help="Write a new/base ratio against M plot here (PNG)."),
+    suspects: Path = typer.Option(None, help="Write the rows slower beyond the threshold (JSON) for "
+                                  "`xytune retime` to time again before the verdict."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch",
                                         help="Compare tables of different devices (the report says so on top)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial",
+                                       help="Compare a table whose sweep did not finish (the report says so)."),
 ):
     """Compare two cost tables; exit 1 on a significant regression beyond the threshold."""
-    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
-    from xytune.profiler.table import TableError, read_table
-    from xytune.reports.compare import CompareError, compare_tables, markdown_report
+    # heavy (pandas, scipy, matplotlib): imported when the command runs, so `xytune --help` starts at once
+    from xytune.profiler.table import KEY_COLUMNS, TableError, read_table
+    from xytune.reports.compare import CompareError, compare_tables, markdown_report, plot_ratios
 
     try:
-        result = compare_tables(read_table(base), read_table(new), threshold, alpha, allow_mismatch)
+        result = compare_tables(read_table(base), read_table(new), threshold, alpha, allow_mismatch, allow_partial)
     except (TableError, CompareError) as exc:
         fail(str(exc))
     text = markdown_report(result, str(base), str(new))
-    if report:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(text + "\n")
-    console.print(text, markup=False, highlight=False)
+    try:
+        if report:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            with report.open("a") as f:  # a job summary collects several steps' reports
+                f.write(text + "\n")
+        if plot:
+            plot_ratios(result, plot)
+        if suspects:
+            suspects.write_text(json.dumps(result.suspects[KEY_COLUMNS].to_dict("records"), indent=1))
+    except OSError as exc:
+        fail(str(exc))
+    sys.stdout.write(text + "\n")  # plain text: a console would wrap the markdown tables at its width
     raise typer.Exit(1 if len(result.regressions) else 0)
+
+
+@app.command()
+def retime(
+    table: Path = typer.Argument(..., help="Cost table to update in place."),
+    rows: Path = typer.Argument(..., help="JSON list of row keys (what `compare --suspects` writes)."),
+    device: str = typer.Option("cpu", help="The device the table was measured on: cpu, cuda[:N], npu[:N]."),
+    threads: int = typer.Option(None, help="CPU threads [default: torch's]."),
+):
+    """Time some rows of a table again on this device and pool the samples (CI: base and head take turns)."""
+    # heavy (torch): imported when the command runs, so `xytune --help` starts at once
+    from xytune.profiler.devices import DeviceError, get_device
+    from xytune.profiler.sweep import SweepError, retime_rows
+
+    try:
+        keys = json.loads(rows.read_text())
+        dev = get_device(device, threads=threads)
+        n = retime_rows(table, dev, keys if isinstance(keys, list) else [])
+    except (OSError, ValueError, DeviceError, SweepError) as exc:
+        fail(str(exc))
+    console.print(f"re-timed {n} of {len(keys)} rows in {table}")

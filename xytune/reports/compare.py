@@ -8,6 +8,7 @@ is real (as asv does), so run-to-run noise neither passes nor fails CI.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ from scipy.stats import mannwhitneyu
 
 from xytune.profiler.devices import fingerprint_mismatches
 from xytune.profiler.table import KEY_COLUMNS, CostTable
+from xytune.reports import DEFAULT_ALPHA, DEFAULT_THRESHOLD
 
 
 class CompareError(ValueError):
@@ -29,6 +31,7 @@ class Comparison:
     threshold: float
     alpha: float
     mismatch: list[str] = field(default_factory=list)  # device differences the user allowed (--allow-mismatch)
+    partial: list[str] = field(default_factory=list)  # "base"/"new": tables an interrupted sweep left (--allow-partial)
 
     @property
     def regressions(self) -> pd.DataFrame:
@@ -37,6 +40,12 @@ class Comparison:
     @property
     def improvements(self) -> pd.DataFrame:
         return self.rows[self.rows["status"] == "improved"].sort_values("ratio")
+
+    @property
+    def suspects(self) -> pd.DataFrame:
+        """Rows slower beyond the threshold, significant or not: what a re-run should time again before a
+        verdict (asv's ``continuous`` re-runs the benchmarks that changed, both sides taking turns)."""
+        return self.rows[self.rows["ratio"] > 1 + self.threshold]
 
 
 def _p_value(base: list[float], new: list[float]) -> float:
@@ -47,16 +56,24 @@ def _p_value(base: list[float], new: list[float]) -> float:
     return float(mannwhitneyu(new, base, alternative="two-sided").pvalue)
 
 
-def compare_tables(base: CostTable, new: CostTable, threshold: float = 0.10, alpha: float = 0.05,
-                   allow_mismatch: bool = False) -> Comparison:
+def compare_tables(base: CostTable, new: CostTable, threshold: float = DEFAULT_THRESHOLD,
+                   alpha: float = DEFAULT_ALPHA, allow_mismatch: bool = False,
+                   allow_partial: bool = False) -> Comparison:
     """Row-by-row regression test of ``new`` against ``base``.
 
     Tables of different devices (backend, device name, cores, threads, ISA features) measure different
     machines, not a regression: refused unless ``allow_mismatch``, which keeps the differences for the
-    report's warning.
+    report's warning. A table an interrupted sweep left is missing rows that a complete one has, so its
+    counts mislead: refused unless ``allow_partial``, which flags it in the report.
     """
     if threshold < 0:
         raise CompareError(f"--threshold must be >= 0, got {threshold}.")
+    if not 0 < alpha < 1:
+        raise CompareError(f"--alpha must be in (0, 1), got {alpha}.")
+    partial = [name for name, t in (("base", base), ("new", new)) if not t.complete]
+    if partial and not allow_partial:
+        raise CompareError(f"The {' and '.join(partial)} table is partial (its sweep did not finish); finish it "
+                           "with `xytune profile --resume`, or pass --allow-partial to compare the rows it has.")
     mismatch, _ = fingerprint_mismatches(base.meta.get("fingerprint", {}), new.meta.get("fingerprint", {}))
     if mismatch and not allow_mismatch:
         raise CompareError(f"The tables were measured on different devices ({'; '.join(mismatch)}); "
@@ -83,7 +100,7 @@ def compare_tables(base: CostTable, new: CostTable, threshold: float = 0.10, alp
     )
     keep = KEY_COLUMNS + ["m_base", "median_s_base", "median_s_new", "ratio", "p_value", "status"]
     out = both[keep].rename(columns={"m_base": "m"}).reset_index(drop=True)
-    return Comparison(out, only_base, only_new, threshold, alpha, mismatch)
+    return Comparison(out, only_base, only_new, threshold, alpha, mismatch, partial)
 
 
 def _fmt_us(s: float) -> str:
@@ -98,6 +115,9 @@ def markdown_report(c: Comparison, base_name: str, new_name: str, limit: int = 5
     if c.mismatch:
         lines += [f"> **Warning: the tables come from different devices** ({'; '.join(c.mismatch)}); "
                   "differences below may be the machines', not a regression.", ""]
+    if c.partial:
+        lines += [f"> **Warning: the {' and '.join(c.partial)} table is partial** (its sweep did not finish); "
+                  "only the rows both tables have are compared.", ""]
     lines += [
         f"**{verdict}** (threshold {c.threshold:.0%}, Mann-Whitney U alpha {c.alpha})", "",
         f"- base: `{base_name}`", f"- new: `{new_name}`",
@@ -118,3 +138,35 @@ def markdown_report(c: Comparison, base_name: str, new_name: str, limit: int = 5
             lines.append(f"| ... {len(frame) - limit} more | | | | | | | | | |")
         lines.append("")
     return "\n".join(lines)
+
+
+def plot_ratios(c: Comparison, out: str | Path) -> Path:
+    """new/base median ratio against M, one panel per target, one line per primitive; regressions marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = c.rows
+    targets = list(dict.fromkeys(rows["target"]))
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.8), squeeze=False, sharey=True)
+    for ax, target in zip(axes[0], targets):
+        g = rows[rows["target"] == target]
+        for (prim, dtype), line in g.groupby(["primitive", "dtype"]):
+            best = line.groupby("m")["ratio"].median()  # configs of one primitive: their median ratio per M
+            ax.plot(best.index, best.values, marker=".", linewidth=1, label=f"{prim} {dtype}")
+        bad = g[g["status"] == "regressed"]
+        ax.scatter(bad["m"], bad["ratio"], s=40, facecolors="none", edgecolors="red", label="regressed")
+        for y in (1 - c.threshold, 1, 1 + c.threshold):
+            ax.axhline(y, color="grey", linewidth=0.8, linestyle="-" if y == 1 else ":")
+        ax.set_xscale("log", base=2)
+        ax.set_title(target)
+        ax.set_xlabel("M (tokens)")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("new / base median")
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
