@@ -200,3 +200,28 @@ def test_logit_bias_outside_the_vocabulary_is_refused(llm):
     forced = llm.generate(["Hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True,
                                                     logit_bias={42: 100.0}))[0].outputs[0]
     assert forced.token_ids == [42] * 5
+
+
+def test_a_request_that_fails_in_the_engine_fails_alone(llm, monkeypatch):
+    """A sampler that raises for one request's parameters (as a bug would) fails that request only: the
+    others in its steps produce exactly what they produce without it, and the engine serves on."""
+    from xytune.runtime.engine import model_runner
+
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], greedy)]
+    real_sample = model_runner.sample
+
+    def sample(logits, params, generators, banned):
+        if any(p.seed == 666 for p in params):
+            raise FloatingPointError("a bug this request's parameters reach")
+        return real_sample(logits, params, generators, banned)
+
+    monkeypatch.setattr(model_runner, "sample", sample)
+    doomed = SamplingParams(max_tokens=8, temperature=0.8, seed=666, ignore_eos=True)
+    outs = llm.generate([PROMPTS[0], PROMPTS[2], PROMPTS[1]], [greedy, doomed, greedy])
+    assert [o.outputs[0].finish_reason for o in outs] == ["length", "error", "length"]
+    assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == expected
+    assert not llm.engine.requests and not llm.engine.scheduler.running
+    assert llm.engine.kv.allocator.num_free == llm.engine.kv.num_blocks  # its blocks went back too
+    monkeypatch.undo()
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], greedy)] == expected

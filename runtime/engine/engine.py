@@ -8,6 +8,7 @@ join and leave between steps.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -17,8 +18,10 @@ from ..model.llama import LlamaModel
 from ..model.tokenizer import Tokenizer
 from .model_runner import ModelRunner, ModelRunnerOutput
 from .sampling import SamplingParams, make_generator, text_token_ids
-from .scheduler import Request, Scheduler, SchedulerConfig, Status
+from .scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput, Status
 from .speculative import SpeculativeConfig
+
+log = logging.getLogger("xytune.engine")
 
 
 class RequestError(ValueError):
@@ -163,12 +166,39 @@ class Engine:
             return StepOutput([], [])
         start = time.perf_counter()
         num_decode, num_verify = work.num_decode_tokens, work.num_verify_tokens  # before the step advances them
-        out = self.runner.execute(work)
-        result = self._update_from_output(work.scheduled, out)
-        self._record_step(out, time.perf_counter() - start, num_decode, num_verify)
+        try:
+            out = self.runner.execute(work)
+        except Exception:  # noqa: BLE001 - one request's failure must not take the others (or the engine) down
+            result = self._step_each_alone(work)
+        else:
+            result = self._update_from_output(work.scheduled, out)
+            self._record_step(out, time.perf_counter() - start, num_decode, num_verify)
         for req in result.finished:
             self.requests.pop(req.request_id, None)
         return result
+
+    def _step_each_alone(self, work: SchedulerOutput) -> StepOutput:
+        """A step failed: run its requests one at a time, so the one that fails is failed alone.
+
+        The failed step wrote nothing but K/V rows that the retries write again, and advanced no request.
+        A request that fails on its own finishes with reason ``error`` (``req.error`` says why); the others
+        advance as the whole step would have advanced them. Too rare to time: the step predictor skips it.
+        """
+        updated, finished = [], []
+        for req, n in work.scheduled:
+            try:
+                out = self.runner.execute(SchedulerOutput([(req, n)]))
+            except Exception as exc:  # noqa: BLE001
+                log.exception("request %s failed in the engine", req.request_id)
+                req.draft, req.error = None, f"{type(exc).__name__}: {exc}"
+                self.scheduler.finish(req, "error")
+                updated.append(req)
+                finished.append(req)
+                continue
+            alone = self._update_from_output([(req, n)], out)
+            updated += alone.updated
+            finished += alone.finished
+        return StepOutput(updated, finished)
 
     def _update_from_output(self, scheduled: list[tuple[Request, int]], out: ModelRunnerOutput) -> StepOutput:
         """Advance every scheduled request by what the step computed and emitted; retire the finished."""

@@ -27,13 +27,15 @@ class Update:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list | None = None  # per output token: (logprob, [(token id, logprob), ...]) when asked for
     prompt_logprobs: list | None = None  # per prompt token (None for the first), once the prompt is through
+    error: str | None = None  # the engine failed this request alone (finish reason "error")
 
     def extended(self, delta: "Update") -> "Update":
         """This update followed by ``delta`` (an ``update_of(req, since=...)``): the request's state after both."""
         logprobs = None if delta.logprobs is None else (self.logprobs or []) + delta.logprobs
         return Update(self.token_ids + delta.token_ids, delta.finished, delta.finish_reason, delta.num_prompt_tokens,
                       delta.stop_text, delta.num_cached_tokens, logprobs,
-                      self.prompt_logprobs if self.prompt_logprobs is not None else delta.prompt_logprobs)
+                      self.prompt_logprobs if self.prompt_logprobs is not None else delta.prompt_logprobs,
+                      delta.error)
 
 
 def update_of(req: Request, since: int = 0) -> Update:
@@ -44,7 +46,8 @@ def update_of(req: Request, since: int = 0) -> Update:
         prompt_logprobs = list(req.prompt_logprobs)
     return Update(req.output_ids[since:], req.status is Status.FINISHED, req.finish_reason, len(req.prompt_ids),
                   req.text, req.num_cached_tokens,
-                  req.output_logprobs[since:] if req.params.logprobs is not None else None, prompt_logprobs)
+                  req.output_logprobs[since:] if req.params.logprobs is not None else None, prompt_logprobs,
+                  req.error)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ class Request:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     text: str | None = None  # set when a stop string cut the output
+    error: str | None = None  # why the engine failed this request (finish reason "error")
     scheduled_time: float | None = None  # when it last left the waiting queue for a step (queue-time metric)
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -35,6 +35,10 @@ from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeReques
 log = logging.getLogger("xytune.server")
 
 
+class RequestFailed(RuntimeError):
+    """The engine failed one request (a bug it hit); the others in flight and later ones are served."""
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
 
@@ -66,8 +70,8 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, model_name: str, api_ke
     app.post("/tokenize", responses=_errors(400, 404))(server.tokenize)
     app.post("/detokenize", responses=_errors(400, 404))(server.detokenize)
     app.get("/v1/models", responses=_errors(401))(server.models)
-    app.post("/v1/completions", responses={**json_or_stream, **_errors(400, 401, 404, 503)})(server.completions)
-    app.post("/v1/chat/completions", responses={**json_or_stream, **_errors(400, 401, 404, 503)})(
+    app.post("/v1/completions", responses={**json_or_stream, **_errors(400, 401, 404, 500, 503)})(server.completions)
+    app.post("/v1/chat/completions", responses={**json_or_stream, **_errors(400, 401, 404, 500, 503)})(
         server.chat_completions)
     app.openapi = lambda: _openapi_without_422(app)
     return app
@@ -77,7 +81,8 @@ ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error":
     "type": "object", "required": ["message", "type", "code"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "integer"}}}}}
 ERROR_MEANINGS = {400: "A bad request body: one sentence says what is wrong.", 401: "Missing or wrong API key.",
-                  404: "No such model (or metrics are off).", 503: "The engine failed."}
+                  404: "No such model (or metrics are off).",
+                  500: "The engine failed this request alone (a bug; the server goes on).", 503: "The engine failed."}
 
 
 def _errors(*codes: int) -> dict:
@@ -168,6 +173,8 @@ class OpenAIServer:
             return await self.respond(request, body, prompts, params, chat=False, echo=echo)
         except RequestError as exc:
             return _error(400, str(exc))
+        except RequestFailed as exc:
+            return _error(500, str(exc), "server_error")
         except RuntimeError as exc:  # the engine failed
             return _error(503, str(exc), "server_error")
 
@@ -188,6 +195,8 @@ class OpenAIServer:
             return await self.respond(request, body, [ids], params, chat=True, echo=echo)
         except (RequestError, ValueError) as exc:
             return _error(400, str(exc))
+        except RequestFailed as exc:
+            return _error(500, str(exc), "server_error")
         except RuntimeError as exc:
             return _error(503, str(exc), "server_error")
 
@@ -251,6 +260,8 @@ class OpenAIServer:
                     u = getters.pop(i).result()
                     if isinstance(u, BaseException):
                         raise RuntimeError(f"engine failed: {u}")
+                    if u.error is not None:  # this request failed alone; the engine serves the others on
+                        raise RequestFailed(f"the engine failed this request: {u.error}")
                     if u.finished:
                         del pending[i]
                     yield i, u
