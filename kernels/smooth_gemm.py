@@ -66,7 +66,7 @@ class SmoothGEMMPlanner:
         if not options:
             raise ValueError(f"none of the primitives {sorted(primitives or [])} is in the table for n={n} k={k}.")
         self.n, self.k, self.dtype = n, k, dtype
-        self._model = cost_model
+        self.cost_model = cost_model
         self.segment_overhead_s = cost_model.tuning("segment_overhead_s", dtype)
         self.split_margin = cost_model.tuning("split_margin", dtype)
         self._curves = {name: c for name, c in curves.items() if primitives is None or name in primitives}

@@ -58,7 +58,7 @@ def test_xy_sizes_prefill_to_the_slo(llm, monkeypatch):
     slo_ms = predictor.predict(2 + 32, 3) * 1e3  # room for about 32 prefill tokens beside two decodes
     sched = llm.engine.scheduler
     # the rest of every request's tokens expected at the SLO itself: no slack, the plain pace rule
-    monkeypatch.setattr(sched, "recent_step_seconds", lambda: sched.config.tbt_slo_ms / 1e3)
+    monkeypatch.setattr(sched.xy, "recent_step_seconds", lambda: sched.config.tbt_slo_ms / 1e3)
     _, steps = run(llm, "xy", slo_ms=slo_ms)
     mixed = [s for s in steps if s.num_decode_tokens and s.num_prefill_tokens]
     assert mixed, "some steps should mix decode and prefill tokens"
@@ -75,7 +75,7 @@ def test_xy_sizes_prefill_to_the_slo(llm, monkeypatch):
     # nobody decoding: nothing to protect, a prefill step takes the whole token budget
     assert max(s.num_prefill_tokens for s in starved if not s.num_decode_tokens) > 16 + 2
     # decode steps measured at a fifth of the SLO leave slack: the same SLO admits larger prefill chunks
-    monkeypatch.setattr(sched, "recent_step_seconds", lambda: sched.config.tbt_slo_ms / 5e3)
+    monkeypatch.setattr(sched.xy, "recent_step_seconds", lambda: sched.config.tbt_slo_ms / 5e3)
     _, slack = run(llm, "xy", slo_ms=slo_ms)
     slack_mixed = [s for s in slack if s.num_decode_tokens and s.num_prefill_tokens]
     assert max(s.num_prefill_tokens for s in slack_mixed) > max(s.num_prefill_tokens for s in mixed)
@@ -97,39 +97,39 @@ def test_step_deadline_spends_the_slack_of_requests_ahead_of_their_pace(llm):
     ahead = decoding("a", 10, 0.7)  # 10 tokens in 0.7 s
     late = decoding("b", 10, 2.0, max_tokens=48)  # 10 in 2 s: behind its pace, but 38 more tokens can catch up
     slo = 0.1  # with the rest of the tokens expected at the SLO, the rule is the plain pace
-    assert sched.step_deadline([(ahead, 1)], now, slo) == pytest.approx(0.3)  # token 11 is due 0.3 s from now
-    assert sched.step_deadline([(ahead, 1), (late, 1)], now, slo) == pytest.approx(0.1)  # the late one: the SLO
+    assert sched.xy.step_deadline([(ahead, 1)], now, slo) == pytest.approx(0.3)  # token 11 is due 0.3 s from now
+    assert sched.xy.step_deadline([(ahead, 1), (late, 1)], now, slo) == pytest.approx(0.1)  # the late one: the SLO
     # decoders that missed their SLOs whatever happens next set no deadline: 10 of at most 16 tokens in 2 s
     # (over 15 x 0.1 s already), or a first token after the 2 s TTFT SLO
     lost_tpot, lost_ttft = decoding("l", 10, 2.0), decoding("t", 10, 0.7, ttft=2.5)
-    assert sched.step_deadline([(ahead, 1), (lost_tpot, 1), (lost_ttft, 1)], now, slo) == pytest.approx(0.3)
-    assert sched.step_deadline([(lost_tpot, 1), (lost_ttft, 1)], now, slo) == pytest.approx(0.8)  # nothing to protect
+    assert sched.xy.step_deadline([(ahead, 1), (lost_tpot, 1), (lost_ttft, 1)], now, slo) == pytest.approx(0.3)
+    assert sched.xy.step_deadline([(lost_tpot, 1), (lost_ttft, 1)], now, slo) == pytest.approx(0.8)  # nothing to protect
     far_ahead = decoding("c", 50, 0.1)
-    assert sched.step_deadline([(far_ahead, 1)], now, slo) == pytest.approx(0.8)  # capped at 8x the SLO
-    assert sched.step_deadline([], now, slo) == pytest.approx(0.1)
+    assert sched.xy.step_deadline([(far_ahead, 1)], now, slo) == pytest.approx(0.8)  # capped at 8x the SLO
+    assert sched.xy.step_deadline([], now, slo) == pytest.approx(0.1)
     # fast steps leave slack: a request that just got its first token, expecting 15 more at 30 ms each, can
     # take 16 x 0.1 - 15 x 0.03 = 1.15 s (capped to 0.8 s); one with 3 tokens to go 3 x 0.1 - 2 x 0.03 = 0.24 s
     fresh, short = decoding("f", 1, 0.0, max_tokens=48), decoding("s", 1, 0.0, max_tokens=4)
-    assert sched.step_deadline([(fresh, 1)], now, 0.03) == pytest.approx(0.8)
-    assert sched.step_deadline([(short, 1)], now, 0.03) == pytest.approx(0.24)
-    assert sched.step_deadline([(fresh, 1), (short, 1)], now, 0.03) == pytest.approx(0.24)
+    assert sched.xy.step_deadline([(fresh, 1)], now, 0.03) == pytest.approx(0.8)
+    assert sched.xy.step_deadline([(short, 1)], now, 0.03) == pytest.approx(0.24)
+    assert sched.xy.step_deadline([(fresh, 1), (short, 1)], now, 0.03) == pytest.approx(0.24)
     # a request whose length is known (ignore_eos, no stops) counts all of its tokens to come: 47 x 0.1 -
     # 46 x 0.09 = 0.56 s, where the same request that may stop early counts 16: 16 x 0.1 - 15 x 0.09 = 0.25 s
     known = Request("k", [1, 2], SamplingParams(max_tokens=48, ignore_eos=True), arrival=now - 0.2,
                     output_ids=[5], first_token_time=now)
-    assert sched.step_deadline([(known, 1)], now, 0.09) == pytest.approx(0.56)
-    assert sched.step_deadline([(fresh, 1)], now, 0.09) == pytest.approx(0.25)
+    assert sched.xy.step_deadline([(known, 1)], now, 0.09) == pytest.approx(0.56)
+    assert sched.xy.step_deadline([(fresh, 1)], now, 0.09) == pytest.approx(0.25)
     known.params.stop_token_ids.append(7)  # a stop token can end it early: back to 16
-    assert sched.step_deadline([(known, 1)], now, 0.09) == pytest.approx(0.25)
+    assert sched.xy.step_deadline([(known, 1)], now, 0.09) == pytest.approx(0.25)
     # slow steps take slack away: 3 x 0.1 - 2 x 0.2 < the SLO, so the step gets the SLO
-    assert sched.step_deadline([(short, 1)], now, 0.2) == pytest.approx(0.1)
+    assert sched.xy.step_deadline([(short, 1)], now, 0.2) == pytest.approx(0.1)
     # a prompt that has waited over half its TTFT SLO (2 s) lets the step run 2x the TBT SLO
     waiting = Request("w", [1, 2, 3], SamplingParams(), arrival=now - 1.5)
     sched.waiting.append(waiting)
     try:
-        assert sched.step_deadline([(late, 1)], now, 0.1) == pytest.approx(0.2)
+        assert sched.xy.step_deadline([(late, 1)], now, 0.1) == pytest.approx(0.2)
         waiting.arrival = now - 0.5
-        assert sched.step_deadline([(late, 1)], now, 0.1) == pytest.approx(0.1)
+        assert sched.xy.step_deadline([(late, 1)], now, 0.1) == pytest.approx(0.1)
     finally:
         sched.waiting.remove(waiting)
 
@@ -154,5 +154,5 @@ def test_xy_serves_prompts_that_can_still_meet_their_ttft_first(llm):
     late = Request("b", [1, 2], SamplingParams(), arrival=now - 2.5)
     fresh_old = Request("c", [1, 2], SamplingParams(), arrival=now - 1.5)
     fresh = Request("d", [1, 2], SamplingParams(), arrival=now - 0.1)
-    order = sched._slo_order([late_old, late, fresh_old, fresh], now)
+    order = sched.xy.slo_order([late_old, late, fresh_old, fresh], now)
     assert [r.request_id for r in order] == ["c", "d", "a", "b"]  # FCFS within each half, nobody dropped

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import require_default_model
 
+from xytune.runtime.engine.block_manager import BlockAllocator, block_hashes
 from xytune.runtime.engine.engine import Engine
-from xytune.runtime.engine.kv_cache import BlockAllocator, block_hashes
 from xytune.runtime.engine.sampling import SamplingParams
 from xytune.runtime.llm import LLM
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import require_default_model
 
+from xytune.runtime.engine.block_manager import BlockAllocator
 from xytune.runtime.engine.engine import Engine, RequestError
-from xytune.runtime.engine.kv_cache import BlockAllocator
 from xytune.runtime.engine.sampling import SamplingParams, filter_logits, row_argmax
 from xytune.runtime.llm import LLM
 

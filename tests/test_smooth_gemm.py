@@ -54,7 +54,7 @@ def test_plan_covers_m_with_the_least_predicted_time(planner):
 def test_shape_flexible_primitives_run_the_tail_at_its_real_size(planner):
     """On CPU torch ops run any M at the interpolated cost: no tail pays for a whole bucket."""
     p, g = planner
-    flex = SmoothGEMMPlanner(p._model, g.n, g.k, "float32", exact_tails=True)
+    flex = SmoothGEMMPlanner(p.cost_model, g.n, g.k, "float32", exact_tails=True)
     plan = flex.plan(70)
     assert [(s.rows, s.primitive) for s in plan.segments] == [(70, "a")]
     assert plan.predicted_s == pytest.approx(padded_cost("a", 70, g.n, g.k))
@@ -69,13 +69,10 @@ def test_bad_m_and_missing_shapes_are_errors(planner):
     with pytest.raises(ValueError, match="at least 1"):
         p.plan(0)
     with pytest.raises(ValueError, match="no gemm rows"):
-        SmoothGEMMPlanner(p_model(p), 7, 9, "float32")
+        SmoothGEMMPlanner(p.cost_model, 7, 9, "float32")
     with pytest.raises(ValueError, match="none of the primitives"):
-        SmoothGEMMPlanner(p_model(p), p.n, p.k, "float32", primitives={"triton.tiled_gemm"})
+        SmoothGEMMPlanner(p.cost_model, p.n, p.k, "float32", primitives={"triton.tiled_gemm"})
 
-
-def p_model(planner):
-    return planner._model
 
 
 @pytest.mark.parametrize("m", [1, 5, 64, 70, 129, 300])

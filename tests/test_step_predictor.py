@@ -95,7 +95,7 @@ def test_nudge_moves_a_step_off_a_nearly_empty_tile(tmp_path):
     pred = StepPredictor(_model(tmp_path, tiled), "float32")
     kv = KVCache(1, 64, 16, 1, 8, __import__("torch").float32)
     sched = Scheduler(SchedulerConfig(policy="xy", align=16), kv, pred)
-    assert sched._nudge(busy=8, prefill=60) == 56  # 68 tokens -> 64: one tile instead of two
-    assert sched._nudge(busy=8, prefill=56) == 56  # already on the boundary
+    assert sched.xy.nudge(busy=8, prefill=60) == 56  # 68 tokens -> 64: one tile instead of two
+    assert sched.xy.nudge(busy=8, prefill=56) == 56  # already on the boundary
     flat = Scheduler(SchedulerConfig(policy="xy", align=16), kv, StepPredictor(_model(tmp_path, linear), "float32"))
-    assert flat._nudge(busy=8, prefill=60) == 60  # no tile effect: keep the SLO-sized step
+    assert flat.xy.nudge(busy=8, prefill=60) == 60  # no tile effect: keep the SLO-sized step

@@ -225,7 +225,7 @@ class Engine:
                 req.output_ids.append(tok)
                 if reason := self._finish_reason(req, tok):
                     break
-            self.scheduler.cache_computed_blocks(req)
+            self.scheduler.blocks.cache_computed_blocks(req)
             if reason:
                 self.scheduler.finish(req, reason)
                 finished.append(req)
@@ -233,7 +233,7 @@ class Engine:
         got_tokens = {id(r) for r in updated}
         for req, _ in scheduled:  # prefill chunks that sampled nothing (the others were registered above)
             if id(req) not in got_tokens:
-                self.scheduler.cache_computed_blocks(req)
+                self.scheduler.blocks.cache_computed_blocks(req)
             req.draft = None
         return StepOutput(updated, finished)
 

@@ -14,13 +14,13 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from .kv_cache import KVCache, block_hashes, blocks_needed
+from .block_manager import BlockManager
+from .kv_cache import KVCache
+from .policies import XYPolicy
 from .sampling import SamplingParams
 from .speculative import Draft, SpeculativeConfig, propose_ngram
-from .step_predictor import attention_pairs
 
 
 class Status(enum.Enum):
@@ -130,6 +130,8 @@ class Scheduler:
         if config.policy == "xy" and predictor is None:
             raise ValueError("the xy policy needs a cost table (a StepPredictor).")
         self.config, self.kv, self.predictor = config, kv, predictor
+        self.blocks = BlockManager(kv.allocator, kv.block_size)
+        self.xy = XYPolicy(self)
         self.speculative = speculative
         self.max_model_len = max_model_len or kv.capacity_tokens
         self.waiting: list[Request] = []
@@ -149,19 +151,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _grow(self, req: Request, num_tokens: int) -> bool:
-        """Give ``req`` blocks for ``num_tokens`` tokens; False when the pool is short."""
-        need = blocks_needed(num_tokens, self.kv.block_size) - len(req.blocks)
-        if need <= 0:
-            return True
-        if need > self.kv.allocator.num_free:
-            return False
-        req.blocks.extend(self.kv.allocator.allocate(need))
-        return True
-
     def preempt(self, req: Request) -> None:
-        self.kv.allocator.free(req.blocks)
-        req.blocks, req.num_computed, req.block_hashes, req.draft = [], 0, [], None
+        self.blocks.release(req)
+        req.draft = None
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -171,41 +163,16 @@ class Scheduler:
 
     def finish(self, req: Request, reason: str) -> None:
         req.status, req.finish_reason, req.finish_time = Status.FINISHED, reason, time.perf_counter()
-        self.kv.allocator.free(req.blocks)
-        req.blocks = []
+        self.blocks.release(req)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
 
-    def attach_cached_prefix(self, req: Request) -> None:
-        """Start a request on the cached blocks of its longest cached prefix (at least one token stays to run)."""
-        alloc, bs = self.kv.allocator, self.kv.block_size
-        if not alloc.enable_prefix_caching or req.blocks or req.params.prompt_logprobs is not None:
-            return  # prompt logprobs need every prompt position computed
-        hashes = block_hashes(req.all_ids, bs, (req.num_tokens - 1) // bs)
-        req.blocks = alloc.lookup(hashes)
-        req.block_hashes = hashes[: len(req.blocks)]
-        req.num_computed = len(req.blocks) * bs
-
-    def cache_computed_blocks(self, req: Request) -> None:
-        """Register the request's newly full, computed blocks with the prefix cache."""
-        alloc, bs = self.kv.allocator, self.kv.block_size
-        if not alloc.enable_prefix_caching:
-            return
-        full = min(req.num_computed, req.num_tokens) // bs
-        done = len(req.block_hashes)
-        if full > done:
-            parent = req.block_hashes[-1] if done else None
-            new = block_hashes(req.all_ids, bs, full, start=done, parent=parent)
-            for i, h in enumerate(new, start=done):
-                alloc.register(req.blocks[i], h)
-            req.block_hashes.extend(new)
-
     def _make_room(self, req: Request, num_tokens: int, scheduled: list) -> bool:
         """Grow ``req``, preempting newer unscheduled running requests while the pool is short."""
         taken = {id(r) for r, _ in scheduled}
-        while not self._grow(req, num_tokens):
+        while not self.blocks.grow(req, num_tokens):
             victims = [r for r in self.running if r is not req and id(r) not in taken and r.arrival >= req.arrival]
             if not victims:
                 return False
@@ -219,128 +186,6 @@ class Scheduler:
         room = min(budget, req.params.max_tokens - len(req.output_ids) - 1,
                    self.max_model_len - req.num_tokens - 1)
         return propose_ngram(req.all_ids, self.speculative, room)
-
-    def step_deadline(self, scheduled: list, now: float | None = None, recent_step_s: float | None = None) -> float:
-        """Seconds this step may take without pushing any decoding request's TPOT past the SLO.
-
-        The step SLO (``step_slo_s``, the TPOT SLO unless a TBT SLO was given) is an average over a request's
-        tokens. A request that has ``n`` tokens, ``E`` seconds after its first, and ``H`` more to come
-        (``_horizon``) ends at ``(E + S + (H - 1) * s) / (n + H - 1)`` per token if this step takes ``S`` and the rest take the
-        recent step time ``s``; the step may take the largest ``S`` that keeps that within the SLO for every
-        decoder (at least the SLO itself, at most 8x). With ``s`` at the SLO this is the plain pace rule
-        (token ``n + 1`` is due at ``n`` SLOs after the first); fast decode steps leave slack that lets a
-        prompt's prefill through in a few large steps instead of starving it in small ones.
-        """
-        tbt = self.config.step_slo_s
-        now = time.perf_counter() if now is None else now
-        if recent_step_s is None:
-            recent_step_s = self.recent_step_seconds()
-        allowed, decoders = [], 0
-        for r, _ in scheduled:
-            if r.first_token_time is None or not r.output_ids:
-                continue
-            decoders += 1
-            if self._lost(r, now):
-                continue
-            n = len(r.output_ids)
-            h = self._horizon(r)
-            allowed.append(tbt * (n + h - 1) - (now - r.first_token_time) - (h - 1) * recent_step_s)
-        if not allowed:  # nobody decoding: the SLO; only decoders that missed their SLOs: nothing to protect
-            return 8 * tbt if decoders else tbt
-        deadline = min(max(tbt, min(allowed)), 8 * tbt)
-        # a prompt that has waited half its TTFT SLO gets a longer step: the decoders absorb one slow token
-        waiting = [r.arrival for r in self.waiting] + [r.arrival for r in self.running if r.first_token_time is None]
-        if waiting and now - min(waiting) > self.config.ttft_slo_ms / 2e3:
-            deadline = max(deadline, 2 * tbt)
-        return deadline
-
-    @staticmethod
-    def _horizon(r: Request, unknown_length: int = 16) -> int:
-        """Tokens the request still has to produce, as far as the pace rule may count on them.
-
-        With ``ignore_eos`` and no stop strings or stop tokens it runs to ``max_tokens``, so its TPOT is an
-        average over all of them and the slack of the whole remainder is real; otherwise it may stop at any
-        token, and only the next ``unknown_length`` are counted.
-        """
-        remaining = max(1, r.params.max_tokens - len(r.output_ids))
-        p = r.params
-        if p.ignore_eos and not p.stop and not p.stop_token_ids:
-            return remaining
-        return min(unknown_length, remaining)
-
-    def _lost(self, r: Request, now: float) -> bool:
-        """Has this decoder already missed its SLOs, whatever the next steps do?
-
-        Its first token came after the TTFT SLO, or more time has passed since its first token than the
-        TPOT SLO allows for all of its tokens up to ``max_tokens``, so its TPOT ends over the SLO even if
-        every step from now took no time. Pacing steps for such a request only shrinks them for everyone:
-        under overload that cuts throughput and makes the next requests late too. It still decodes in
-        every step; it just sets no deadline.
-        """
-        if r.first_token_time - r.arrival > self.config.ttft_slo_ms / 1e3:
-            return True
-        return now - r.first_token_time > self.config.step_slo_s * max(1, r.params.max_tokens - 1)
-
-    def recent_step_seconds(self) -> float:
-        """Median measured time of the last 16 steps (the SLO itself until there are any)."""
-        records = list(self.predictor.records)[-16:] if self.predictor is not None else []
-        if not records:
-            return self.config.step_slo_s
-        return float(np.median([actual for _, _, actual in records]))
-
-    def _prefill_budget(self, scheduled: list, budget: int) -> int:
-        """xy: the most prefill tokens whose step the predictor keeps within the step deadline, nudged to
-        efficient M. Where even the decodes alone are predicted over the step SLO, no step size can meet it:
-        the step then takes the prefill that maximises throughput (``_throughput_budget``)."""
-        busy = sum(n for _, n in scheduled)  # decode and verify tokens, each with a logits row
-        decode_pairs = attention_pairs([(r.num_computed, n) for r, n in scheduled])
-        head = next((r for r in sorted(self.running, key=lambda r: r.arrival) if r.remaining > 1), None)
-        context = head.num_computed if head is not None else 0  # the next chunk most likely extends this prompt
-
-        def predicted(p: int) -> float:
-            pairs = decode_pairs + (attention_pairs([(context, p)]) if p else 0.0)
-            return self.predictor.predict(busy + p, busy + (1 if p else 0), pairs)
-
-        if predicted(0) > self.config.step_slo_s:
-            return self._throughput_budget(busy, budget, predicted)
-        slo = self.step_deadline(scheduled)
-
-        lo, hi = 0, budget
-        while lo < hi:  # predicted step time grows with tokens: binary search the largest that fits
-            mid = (lo + hi + 1) // 2
-            if predicted(mid) <= slo:
-                lo = mid
-            else:
-                hi = mid - 1
-        lo = self._nudge(busy, lo)
-        # Never starve prompts: when the SLO leaves no room, a step still takes one aligned chunk.
-        return max(lo, min(budget, self.config.align))
-
-    def _throughput_budget(self, busy: int, budget: int, predicted, within: float = 0.01) -> int:
-        """The largest prefill (in ``align`` steps, up to ``budget``) whose step is within ``within`` of the
-        most tokens per predicted second: on a machine too slow for the SLO, serve as much as it can."""
-        align = self.config.align
-        sizes = sorted({*range(align, budget + 1, align), budget})
-        rate = {p: (busy + p) / max(predicted(p), 1e-12) for p in sizes}
-        best = max(rate.values())
-        return max(p for p, r in rate.items() if r >= best * (1 - within))
-
-    def _nudge(self, busy: int, prefill: int, gain: float = 0.03) -> int:
-        """Trim the prefill tokens so the step's token count lands where the GEMM table is more efficient.
-
-        Looks up to two alignment units down for a total M whose table GEMM time per token beats that of
-        the SLO-sized step by at least ``gain`` (a step just past a tile boundary pays for a nearly empty
-        tile); otherwise keeps the SLO-sized count.
-        """
-        if prefill <= self.config.align:
-            return prefill
-        per_token = lambda p: self.predictor.table_seconds(busy + p, 1) / (busy + p)  # noqa: E731
-        base = per_token(prefill)
-        best, best_cost = prefill, base
-        for p in range(prefill - 1, max(self.config.align, prefill - 2 * self.config.align) - 1, -1):
-            if (c := per_token(p)) < best_cost:
-                best, best_cost = p, c
-        return best if best_cost < base * (1 - gain) else prefill
 
     def schedule(self) -> SchedulerOutput:
         """The next step's work under the policy, within the token budget, the sequence limit and the KV pool."""
@@ -367,50 +212,34 @@ class Scheduler:
                 elif req.status is Status.RUNNING:
                     self.preempt(req)
         if policy == "xy" and scheduled:  # with nobody decoding there is no token pace to protect
-            budget = min(budget, self._prefill_budget(scheduled, budget))
+            budget = min(budget, self.xy.prefill_budget(scheduled, budget))
         return self._schedule_prefills(budget, scheduled, align=policy == "xy")
-
-    def _slo_order(self, queue: list[Request], now: float | None = None) -> list[Request]:
-        """Prompts that can still meet the TTFT SLO first (oldest first), then those that already missed it.
-
-        Under overload, serving a prompt that is already late only makes the next ones late too; it is not
-        dropped, it runs as soon as the prompts that can still make it are through.
-        """
-        now = time.perf_counter() if now is None else now
-        limit = self.config.ttft_slo_ms / 1e3
-        return sorted(queue, key=lambda r: now - r.arrival > limit)  # stable: FCFS within each half
 
     def _schedule_prefills(self, budget: int, scheduled: list, align: bool) -> list[tuple[Request, int]]:
         """Prefill chunks, oldest first, within ``budget`` tokens and the KV pool."""
         prefilling = [r for r in sorted(self.running, key=lambda r: r.arrival) if r.remaining > 1]
         queue = prefilling + list(self.waiting)
         if self.config.policy == "xy":
-            queue = self._slo_order(queue)
+            queue = self.xy.slo_order(queue)
         for req in queue:
             if budget == 0:
                 break
             if req.status is Status.WAITING and len(self.running) >= self.config.max_num_seqs:
                 break
             if req.status is Status.WAITING:
-                self.attach_cached_prefix(req)
+                self.blocks.attach_cached_prefix(req)
             n = min(req.remaining, budget)
-            free_tokens = (len(req.blocks) + self.kv.allocator.num_free) * self.kv.block_size - req.num_computed
-            if free_tokens < n and req.status is Status.RUNNING:
+            if self.blocks.free_tokens(req) < n and req.status is Status.RUNNING:
                 self._make_room(req, req.num_computed + n, scheduled)
-                free_tokens = len(req.blocks) * self.kv.block_size - req.num_computed \
-                    + self.kv.allocator.num_free * self.kv.block_size
-            n = min(n, free_tokens)
+            n = min(n, self.blocks.free_tokens(req))
             if align and n < req.remaining and n >= self.config.align:
                 n -= n % self.config.align  # a chunk that does not finish the prompt ends on a tile boundary
-            if n <= 0 or not self._grow(req, req.num_computed + n):
+            if n <= 0 or not self.blocks.grow(req, req.num_computed + n):
                 if req.status is Status.WAITING:  # hand cached blocks back while it waits
-                    self.kv.allocator.free(req.blocks)
-                    req.blocks, req.num_computed, req.block_hashes = [], 0, []
+                    self.blocks.release(req)
                 break  # wait for blocks; FCFS order is kept
             if req.status is Status.WAITING:
-                if req.num_preemptions == 0:
-                    req.num_cached_tokens = req.num_computed
-                    self.kv.allocator.record_query(len(req.prompt_ids), req.num_computed)
+                self.blocks.record_admission(req)
                 self.waiting.remove(req)
                 self.running.append(req)
                 req.status = Status.RUNNING
