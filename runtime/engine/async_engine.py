@@ -2,9 +2,10 @@
 
 The HTTP server lives on an asyncio loop; the model runs in a thread so the
 loop stays responsive. Requests are handed over through a lock-protected
-inbox, and every step pushes each touched request's progress into that
-request's asyncio queue. Aborts (client gone) free the request's KV blocks
-at the next step boundary.
+inbox; every step is published as the engine process publishes it (a
+``StepDone`` of new tokens) and fanned out to the requests' asyncio queues
+by the same ``UpdateFanout``. Aborts (client gone) free the request's KV
+blocks at the next step boundary.
 """
 
 from __future__ import annotations
@@ -13,17 +14,16 @@ import asyncio
 import threading
 
 from .engine import Engine
-from .protocol import EngineInfo, FinishRecord, engine_snapshot, update_of
+from .protocol import EngineInfo, StepPublisher, UpdateFanout, engine_snapshot
 from .sampling import SamplingParams
-from .scheduler import Request
 
 
 class AsyncEngine:
     def __init__(self, engine: Engine, metrics=None):
         self.engine, self.metrics = engine, metrics
-        self._inbox: list[tuple] = []  # (prompt_ids, params, request_id, queue, loop)
+        self.fanout = UpdateFanout(metrics)
+        self._inbox: list[tuple[list[int], SamplingParams, str]] = []
         self._aborts: list[str] = []
-        self._queues: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
         self._wake = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
@@ -43,7 +43,7 @@ class AsyncEngine:
 
     @property
     def num_active(self) -> int:
-        return len(self._queues) + len(self._inbox)
+        return self.fanout.num_active
 
     @property
     def info(self) -> EngineInfo:
@@ -54,30 +54,23 @@ class AsyncEngine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> asyncio.Queue:
         """Validate and enqueue a request; its updates arrive on the returned queue."""
+        if self.error is not None:
+            raise RuntimeError(f"engine failed: {self.error}")
         self.engine.validate_prompt(prompt_ids, params)
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = self.fanout.register(request_id)
         with self._wake:
-            self._inbox.append((list(prompt_ids), params, request_id, queue, asyncio.get_running_loop()))
+            self._inbox.append((list(prompt_ids), params, request_id))
             self._wake.notify()
         return queue
 
     def abort(self, request_id: str) -> None:
-        with self._wake:
-            self._aborts.append(request_id)
-            self._wake.notify()
-
-    def _push(self, req: Request) -> None:
-        entry = self._queues.get(req.request_id)
-        if entry is None:
-            return
-        queue, loop = entry
-        update = update_of(req)
-        loop.call_soon_threadsafe(queue.put_nowait, update)
-        if update.finished:
-            self._queues.pop(req.request_id, None)
+        if self.fanout.drop(request_id):
+            with self._wake:
+                self._aborts.append(request_id)
+                self._wake.notify()
 
     def _loop(self) -> None:
-        engine = self.engine
+        engine, publisher = self.engine, StepPublisher()
         try:
             while True:
                 with self._wake:
@@ -87,23 +80,13 @@ class AsyncEngine:
                         return
                     inbox, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, []
-                for prompt_ids, params, rid, queue, loop in inbox:
-                    self._queues[rid] = (queue, loop)
+                for prompt_ids, params, rid in inbox:
                     engine.add_request(prompt_ids, params, request_id=rid)
                 for rid in aborts:
                     engine.abort(rid)
-                    self._queues.pop(rid, None)
+                    publisher.forget(rid)
                 if engine.has_work():
-                    step = engine.step()
-                    for req in step.updated:
-                        self._push(req)
-                    if self.metrics is not None and engine.step_stats:
-                        stats = engine.step_stats[-1]
-                        self.metrics.on_step(stats.seconds, stats.num_tokens)
-                        for req in step.finished:
-                            self.metrics.on_finish(FinishRecord.of(req))
-        except BaseException as exc:  # surface the failure to every waiting client instead of hanging them
+                    self.fanout.on_step(publisher.publish(engine, engine.step()))
+        except BaseException as exc:  # noqa: BLE001 - every waiting client hears of it instead of hanging
             self.error = exc
-            for rid, (queue, loop) in list(self._queues.items()):
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            self._queues.clear()
+            self.fanout.fail_all(exc)

@@ -17,7 +17,6 @@ import asyncio
 import multiprocessing as mp
 import signal
 import threading
-import time
 
 from ..llm import LLM
 from .engine import RequestError
@@ -30,17 +29,14 @@ from .protocol import (
     EngineInfo,
     EngineReady,
     EngineStopped,
-    FinishRecord,
     RequestRejected,
     StepDone,
+    StepPublisher,
     StopEngine,
-    Update,
+    UpdateFanout,
     engine_snapshot,
-    update_of,
 )
 from .sampling import SamplingParams
-
-SNAPSHOT_EVERY_S = 0.2  # the gauges travel with a step at most this often, or when it finishes a request
 
 
 class EngineStartError(RuntimeError):
@@ -60,8 +56,7 @@ def _core_main(conn, llm_kwargs: dict) -> None:
     engine = llm.engine
     conn.send(EngineReady(EngineInfo.of(engine), llm.tokenizer, str(llm.dtype).replace("torch.", ""),
                           engine_snapshot(engine)))
-    stopping, snapshot_at = False, time.monotonic()
-    sent: dict[str, int] = {}  # output tokens already sent, per request
+    stopping, publisher = False, StepPublisher()
     try:
         while not (stopping and not engine.has_work()):
             wait = 0 if engine.has_work() else 0.5
@@ -75,7 +70,7 @@ def _core_main(conn, llm_kwargs: dict) -> None:
                         conn.send(RequestRejected(msg.request_id, str(exc)))
                 elif isinstance(msg, AbortRequest):
                     engine.abort(msg.request_id)
-                    sent.pop(msg.request_id, None)
+                    publisher.forget(msg.request_id)
                 elif isinstance(msg, StopEngine):
                     stopping = True
             if not engine.has_work():
@@ -83,23 +78,7 @@ def _core_main(conn, llm_kwargs: dict) -> None:
                     break
                 conn.send(EngineIdle(engine_snapshot(engine)))  # aborts may have freed blocks
                 continue
-            step = engine.step()
-            finished = step.finished
-            updates = []
-            for req in step.updated:
-                updates.append((req.request_id, update_of(req, since=sent.get(req.request_id, 0))))
-                sent[req.request_id] = len(req.output_ids)
-            records = [FinishRecord.of(req) for req in finished]
-            for req in finished:
-                sent.pop(req.request_id, None)
-            stats = engine.step_stats[-1] if engine.step_stats else None
-            # The gauges (the cost-model error is a median over thousands of steps) at most 5x/s, and with every
-            # step that finishes a request: a client that has its response then reads /metrics that count it.
-            snapshot = None
-            if finished or time.monotonic() - snapshot_at >= SNAPSHOT_EVERY_S:
-                snapshot, snapshot_at = engine_snapshot(engine), time.monotonic()
-            conn.send(StepDone(updates, stats.seconds if stats else 0.0, stats.num_tokens if stats else 0, records,
-                               snapshot))
+            conn.send(publisher.publish(engine, engine.step()))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the server is gone
     except BaseException as exc:  # noqa: BLE001 - every waiting client hears of it instead of hanging
@@ -117,9 +96,7 @@ class EngineProcess:
         self.info: EngineInfo | None = None
         self.tokenizer = None
         self.dtype: str | None = None
-        self._snapshot: dict = {}
-        self._queues: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
-        self._so_far: dict[str, Update] = {}  # each live request's state, from the core's per-step deltas
+        self.fanout = UpdateFanout(metrics)
         self._send_lock = threading.Lock()
         self._proc = None
         self._conn = None
@@ -144,7 +121,7 @@ class EngineProcess:
         if isinstance(msg, EngineFailed):
             self._proc.join(5)
             raise EngineStartError(msg.message)
-        self.info, self.tokenizer, self.dtype, self._snapshot = msg.info, msg.tokenizer, msg.dtype, msg.snapshot
+        self.info, self.tokenizer, self.dtype, self.fanout.snapshot = msg.info, msg.tokenizer, msg.dtype, msg.snapshot
         self._reader = threading.Thread(target=self._read, name="xytune-engine-reader", daemon=True)
         self._reader.start()
 
@@ -164,35 +141,27 @@ class EngineProcess:
 
     @property
     def num_active(self) -> int:
-        return len(self._queues)
+        return self.fanout.num_active
 
     def snapshot(self) -> dict:
-        return self._snapshot
+        return self.fanout.snapshot
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> asyncio.Queue:
         """Validate and send a request; its updates arrive on the returned queue."""
         if self.error is not None:
             raise RuntimeError(f"engine failed: {self.error}")
         self.info.validate_prompt(prompt_ids, params)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = (queue, asyncio.get_running_loop())
+        queue = self.fanout.register(request_id)
         self._send(AddRequest(request_id, list(prompt_ids), params))
         return queue
 
     def abort(self, request_id: str) -> None:
-        self._so_far.pop(request_id, None)
-        if self._queues.pop(request_id, None) is not None and self.error is None:
+        if self.fanout.drop(request_id) and self.error is None:
             self._send(AbortRequest(request_id))
 
     def _send(self, msg) -> None:
         with self._send_lock:
             self._conn.send(msg)
-
-    def _deliver(self, rid: str, item) -> None:
-        entry = self._queues.get(rid)
-        if entry is not None:
-            queue, loop = entry
-            loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def _read(self) -> None:
         """The reader thread: one message per step from the core."""
@@ -200,36 +169,15 @@ class EngineProcess:
             while True:
                 msg = self._conn.recv()
                 if isinstance(msg, StepDone):
-                    self._on_step(msg)
+                    self.fanout.on_step(msg)
                 elif isinstance(msg, EngineIdle):
-                    self._snapshot = msg.snapshot
+                    self.fanout.snapshot = msg.snapshot
                 elif isinstance(msg, RequestRejected):
-                    self._deliver(msg.request_id, RuntimeError(msg.message))
-                    self._queues.pop(msg.request_id, None)
+                    self.fanout.fail(msg.request_id, RuntimeError(msg.message))
                 elif isinstance(msg, EngineCrashed):
                     raise RuntimeError(msg.message)
                 elif isinstance(msg, EngineStopped):
                     return
         except BaseException as exc:  # noqa: BLE001 - a dead core fails every waiting request, never hangs it
             self.error = exc if not isinstance(exc, EOFError) else RuntimeError("the engine process exited")
-            for rid in list(self._queues):
-                self._deliver(rid, self.error)
-            self._queues.clear()
-
-    def _on_step(self, msg: StepDone) -> None:
-        """Add each request's new tokens to what it had and hand the result to its client."""
-        self._snapshot = msg.snapshot or self._snapshot
-        for rid, delta in msg.updates:
-            if rid not in self._queues:  # aborted: its client is gone
-                self._so_far.pop(rid, None)
-                continue
-            update = self._so_far[rid].extended(delta) if rid in self._so_far else delta
-            self._so_far[rid] = update
-            self._deliver(rid, update)
-            if update.finished:
-                self._queues.pop(rid, None)
-                self._so_far.pop(rid, None)
-        if self.metrics is not None:
-            self.metrics.on_step(msg.seconds, msg.num_tokens)
-            for rec in msg.finished:
-                self.metrics.on_finish(rec)
+            self.fanout.fail_all(self.error)

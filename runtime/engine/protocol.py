@@ -2,15 +2,18 @@
 the engine's fixed facts (``EngineInfo``), finished requests' timings, the gauges, and the typed messages
 between the server and the engine in its own process (``core``).
 
-One update protocol: the engine sends each step's new tokens (``update_of(req, since)``) and the receiver
-adds them up (``Update.extended``); the engine thread, which shares memory, sends whole states.
+One update protocol, whether the engine runs in a thread of the server or in a process of its own: after
+each step the engine side builds a ``StepDone`` of the step's new tokens per request (``StepPublisher``) and
+the server side adds them up and hands each request's state to its client (``UpdateFanout``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 
-from .engine import Engine, check_prompt
+from .engine import Engine, StepOutput, check_prompt
 from .sampling import SamplingParams
 from .scheduler import Request, Status
 
@@ -165,3 +168,91 @@ class EngineCrashed:
 @dataclass(frozen=True)
 class EngineStopped:
     """The engine process finished its work and ends."""
+
+
+# -- the one update protocol: StepDone out of the engine side, request states into the clients' queues --
+
+SNAPSHOT_EVERY_S = 0.2  # the gauges travel with a step at most this often, or when it finishes a request
+
+
+class StepPublisher:
+    """The engine side: each step as a ``StepDone`` of every touched request's new tokens since the last."""
+
+    def __init__(self):
+        self._sent: dict[str, int] = {}  # output tokens already published, per request
+        self._snapshot_at = 0.0
+
+    def forget(self, request_id: str) -> None:
+        self._sent.pop(request_id, None)
+
+    def publish(self, engine: Engine, step: StepOutput) -> StepDone:
+        updates = []
+        for req in step.updated:
+            updates.append((req.request_id, update_of(req, since=self._sent.get(req.request_id, 0))))
+            self._sent[req.request_id] = len(req.output_ids)
+        for req in step.finished:
+            self._sent.pop(req.request_id, None)
+        stats = engine.step_stats[-1] if engine.step_stats else None
+        # The gauges (the cost-model error is a median over thousands of steps) at most 5x/s, and with every
+        # step that finishes a request: a client that has its response then reads /metrics that count it.
+        snapshot = None
+        if step.finished or time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_S:
+            snapshot, self._snapshot_at = engine_snapshot(engine), time.monotonic()
+        return StepDone(updates, stats.seconds if stats else 0.0, stats.num_tokens if stats else 0,
+                        [FinishRecord.of(req) for req in step.finished], snapshot)
+
+
+class UpdateFanout:
+    """The server side: adds each request's new tokens to what it had and puts the result on its client's
+    asyncio queue (from any thread); counts finished requests and steps in the metrics."""
+
+    def __init__(self, metrics=None):
+        self.metrics = metrics
+        self.snapshot: dict | None = None
+        self._queues: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._so_far: dict[str, Update] = {}
+
+    @property
+    def num_active(self) -> int:
+        return len(self._queues)
+
+    def register(self, request_id: str) -> asyncio.Queue:
+        """The queue a new request's updates will arrive on (call on the client's event loop)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = (queue, asyncio.get_running_loop())
+        return queue
+
+    def drop(self, request_id: str) -> bool:
+        """Stop delivering to a request (aborted, or its client gone); False if it was not live."""
+        self._so_far.pop(request_id, None)
+        return self._queues.pop(request_id, None) is not None
+
+    def fail(self, request_id: str, error: BaseException) -> None:
+        self._deliver(request_id, error)
+        self.drop(request_id)
+
+    def fail_all(self, error: BaseException) -> None:
+        for rid in list(self._queues):
+            self.fail(rid, error)
+
+    def on_step(self, msg: StepDone) -> None:
+        self.snapshot = msg.snapshot or self.snapshot
+        for rid, delta in msg.updates:
+            if rid not in self._queues:  # aborted: its client is gone
+                self._so_far.pop(rid, None)
+                continue
+            update = self._so_far[rid].extended(delta) if rid in self._so_far else delta
+            self._so_far[rid] = update
+            self._deliver(rid, update)
+            if update.finished:
+                self.drop(rid)
+        if self.metrics is not None:
+            self.metrics.on_step(msg.seconds, msg.num_tokens)
+            for rec in msg.finished:
+                self.metrics.on_finish(rec)
+
+    def _deliver(self, rid: str, item) -> None:
+        entry = self._queues.get(rid)
+        if entry is not None:
+            queue, loop = entry
+            loop.call_soon_threadsafe(queue.put_nowait, item)
