@@ -73,12 +73,30 @@ def test_top_k_and_top_p_filters():
     assert probs[0] < 0.8 < probs[0] + probs[1]
     tiny = filter_logits(logits, 1.0, -1, 0.01)
     assert torch.isfinite(tiny[0]) and torch.isinf(tiny[1:]).all()
-    assert torch.allclose(filter_logits(logits, 2.0, -1, 1.0), logits / 2)
+    assert torch.allclose(filter_logits(logits, 2.0, -1, 1.0).softmax(-1), (logits / 2).softmax(-1))
     # min_p: keep tokens at least this likely relative to the top one (e^-1 = 0.37 of it for the second)
     kept = filter_logits(logits, 1.0, -1, 1.0, min_p=0.3)
     assert torch.isfinite(kept[:2]).all() and torch.isinf(kept[2:]).all()
     assert torch.isfinite(filter_logits(logits, 1.0, -1, 1.0, min_p=1.0)).sum() == 1
     assert torch.isfinite(filter_logits(logits, 2.0, -1, 1.0, min_p=0.3)).sum() == 3  # after temperature
+
+
+def test_extreme_sampling_values_sample_instead_of_failing():
+    """Found by fuzzing the server: a temperature of 1e-38 or a repetition penalty of 1e308 made the softmax
+    NaN and torch.multinomial raise. Such values are valid; they sample like greedy (or penalise hard)."""
+    from xytune.runtime.engine.sampling import adjust_logits, sample
+
+    logits = torch.tensor([[3.0, 2.0, -1.0, 0.5]])
+    gen = torch.Generator().manual_seed(0)
+    cold = SamplingParams(temperature=1.175494351e-38)
+    assert sample(logits.clone(), [cold], [gen]) == [0]
+    for penalty in (7.9e307, 1e-300):
+        params = SamplingParams(temperature=1.0, repetition_penalty=penalty)
+        z = adjust_logits(logits[0].clone(), params, [0, 2], [1])
+        assert not torch.isnan(z).any() and z.argmax() == (3 if penalty > 1 else 0)
+        assert sample(z[None].clone(), [params], [gen])[0] in range(4)
+    banned = SamplingParams(temperature=0.7)  # every token banned (stop tokens before min_tokens): no NaN draw
+    assert sample(logits.clone(), [banned], [gen], [[0, 1, 2, 3]]) == [0]
 
 
 def test_row_argmax_takes_the_first_maximum_like_torch():

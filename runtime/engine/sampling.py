@@ -106,7 +106,8 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list
         counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=logits.shape[-1])
         counts = counts[: logits.shape[-1]].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+    # an extreme penalty (repetition_penalty 1e-300 or 1e300 are valid) overflows: keep the order, drop the inf
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
 
 
 def top_logprobs(logits: torch.Tensor, tokens: list[int], n: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:
@@ -135,8 +136,11 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                   min_p: float = 0.0) -> torch.Tensor:
     """Temperature, then min-p, top-k and top-p (nucleus) on one row of float32 logits. The most likely token
-    survives every filter, so min-p (a probability ratio to it) gives the same result in any order."""
-    logits = logits / temperature
+    survives every filter, so min-p (a probability ratio to it) gives the same result in any order.
+
+    The row is shifted to a maximum of 0 before the temperature divides it (softmax does not change), so a
+    tiny temperature sends the others to -inf instead of the maximum to +inf (whose softmax is NaN)."""
+    logits = (logits - logits.max()) / temperature
     if min_p > 0:
         logits = logits.masked_fill(logits < logits.max() + math.log(min_p), float("-inf"))
     if top_k > 0 and top_k < logits.shape[-1]:
@@ -184,7 +188,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                 logits[i, ids] = float("-inf")
     out = row_argmax(logits)
     for i, p in enumerate(params):
-        if not p.greedy:
+        if not p.greedy and not torch.isneginf(logits[i]).all():  # every token banned: the argmax, as greedy
             probs = filter_logits(logits[i], p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
             out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
     return out
