@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -22,14 +23,18 @@ def start_server(*args: str) -> tuple[subprocess.Popen, str]:
     """``xytune serve`` on a free loopback port (float32, the reference table), once /health answers."""
     require_default_model()
     port = free_port()
+    # the server's output goes to a file: a pipe nobody reads fills up (64 KB) and blocks the server mid-request
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "xytune.cli", "serve", "--port", str(port), "--dtype", "float32",
                              "--profile", str(REFERENCE_TABLE), "--allow-mismatch", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stderr.read()}")
+            log.seek(0)
+            pytest.fail(f"server exited: {log.read()}")
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                 return proc, base

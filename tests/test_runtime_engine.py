@@ -95,6 +95,10 @@ def test_extreme_sampling_values_sample_instead_of_failing():
         z = adjust_logits(logits[0].clone(), params, [0, 2], [1])
         assert not torch.isnan(z).any() and z.argmax() == (3 if penalty > 1 else 0)
         assert sample(z[None].clone(), [params], [gen])[0] in range(4)
+    row = logits[0].clone()
+    adjust_logits(row, SamplingParams(repetition_penalty=5e-324), [0], [])  # in place, as the model runner calls it
+    assert not torch.isnan(row).any()
+    assert sample(logits.clone(), [SamplingParams(top_p=5e-324)], [gen]) == [0]  # top_p rounds to 0 in float32
     banned = SamplingParams(temperature=0.7)  # every token banned (stop tokens before min_tokens): no NaN draw
     assert sample(logits.clone(), [banned], [gen], [[0, 1, 2, 3]]) == [0]
 

@@ -36,8 +36,10 @@ def _short(body):
     if not isinstance(body, dict):
         return body
     for key in ("max_tokens", "max_completion_tokens"):
-        value = body.get(key, GENERATED_TOKENS)
-        if isinstance(value, int) and not isinstance(value, bool):
+        value = body.get(key)
+        if value is None:  # left out or null: the server's default (256) would generate for seconds
+            body[key] = GENERATED_TOKENS
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):  # 21.0 is a valid integer too
             body[key] = min(value, GENERATED_TOKENS)
     return body
 

@@ -107,7 +107,7 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list
         counts = counts[: logits.shape[-1]].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
     # an extreme penalty (repetition_penalty 1e-300 or 1e300 are valid) overflows: keep the order, drop the inf
-    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    return logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)  # in place, as the rest
 
 
 def top_logprobs(logits: torch.Tensor, tokens: list[int], n: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:
@@ -151,6 +151,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass before it already reaches top_p (the first token always stays)
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False  # even at a top_p that rounds to 0 in float32 (5e-324 is a valid value)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     return logits

@@ -33,6 +33,7 @@ from .openai_output import ChoiceStream
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest
 
 log = logging.getLogger("xytune.server")
+MAX_WARNED_FIELDS = 64  # unknown field names logged (once each); clients that invent names cannot fill the log
 
 
 class RequestFailed(RuntimeError):
@@ -165,6 +166,8 @@ class OpenAIServer:
             params = body.sampling_params(self.default_max_tokens, self.tokenizer)
             echo = None
             if body.echo:
+                for ids in prompts:  # before decoding them for the echo: ids outside the vocabulary are a 400
+                    self.info.validate_prompt(ids, params)
                 echo = [p if isinstance(p, str) and not body.truncate_prompt_tokens else self.tokenizer.decode(ids)
                         for p, ids in zip(given, prompts)]
                 params.prompt_logprobs = body.logprobs
@@ -204,7 +207,8 @@ class OpenAIServer:
         if body.model not in (None, self.model_name):
             return _error(404, f"The model {body.model!r} does not exist; this server runs {self.model_name!r}.",
                           "not_found_error")
-        if isinstance(body, SamplingFields) and (new := set(body.ignored_fields()) - self.warned):
+        if isinstance(body, SamplingFields) and len(self.warned) < MAX_WARNED_FIELDS \
+                and (new := set(body.ignored_fields()) - self.warned):
             self.warned.update(new)
             log.warning("ignoring request fields this server does not use: %s", ", ".join(sorted(new)))
         return None
