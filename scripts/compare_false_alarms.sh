@@ -15,18 +15,23 @@ regressions() { sed -n 's/.*regressed: \([0-9]*\);.*/\1/p'; }
 
 echo "profiling the base table: xytune profile ${args[*]}"
 xytune profile "${args[@]}" --no-progress -o "$dir/base.parquet" > /dev/null
-printf '%-4s %6s %22s %20s %9s %24s\n' run rows "regressed (defaults)" "regressed (a=0.05)" suspects "regressed after re-time"
+printf '%-4s %6s %7s %18s %22s %20s %9s %24s\n' run rows drift "regressed (raw)" "regressed (defaults)" \
+  "regressed (a=0.05)" suspects "regressed after re-time"
 for i in $(seq "$runs"); do
   xytune profile "${args[@]}" --no-progress -o "$dir/run$i.parquet" > /dev/null
   cp "$dir/base.parquet" "$dir/base$i.parquet"
   report=$(xytune compare "$dir/base$i.parquet" "$dir/run$i.parquet" --suspects "$dir/suspects$i.json" || true)
   rows=$(sed -n 's/.*rows compared: \([0-9]*\);.*/\1/p' <<< "$report")
   loose=$(xytune compare "$dir/base$i.parquet" "$dir/run$i.parquet" --alpha 0.05 | regressions || true)
+  raw=$(xytune compare "$dir/base$i.parquet" "$dir/run$i.parquet" --no-normalize | regressions || true)
+  drift=$(sed -n 's/.*drift (median ratio, rows are judged relative to it): \([0-9.]*\).*/\1/p' <<< "$report")
   suspects=$(python -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$dir/suspects$i.json")
-  for round in 1 2 3; do
-    xytune retime "$dir/base$i.parquet" "$dir/suspects$i.json" > /dev/null
-    xytune retime "$dir/run$i.parquet" "$dir/suspects$i.json" > /dev/null
+  for round in 1 2 3; do  # as the CI workflow: the first round replaces the samples, the next ones add
+    fresh=$([ "$round" = 1 ] && echo --fresh || true)
+    xytune retime "$dir/base$i.parquet" "$dir/suspects$i.json" $fresh > /dev/null
+    xytune retime "$dir/run$i.parquet" "$dir/suspects$i.json" $fresh > /dev/null
   done
   after=$(xytune compare "$dir/base$i.parquet" "$dir/run$i.parquet" | regressions || true)
-  printf '%-4s %6s %22s %20s %9s %24s\n' "$i" "$rows" "$(regressions <<< "$report")" "$loose" "$suspects" "$after"
+  printf '%-4s %6s %7s %18s %22s %20s %9s %24s\n' "$i" "$rows" "$drift" "$raw" "$(regressions <<< "$report")" \
+    "$loose" "$suspects" "$after"
 done

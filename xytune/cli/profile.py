@@ -149,6 +149,9 @@ def compare(
                                         help="Compare tables of different devices (the report says so on top)."),
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="Compare a table whose sweep did not finish (the report says so)."),
+    normalize: bool = typer.Option(True, "--normalize/--no-normalize",
+                                   help="Judge rows relative to the whole table's median ratio (the machine's "
+                                   "drift between runs)."),
 ):
     """Compare two cost tables; exit 1 on a significant regression beyond the threshold."""
     # heavy (pandas, scipy, matplotlib): imported when the command runs, so `xytune --help` starts at once
@@ -156,7 +159,8 @@ def compare(
     from xytune.reports.compare import CompareError, compare_tables, markdown_report, plot_ratios
 
     try:
-        result = compare_tables(read_table(base), read_table(new), threshold, alpha, allow_mismatch, allow_partial)
+        result = compare_tables(read_table(base), read_table(new), threshold, alpha, allow_mismatch, allow_partial,
+                                normalize)
     except (TableError, CompareError) as exc:
         fail(str(exc))
     text = markdown_report(result, str(base), str(new))
@@ -181,6 +185,7 @@ def retime(
     rows: Path = typer.Argument(..., help="JSON list of row keys (what `compare --suspects` writes)."),
     device: str = typer.Option("cpu", help="The device the table was measured on: cpu, cuda[:N], npu[:N]."),
     threads: int = typer.Option(None, help="CPU threads [default: torch's]."),
+    fresh: bool = typer.Option(False, "--fresh", help="Replace the rows' samples instead of adding to them."),
 ):
     """Time some rows of a table again on this device and pool the samples (CI: base and head take turns)."""
     # heavy (torch): imported when the command runs, so `xytune --help` starts at once
@@ -190,7 +195,7 @@ def retime(
     try:
         keys = json.loads(rows.read_text())
         dev = get_device(device, threads=threads)
-        n = retime_rows(table, dev, keys if isinstance(keys, list) else [])
+        n = retime_rows(table, dev, keys if isinstance(keys, list) else [], fresh=fresh)
     except (OSError, ValueError, DeviceError, SweepError) as exc:
         fail(str(exc))
     console.print(f"re-timed {n} of {len(keys)} rows in {table}")

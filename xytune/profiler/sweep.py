@@ -380,12 +380,14 @@ class Sweep:
                 self.run_group(g, advance=lambda n: bar.advance(task, n))
 
 
-def retime_rows(path: Path, device: Device, keys: list[dict]) -> int:
-    """Time the rows of the table at ``path`` named by ``keys`` again and pool the new samples with theirs.
+def retime_rows(path: Path, device: Device, keys: list[dict], fresh: bool = False) -> int:
+    """Time the rows of the table at ``path`` named by ``keys`` again and pool the new samples with theirs
+    (``fresh``: replace them).
 
     A CI job times the rows a comparison found suspicious again, base and head taking turns (as asv's
-    ``continuous`` does), so a slow minute of a shared runner does not decide the verdict. Rows keep the
-    table's timing policy; keys the table lacks are skipped. Returns the number of rows re-timed.
+    ``continuous`` does), so a slow minute of a shared runner does not decide the verdict; the first round
+    replaces the samples of the separate runs, the next ones add to them. Rows keep the table's timing
+    policy; keys the table lacks are skipped. Returns the number of rows re-timed.
     """
     try:
         table = read_table(path)
@@ -409,7 +411,7 @@ def retime_rows(path: Path, device: Device, keys: list[dict]) -> int:
         fn = REGISTRY[row["primitive"]].make(shape, config, row["dtype"], device)
         with torch.inference_mode():
             fn()
-        samples = list(row["samples_s"]) + measure(fn, device, timing)
+        samples = ([] if fresh else list(row["samples_s"])) + measure(fn, device, timing)
         stats = summarize(samples)
         stats["n_samples"] = stats.pop("n")
         stats.update(roofline_fraction(row["flops"], row["bytes"], stats["median_s"], row["dtype"],
