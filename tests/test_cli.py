@@ -51,8 +51,8 @@ def test_profile_show_plot_compare_end_to_end(tmp_path):
     again = tmp_path / "again.parquet"
     xytune("profile", "--device", "cpu", "--threads", "1", "-o", again, *SMALL, check=0)
     suspects, ratios = tmp_path / "suspects.json", tmp_path / "ratios.png"
-    xytune("compare", table, again, "--threshold", "0", "--suspects", suspects, "--plot", ratios, "--report",
-           report)
+    xytune("compare", table, again, "--threshold", "0", "--no-normalize", "--suspects", suspects, "--plot", ratios,
+           "--report", report)
     assert report.read_text().count("# xytune cost-table comparison") == 2  # appended, not overwritten
     assert ratios.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     keys = json.loads(suspects.read_text())
@@ -64,6 +64,9 @@ def test_profile_show_plot_compare_end_to_end(tmp_path):
     grew = after["n_samples"] > before["n_samples"]
     assert set(map(tuple, after.loc[grew, KEY_COLUMNS].values)) == {tuple(k[c] for c in KEY_COLUMNS) for k in keys}
     assert all(list(a[:len(b)]) == list(b) for a, b in zip(after.loc[grew, "samples_s"], before.loc[grew, "samples_s"]))
+    xytune("retime", again, suspects, "--threads", "1", "--fresh", check=0)  # fresh: the old samples are gone
+    fresh = read_table(again).rows.loc[grew]
+    assert all(set(a).isdisjoint(b) for a, b in zip(fresh["samples_s"], after.loc[grew, "samples_s"]))
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
