@@ -51,7 +51,7 @@ def test_profile_show_plot_compare_end_to_end(tmp_path):
     again = tmp_path / "again.parquet"
     xytune("profile", "--device", "cpu", "--threads", "1", "-o", again, *SMALL, check=0)
     suspects, ratios = tmp_path / "suspects.json", tmp_path / "ratios.png"
-    xytune("compare", table, again, "--threshold", "0", "--no-normalize", "--suspects", suspects, "--plot", ratios,
+    xytune("compare", table, again, "--threshold", "0", "--suspects", suspects, "--plot", ratios,
            "--report", report)
     assert report.read_text().count("# xytune cost-table comparison") == 2  # appended, not overwritten
     assert ratios.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -86,20 +86,14 @@ def test_suspects_are_the_rows_beyond_the_threshold_significant_or_not(synthetic
     assert not compare_tables(base, new, alpha=0.05).regressions.empty
 
 
-def test_a_whole_run_drift_is_no_regression_but_rows_slower_than_the_drift_are(synthetic_table):
-    """Two runs on a shared runner differ as a whole (every row significantly slower); a code regression moves
-    some rows against the rest. Rows are judged relative to the median ratio, and the report says it moved."""
+def test_a_whole_run_drift_is_reported_and_its_rows_are_suspects(synthetic_table):
+    """Two runs on a shared runner differ as a whole: every row is significantly slower, and the report says
+    the whole table moved, so the suspects get timed again (base and head in turns) before a verdict."""
     base = resampled(synthetic_table, noise=0.02, seed=1)
     n = len(base.rows)
     new = resampled(synthetic_table, scale_rows=list(range(n)), factor=1.2, noise=0.02, seed=2)
-    slowed = [5, 50]
-    new.rows.loc[slowed, "samples_s"] = new.rows.loc[slowed, "samples_s"].map(lambda s: [x * 1.3 for x in s])
-    new.rows.loc[slowed, "median_s"] = new.rows.loc[slowed, "samples_s"].map(lambda s: sorted(s)[len(s) // 2])
     c = compare_tables(base, new)
     assert c.drift == pytest.approx(1.2, rel=0.03)
-    key = ["target", "m", "primitive"]
-    assert set(map(tuple, c.regressions[key].itertuples(index=False))) == \
-        set(map(tuple, new.rows.loc[slowed, key].itertuples(index=False)))
+    assert len(c.suspects) == n and len(c.regressions) > 0.9 * n
     assert "Warning: the whole new table is x1.20 the base" in markdown_report(c, "a", "b")
-    raw = compare_tables(base, new, normalize=False)  # judged on raw ratios, the drift flags nearly every row
-    assert raw.drift == 1.0 and len(raw.regressions) > 0.9 * n
+    assert "Warning: the whole" not in markdown_report(compare_tables(base, base), "a", "b")

@@ -149,9 +149,6 @@ def compare(
                                         help="Compare tables of different devices (the report says so on top)."),
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="Compare a table whose sweep did not finish (the report says so)."),
-    normalize: bool = typer.Option(True, "--normalize/--no-normalize",
-                                   help="Judge rows relative to the whole table's median ratio (the machine's "
-                                   "drift between runs)."),
 ):
     """Compare two cost tables; exit 1 on a significant regression beyond the threshold."""
     # heavy (pandas, scipy, matplotlib): imported when the command runs, so `xytune --help` starts at once
@@ -159,8 +156,7 @@ def compare(
     from xytune.reports.compare import CompareError, compare_tables, markdown_report, plot_ratios
 
     try:
-        result = compare_tables(read_table(base), read_table(new), threshold, alpha, allow_mismatch, allow_partial,
-                                normalize)
+        result = compare_tables(read_table(base), read_table(new), threshold, alpha, allow_mismatch, allow_partial)
     except (TableError, CompareError) as exc:
         fail(str(exc))
     text = markdown_report(result, str(base), str(new))

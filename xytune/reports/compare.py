@@ -32,21 +32,21 @@ class Comparison:
     alpha: float
     mismatch: list[str] = field(default_factory=list)  # device differences the user allowed (--allow-mismatch)
     partial: list[str] = field(default_factory=list)  # "base"/"new": tables an interrupted sweep left (--allow-partial)
-    drift: float = 1.0  # median new/base ratio over all rows: the machine's speed between the runs (see compare_tables)
+    drift: float = 1.0  # median new/base ratio over all rows: how the machine's speed moved between the runs
 
     @property
     def regressions(self) -> pd.DataFrame:
-        return self.rows[self.rows["status"] == "regressed"].sort_values("judged_ratio", ascending=False)
+        return self.rows[self.rows["status"] == "regressed"].sort_values("ratio", ascending=False)
 
     @property
     def improvements(self) -> pd.DataFrame:
-        return self.rows[self.rows["status"] == "improved"].sort_values("judged_ratio")
+        return self.rows[self.rows["status"] == "improved"].sort_values("ratio")
 
     @property
     def suspects(self) -> pd.DataFrame:
         """Rows slower beyond the threshold, significant or not: what a re-run should time again before a
         verdict (asv's ``continuous`` re-runs the benchmarks that changed, both sides taking turns)."""
-        return self.rows[self.rows["judged_ratio"] > 1 + self.threshold]
+        return self.rows[self.rows["ratio"] > 1 + self.threshold]
 
 
 def _p_value(base: list[float], new: list[float]) -> float:
@@ -59,13 +59,13 @@ def _p_value(base: list[float], new: list[float]) -> float:
 
 def compare_tables(base: CostTable, new: CostTable, threshold: float = DEFAULT_THRESHOLD,
                    alpha: float = DEFAULT_ALPHA, allow_mismatch: bool = False,
-                   allow_partial: bool = False, normalize: bool = True) -> Comparison:
+                   allow_partial: bool = False) -> Comparison:
     """Row-by-row regression test of ``new`` against ``base``.
 
-    ``normalize``: rows are judged by their ratio over the median ratio of all rows (the drift). Two runs on
-    one shared runner differ by 10-30% as a whole (measured: a table against fresh re-runs of itself), and
-    every row of a slower run is significantly slower; a regression in the code moves some rows against the
-    others. A change that slows every row alike moves the drift instead, which the report shows on top.
+    Two separate runs on one shared runner differ by 10-30% as a whole, and not alike for every row (small
+    GEMMs and large ones move differently), so neither a per-row test nor dividing by the median ratio (the
+    drift, which the report shows) tells a code change from the machine; timing the suspects again with
+    base and head taking turns does (``suspects``, ``xytune retime``; see docs/benchmarks.md).
 
     Tables of different devices (backend, device name, cores, threads, ISA features) measure different
     machines, not a regression: refused unless ``allow_mismatch``, which keeps the differences for the
@@ -98,18 +98,14 @@ def compare_tables(base: CostTable, new: CostTable, threshold: float = DEFAULT_T
     if both.empty:
         raise CompareError("The tables have no (op, shape, primitive, dtype, config) row in common.")
     both["ratio"] = both["median_s_new"] / both["median_s_base"]
-    drift = float(np.exp(np.median(np.log(both["ratio"])))) if normalize else 1.0
-    both["judged_ratio"] = both["ratio"] / drift
-    # the rank test sees the samples on the judged scale: a whole-run shift alone is not a significant change
-    both["p_value"] = [_p_value(b, [x / drift for x in n])
-                       for b, n in zip(both["samples_s_base"], both["samples_s_new"])]
+    drift = float(np.exp(np.median(np.log(both["ratio"]))))
+    both["p_value"] = [_p_value(b, n) for b, n in zip(both["samples_s_base"], both["samples_s_new"])]
     significant = both["p_value"] < alpha
-    judged = both["judged_ratio"]
     both["status"] = np.select(
-        [significant & (judged > 1 + threshold), significant & (judged < 1 - threshold)],
+        [significant & (both["ratio"] > 1 + threshold), significant & (both["ratio"] < 1 - threshold)],
         ["regressed", "improved"], default="unchanged",
     )
-    keep = KEY_COLUMNS + ["m_base", "median_s_base", "median_s_new", "ratio", "judged_ratio", "p_value", "status"]
+    keep = KEY_COLUMNS + ["m_base", "median_s_base", "median_s_new", "ratio", "p_value", "status"]
     out = both[keep].rename(columns={"m_base": "m"}).reset_index(drop=True)
     return Comparison(out, only_base, only_new, threshold, alpha, mismatch, partial, drift)
 
@@ -128,8 +124,8 @@ def markdown_report(c: Comparison, base_name: str, new_name: str, limit: int = 5
                   "differences below may be the machines', not a regression.", ""]
     if abs(c.drift - 1) > c.threshold:
         lines += [f"> **Warning: the whole new table is x{c.drift:.2f} the base** (median over all rows): the "
-                  "machine ran at another speed, or a change slowed every row alike; rows are judged relative to "
-                  "it.", ""]
+                  "machine ran at another speed, or a change moved every row; re-time the suspects with base and "
+                  "new taking turns (`xytune retime`) before trusting the verdict.", ""]
     if c.partial:
         lines += [f"> **Warning: the {' and '.join(c.partial)} table is partial** (its sweep did not finish); "
                   "only the rows both tables have are compared.", ""]
@@ -139,20 +135,19 @@ def markdown_report(c: Comparison, base_name: str, new_name: str, limit: int = 5
         f"- rows compared: {len(c.rows)}; regressed: {len(reg)}; improved: {len(imp)}; "
         f"unchanged: {len(c.rows) - len(reg) - len(imp)}",
         f"- rows only in base: {c.only_base}; only in new: {c.only_new}",
-        f"- geometric-mean ratio new/base: {float(np.exp(np.log(c.rows['ratio']).mean())):.3f}; drift (median "
-        f"ratio, rows are judged relative to it): {c.drift:.3f}", "",
+        f"- geometric-mean ratio new/base: {float(np.exp(np.log(c.rows['ratio']).mean())):.3f}; median: "
+        f"{c.drift:.3f}", "",
     ]
     for title, frame in (("Regressions (worst first)", reg), ("Improvements (best first)", imp)):
         if frame.empty:
             continue
-        lines += [f"## {title}", "", "| op | target | M | primitive | dtype | config | base us | new us | ratio "
-                  "| / drift | p |", "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"## {title}", "", "| op | target | M | primitive | dtype | config | base us | new us | ratio | p |",
+                  "|---|---|---:|---|---|---|---:|---:|---:|---:|"]
         for r in frame.head(limit).itertuples(index=False):
             lines.append(f"| {r.op} | {r.target} | {r.m} | {r.primitive} | {r.dtype} | `{r.config}` | "
-                         f"{_fmt_us(r.median_s_base)} | {_fmt_us(r.median_s_new)} | {r.ratio:.3f} | "
-                         f"{r.judged_ratio:.3f} | {r.p_value:.3g} |")
+                         f"{_fmt_us(r.median_s_base)} | {_fmt_us(r.median_s_new)} | {r.ratio:.3f} | {r.p_value:.3g} |")
         if len(frame) > limit:
-            lines.append(f"| ... {len(frame) - limit} more | | | | | | | | | | |")
+            lines.append(f"| ... {len(frame) - limit} more | | | | | | | | | |")
         lines.append("")
     return "\n".join(lines)
 
@@ -174,8 +169,8 @@ def plot_ratios(c: Comparison, out: str | Path) -> Path:
             ax.plot(best.index, best.values, marker=".", linewidth=1, label=f"{prim} {dtype}")
         bad = g[g["status"] == "regressed"]
         ax.scatter(bad["m"], bad["ratio"], s=40, facecolors="none", edgecolors="red", label="regressed")
-        for y in (c.drift * (1 - c.threshold), c.drift, c.drift * (1 + c.threshold)):  # judged relative to drift
-            ax.axhline(y, color="grey", linewidth=0.8, linestyle="-" if y == c.drift else ":")
+        for y in (1 - c.threshold, 1, 1 + c.threshold):
+            ax.axhline(y, color="grey", linewidth=0.8, linestyle="-" if y == 1 else ":")
         ax.set_xscale("log", base=2)
         ax.set_title(target)
         ax.set_xlabel("M (tokens)")
