@@ -107,7 +107,7 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list
         counts = counts[: logits.shape[-1]].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
     # an extreme penalty (repetition_penalty 1e-300 or 1e300 are valid) overflows: keep the order, drop the inf
-    return logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)  # in place, as the rest
+    return logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
 
 
 def top_logprobs(logits: torch.Tensor, tokens: list[int], n: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:
