@@ -90,6 +90,7 @@ def test_extreme_sampling_values_sample_instead_of_failing():
     gen = torch.Generator().manual_seed(0)
     cold = SamplingParams(temperature=1.175494351e-38)
     assert sample(logits.clone(), [cold], [gen]) == [0]
+    assert SamplingParams(temperature=5e-155).greedy  # 0 in float32: greedy, as vLLM does below 1e-5
     for penalty in (7.9e307, 1e-300):
         params = SamplingParams(temperature=1.0, repetition_penalty=penalty)
         z = adjust_logits(logits[0].clone(), params, [0, 2], [1])
@@ -99,6 +100,8 @@ def test_extreme_sampling_values_sample_instead_of_failing():
     adjust_logits(row, SamplingParams(repetition_penalty=5e-324), [0], [])  # in place, as the model runner calls it
     assert not torch.isnan(row).any()
     assert sample(logits.clone(), [SamplingParams(top_p=5e-324)], [gen]) == [0]  # top_p rounds to 0 in float32
+    with pytest.raises(ValueError, match="seed must be in"):  # a generator cannot take it: refused, not a crash
+        SamplingParams(temperature=1.0, seed=-881910654389628436480)
     banned = SamplingParams(temperature=0.7)  # every token banned (stop tokens before min_tokens): no NaN draw
     assert sample(logits.clone(), [banned], [gen], [[0, 1, 2, 3]]) == [0]
 

@@ -81,7 +81,10 @@ class AsyncEngine:
                     inbox, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, []
                 for prompt_ids, params, rid in inbox:
-                    engine.add_request(prompt_ids, params, request_id=rid)
+                    try:
+                        engine.add_request(prompt_ids, params, request_id=rid)
+                    except Exception as exc:  # noqa: BLE001 - a bug one request hits fails that request alone
+                        self.fanout.fail(rid, RuntimeError(f"the engine could not take this request: {exc!r}"))
                 for rid in aborts:
                     engine.abort(rid)
                     publisher.forget(rid)

@@ -66,8 +66,9 @@ def _core_main(conn, llm_kwargs: dict) -> None:
                 if isinstance(msg, AddRequest):
                     try:
                         engine.add_request(msg.prompt_ids, msg.params, request_id=msg.request_id)
-                    except RequestError as exc:
-                        conn.send(RequestRejected(msg.request_id, str(exc)))
+                    except Exception as exc:  # noqa: BLE001 - refused (or a bug it hit): that request alone fails
+                        conn.send(RequestRejected(msg.request_id, str(exc) if isinstance(exc, RequestError)
+                                                  else f"the engine could not take this request: {exc!r}"))
                 elif isinstance(msg, AbortRequest):
                     engine.abort(msg.request_id)
                     publisher.forget(msg.request_id)

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # torch.Generator.manual_seed's
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's sampling epsilon)
+
 
 @dataclass
 class SamplingParams:
@@ -56,6 +59,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}.")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}.")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (what torch.Generator takes), "
+                             f"got {self.seed}.")
         if any(not seq for seq in self.bad_words_ids):
             raise ValueError("bad words must not be empty.")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
@@ -76,7 +82,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW  # 1e-155 is 0 in float32: dividing by it is NaN
 
 
 MAX_LOGPROBS = 20

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from ..engine.engine import RequestError
-from ..engine.sampling import MAX_LOGPROBS, SamplingParams
+from ..engine.sampling import MAX_LOGPROBS, SEED_RANGE, SamplingParams
 from ..model.tokenizer import Tokenizer
 
 MAX_CHOICES = 16  # n: choices per prompt, each an engine request of its own
@@ -39,7 +39,7 @@ class SamplingFields(BaseModel):
     top_k: int = Field(default=-1, ge=-1)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
