@@ -66,7 +66,8 @@ def test_meta_attention_and_the_reference_agree_on_a_built_batch():
     checked = plan_meta_attention(batch.requests, 9, 3, k.shape[1], 8, 64, 16)
     assert vouched.short.page == checked.short.page == 16
     out = run_meta_attention_torch(vouched, q, k, v, 0.125)
-    torch.testing.assert_close(out, run_meta_attention_torch(checked, q, k, v, 0.125))
+    # the two plans gather keys into different layouts, so the GEMMs may sum in another order (6e-5 seen once)
+    torch.testing.assert_close(out, run_meta_attention_torch(checked, q, k, v, 0.125), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out, reference_attention(q, k, v, batch, 0.125), rtol=1e-4, atol=1e-4)
 
 
