@@ -12,6 +12,7 @@ from xytune.profiler.cost_model import CostModel
 
 from .engine.engine import Engine, RequestOutput
 from .engine.kv_cache import bytes_per_block
+from .engine.protocol import run_to_completion
 from .engine.sampling import SamplingParams
 from .engine.scheduler import SchedulerConfig
 from .engine.speculative import SpeculativeConfig
@@ -118,4 +119,4 @@ class LLM:
         if len(plist) != len(encoded):
             raise ValueError("give one SamplingParams or one per prompt.")
         reqs = [self.engine.add_request(ids, p, prompt=text) for (ids, text), p in zip(encoded, plist)]
-        return self.engine.run_to_completion(reqs)
+        return run_to_completion(self.engine, reqs)

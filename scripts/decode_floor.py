@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from xytune.profiler.devices import get_device
+from xytune.runtime.engine.protocol import run_to_completion
 from xytune.runtime.engine.sampling import SamplingParams
 from xytune.runtime.llm import LLM
 from xytune.runtime.model.llama import apply_rotary, rms_norm
@@ -47,7 +48,7 @@ def capture_decode_step(batch: int):
     model.forward = lambda *a: seen.setdefault("args", a) and forward(*a)
     eng.step()
     model.forward = forward
-    eng.run_to_completion(reqs)
+    run_to_completion(eng, reqs)
     return seen["args"]
 
 

@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 import xytune
+from xytune.runtime.engine.protocol import run_to_completion
 from xytune.runtime.engine.sampling import SamplingParams
 from xytune.runtime.llm import LLM
 
@@ -32,7 +33,7 @@ def main() -> None:
             engine.step()
             seconds.append(time.perf_counter() - start)
         medians[batch] = float(np.median(seconds)) * 1e3
-        engine.run_to_completion(reqs)
+        run_to_completion(engine, reqs)
     print(xytune.__file__, " ".join(f"batch {b}: {ms:.2f} ms" for b, ms in medians.items()))
 
 

@@ -10,7 +10,7 @@ from conftest import require_default_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xytune.runtime.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from xytune.runtime.model.tokenizer import IncrementalDetokenizer, OutputText, Tokenizer
 
 TEXT = ("naïve café 😀 日本語のテキスト, the quick brown fox jumps over the lazy dog; "
         "Ünïcödé ∑ x² — «quotes» and emoji 🚀🔥 mixed in.")
@@ -57,3 +57,45 @@ def test_sentencepiece_style_leading_space_streams_exactly():
     ids = tok.encode(TEXT, add_special_tokens=False)
     assert tok.decode(ids) == TEXT and tok.decode(ids[1:2]) != tok.decode(ids[:2])[len(tok.decode(ids[:1])):]
     _check_every_prefix(tok, ids)
+
+
+def _stream(out: OutputText, ids: list[int], may_stop_from: int = 0) -> tuple[list[str], bool]:
+    shown, stopped = [], False
+    for n in range(1, len(ids) + 1):
+        stopped = out.add(ids[:n], may_stop=n >= may_stop_from)
+        shown.append(out.shown)
+        if stopped:
+            break
+    if not stopped:
+        out.finish(ids)
+        shown.append(out.shown)
+    return shown, stopped
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, len(TEXT) - 6), st.integers(1, 6), st.booleans())
+def test_output_text_cuts_at_the_first_stop_string_and_never_takes_text_back(smollm2_tokenizer, at, length,
+                                                                             include):
+    ids = smollm2_tokenizer.encode(TEXT, add_special_tokens=False)
+    stop = TEXT[at: at + length]
+    shown, stopped = _stream(OutputText(smollm2_tokenizer, stop=(stop, "never appears"), include_stop=include), ids)
+    first = TEXT.find(stop)
+    assert stopped and shown[-1] == TEXT[: first + len(stop) if include else first]
+    assert all(later.startswith(earlier) for earlier, later in zip(shown, shown[1:]))
+
+
+def test_output_text_without_stop_strings_is_the_full_decode(smollm2_tokenizer):
+    ids = smollm2_tokenizer.encode(TEXT, add_special_tokens=False)
+    shown, stopped = _stream(OutputText(smollm2_tokenizer), ids)
+    assert not stopped and shown[-1] == TEXT
+    assert all(later.startswith(earlier) for earlier, later in zip(shown, shown[1:]))
+
+
+def test_a_stop_string_complete_before_min_tokens_is_not_matched_later(smollm2_tokenizer):
+    """vLLM's rule: stop strings are searched in the text that arrives once the request may stop."""
+    ids = smollm2_tokenizer.encode("fox one fox two", add_special_tokens=False)
+    n_first_fox = next(n for n in range(1, len(ids) + 1) if "fox" in smollm2_tokenizer.decode(ids[:n]))
+    shown, stopped = _stream(OutputText(smollm2_tokenizer, stop=("fox",)), ids, may_stop_from=n_first_fox + 1)
+    assert stopped and shown[-1] == "fox one "
+    shown, stopped = _stream(OutputText(smollm2_tokenizer, stop=("fox",)), ids)
+    assert stopped and shown[-1] == ""

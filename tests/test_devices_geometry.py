@@ -58,6 +58,22 @@ def test_fingerprint_mismatch_classes():
     assert fatal and "threads" in fatal[0]
 
 
+def test_two_xeons_with_one_name_and_one_isa_are_told_apart_by_model_and_caches():
+    """Two KVM guests seen here were both "Intel(R) Xeon(R) Processor" with the same ISA flags, yet their
+    small float32 GEMMs differed 2x: the CPU model and cache sizes are part of a table's identity."""
+    here = get_device("cpu").fingerprint()
+    assert here["cpu_model"] is None or here["cpu_model"].split()[0] in ("family", "implementer")
+    xeon = {"backend": "cpu", "device_name": "Intel(R) Xeon(R) Processor", "isa": ["avx512f", "amx_tile"],
+            "threads": 2, "cpu_model": "family 6 model 207", "cpu_caches": "L1d 48K L2 2048K L3 327680K"}
+    fatal, _ = fingerprint_mismatches(xeon, {**xeon, "cpu_model": "family 6 model 167"})
+    assert [line.split(":")[0] for line in fatal] == ["cpu_model"]
+    fatal, _ = fingerprint_mismatches(xeon, {**xeon, "cpu_caches": "L1d 48K L2 2048K L3 491520K"})
+    assert [line.split(":")[0] for line in fatal] == ["cpu_caches"]
+    older = {k: v for k, v in xeon.items() if k not in ("cpu_model", "cpu_caches")}  # a table from before
+    fatal, soft = fingerprint_mismatches(older, xeon)
+    assert not fatal and len(soft) == 2
+
+
 def test_presets_and_tp_sharding():
     g = resolve_geometry("llama-3.1-8b")
     assert {x.name: (x.n, x.k) for x in g.gemms()} == {

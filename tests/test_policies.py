@@ -7,6 +7,7 @@ import warnings
 import pytest
 from conftest import REFERENCE_TABLE, require_default_model
 
+from xytune.runtime.engine.protocol import run_to_completion
 from xytune.runtime.engine.sampling import SamplingParams
 from xytune.runtime.engine.scheduler import SchedulerConfig
 from xytune.runtime.llm import LLM
@@ -34,7 +35,7 @@ def run(llm, policy, slo_ms=100.0):
     reqs = [eng.add_request(llm.tokenizer.encode(p), params) for p in PROMPTS[:2]]
     eng.step()  # two requests start decoding, then three more arrive
     reqs += [eng.add_request(llm.tokenizer.encode(p), params) for p in PROMPTS[2:]]
-    outs = eng.run_to_completion(reqs)
+    outs = run_to_completion(eng, reqs)
     return [o.outputs[0].token_ids for o in outs], list(eng.step_stats)
 
 

@@ -7,6 +7,7 @@ from conftest import require_default_model
 
 from xytune.runtime.engine.block_manager import BlockAllocator, block_hashes
 from xytune.runtime.engine.engine import Engine
+from xytune.runtime.engine.protocol import run_to_completion
 from xytune.runtime.engine.sampling import SamplingParams
 from xytune.runtime.llm import LLM
 
@@ -70,11 +71,11 @@ def test_a_shared_prefix_hits_and_outputs_stay_exact(llm):
     p = SamplingParams(max_tokens=16, temperature=0)
     qs = [SYSTEM + "What is entropy?", SYSTEM + "What is a mole?", SYSTEM + "Why does ice float?"]
     cold = Engine(llm.model, llm.tokenizer, num_blocks=64, enable_prefix_caching=False)
-    expected = [o.outputs[0].token_ids for o in cold.run_to_completion(
-        [cold.add_request(llm.tokenizer.encode(q), p) for q in qs])]
+    expected = [o.outputs[0].token_ids
+                for o in run_to_completion(cold, [cold.add_request(llm.tokenizer.encode(q), p) for q in qs])]
     eng = Engine(llm.model, llm.tokenizer, num_blocks=64, enable_prefix_caching=True)
-    first = eng.run_to_completion([eng.add_request(llm.tokenizer.encode(qs[0]), p)])
-    rest = eng.run_to_completion([eng.add_request(llm.tokenizer.encode(q), p) for q in qs[1:]])
+    first = run_to_completion(eng, [eng.add_request(llm.tokenizer.encode(qs[0]), p)])
+    rest = run_to_completion(eng, [eng.add_request(llm.tokenizer.encode(q), p) for q in qs[1:]])
     assert [o.outputs[0].token_ids for o in first + rest] == expected
     shared = len(llm.tokenizer.encode(SYSTEM)) // 16 * 16
     alloc = eng.kv.allocator
@@ -87,10 +88,10 @@ def test_cached_prefix_skips_prefill_work(llm):
     p = SamplingParams(max_tokens=1, temperature=0)
     ids = llm.tokenizer.encode(SYSTEM * 3)
     eng = Engine(llm.model, llm.tokenizer, num_blocks=64, enable_prefix_caching=True)
-    eng.run_to_completion([eng.add_request(ids, p)])
+    run_to_completion(eng, [eng.add_request(ids, p)])
     n_before = sum(s.num_tokens for s in eng.step_stats)
     again = eng.add_request(ids, p)
-    eng.run_to_completion([again])
+    run_to_completion(eng, [again])
     n_again = sum(s.num_tokens for s in eng.step_stats) - n_before
     assert n_before == len(ids)
     assert again.num_cached_tokens == (len(ids) - 1) // 16 * 16
@@ -102,9 +103,9 @@ def test_prefix_cache_with_preemption_keeps_outputs(llm):
     prompts = [SYSTEM + q for q in ("Define force.", "Define energy.", "Define mass.", "Define heat.")]
     ids = [llm.tokenizer.encode(q) for q in prompts]
     cold = Engine(llm.model, llm.tokenizer, num_blocks=64, enable_prefix_caching=False)
-    expected = [o.outputs[0].token_ids for o in cold.run_to_completion([cold.add_request(i, greedy) for i in ids])]
+    expected = [o.outputs[0].token_ids for o in run_to_completion(cold, [cold.add_request(i, greedy) for i in ids])]
     eng = Engine(llm.model, llm.tokenizer, num_blocks=14, enable_prefix_caching=True)
-    outs = eng.run_to_completion([eng.add_request(i, greedy) for i in ids])
+    outs = run_to_completion(eng, [eng.add_request(i, greedy) for i in ids])
     assert eng.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert eng.kv.allocator.num_free == 14

@@ -12,6 +12,15 @@ from conftest import require_default_model
 
 from xytune.runtime.engine.block_manager import BlockAllocator
 from xytune.runtime.engine.engine import Engine, RequestError
+from xytune.runtime.engine.protocol import (
+    AbortRequest,
+    AddRequest,
+    RequestRejected,
+    StepDone,
+    StopEngine,
+    drive,
+    run_to_completion,
+)
 from xytune.runtime.engine.sampling import SamplingParams, filter_logits, row_argmax
 from xytune.runtime.llm import LLM
 
@@ -38,7 +47,7 @@ def test_preemption_under_a_small_cache_keeps_outputs_exact(llm):
     greedy = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True, logprobs=2, prompt_logprobs=1)
     expected = llm.generate(PROMPTS, greedy)
     engine = Engine(llm.model, llm.tokenizer, num_blocks=12, block_size=16)  # 6 requests need 24 blocks
-    outs = engine.run_to_completion([engine.add_request(llm.tokenizer.encode(p), greedy) for p in PROMPTS])
+    outs = run_to_completion(engine, [engine.add_request(llm.tokenizer.encode(p), greedy) for p in PROMPTS])
     assert engine.scheduler.num_preemptions > 0, "the cache was meant to be too small for all requests"
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
     for got, want in zip(outs, expected):  # recomputed requests record each logprob once
@@ -250,3 +259,36 @@ def test_a_request_that_fails_in_the_engine_fails_alone(llm, monkeypatch):
     assert llm.engine.kv.allocator.num_free == llm.engine.kv.num_blocks  # its blocks went back too
     monkeypatch.undo()
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], greedy)] == expected
+
+
+def test_the_engine_loop_takes_commands_and_publishes_text_and_rejections(llm):
+    """``drive``, the loop of the server thread, the engine process and the bench: a request it cannot take
+    is rejected alone, an aborted one stops publishing, and the text the steps publish adds up to what
+    ``LLM.generate`` returns, cut at a stop string the same way."""
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    expected = llm.generate(PROMPTS[0], greedy)[0].outputs[0]
+    stop = expected.text[len(expected.text) // 2:][:3]
+    stopping = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop])
+    inbox = [[AddRequest("a", llm.tokenizer.encode(PROMPTS[0]), greedy),
+              AddRequest("bad", [], greedy),
+              AddRequest("s", llm.tokenizer.encode(PROMPTS[0]), stopping),
+              AddRequest("gone", llm.tokenizer.encode(PROMPTS[1]), greedy)],
+             [AbortRequest("gone"), StopEngine()]]
+    text, tokens, finished, rejected = {}, {}, {}, {}
+
+    def publish(msg):
+        if isinstance(msg, RequestRejected):
+            rejected[msg.request_id] = msg.message
+        elif isinstance(msg, StepDone):
+            for rid, u in msg.updates:
+                text[rid] = text.get(rid, "") + u.text
+                tokens[rid] = tokens.get(rid, []) + u.token_ids
+                if u.finished:
+                    finished[rid] = u.finish_reason
+
+    drive(llm.engine, lambda wait_s: inbox.pop(0) if inbox else [], publish)
+    assert rejected == {"bad": "The prompt is empty."}
+    assert finished == {"a": "length", "s": "stop"} and len(tokens["gone"]) == 1
+    assert text["a"] == expected.text and tokens["a"] == expected.token_ids
+    assert text["s"] == expected.text[: expected.text.index(stop)]
+    assert not llm.engine.requests and llm.engine.kv.allocator.num_free == llm.engine.kv.num_blocks

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 openai = pytest.importorskip("openai")
@@ -579,3 +583,56 @@ def test_the_engine_also_runs_in_the_server_process(reference):
             assert _engine_processes(proc.pid) == []
     finally:
         stop_server(proc)
+
+
+def test_a_request_the_engine_fails_is_a_500_and_the_others_are_served(reference, monkeypatch):
+    """Over real HTTP, a sampler that raises for one request's parameters (as a bug would): that request gets
+    a 500 naming the error (an error event when streamed), the requests sharing its steps get exactly their
+    text, and the server serves on."""
+    from xytune.runtime.engine import model_runner
+    from xytune.runtime.engine.async_engine import AsyncEngine
+    from xytune.runtime.engine.sampling import SamplingParams
+    from xytune.runtime.serve.app import build_app
+
+    good = {"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    doomed = {**good, "temperature": 0.8, "seed": 666}
+    expected = reference.generate(good["prompt"], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
+    real_sample = model_runner.sample
+
+    def sample(logits, params, generators, banned):
+        if any(p.seed == 666 for p in params):
+            raise FloatingPointError("a bug this request's parameters reach")
+        return real_sample(logits, params, generators, banned)
+
+    monkeypatch.setattr(model_runner, "sample", sample)
+    engine = AsyncEngine(reference.engine)
+    engine.start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = build_app(engine, reference.tokenizer, "smollm2-135m")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        with ThreadPoolExecutor(3) as pool:
+            calls = [pool.submit(httpx.post, url, json=body, timeout=120) for body in (good, doomed, good)]
+            first, failed, last = [c.result() for c in calls]
+        assert failed.status_code == 500, failed.text
+        assert "FloatingPointError" in failed.json()["error"]["message"]
+        assert [r.status_code for r in (first, last)] == [200, 200]
+        assert [r.json()["choices"][0]["text"] for r in (first, last)] == [expected, expected]
+        with httpx.stream("POST", url, json={**doomed, "stream": True}, timeout=120) as r:
+            events = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200 and "FloatingPointError" in json.loads(events[-1][6:])["error"]["message"]
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        assert httpx.post(url, json=good, timeout=120).json()["choices"][0]["text"] == expected
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        engine.stop()
+    assert not reference.engine.requests
+    assert reference.engine.kv.allocator.num_free == reference.engine.kv.num_blocks

@@ -1,11 +1,11 @@
 """AsyncEngine: the engine stepped by one background thread, results streamed to asyncio callers.
 
 The HTTP server lives on an asyncio loop; the model runs in a thread so the
-loop stays responsive. Requests are handed over through a lock-protected
-inbox; every step is published as the engine process publishes it (a
-``StepDone`` of new tokens) and fanned out to the requests' asyncio queues
-by the same ``UpdateFanout``. Aborts (client gone) free the request's KV
-blocks at the next step boundary.
+loop stays responsive. The thread runs the one engine loop (``drive``): its
+commands come through a lock-protected inbox, and every step is published as
+the engine process publishes it (a ``StepDone`` of new tokens and text) and
+fanned out to the requests' asyncio queues by the same ``UpdateFanout``.
+Aborts (client gone) free the request's KV blocks at the next step boundary.
 """
 
 from __future__ import annotations
@@ -14,7 +14,17 @@ import asyncio
 import threading
 
 from .engine import Engine
-from .protocol import EngineInfo, StepPublisher, UpdateFanout, engine_snapshot
+from .protocol import (
+    AbortRequest,
+    AddRequest,
+    EngineInfo,
+    RequestRejected,
+    StepDone,
+    StopEngine,
+    UpdateFanout,
+    drive,
+    engine_snapshot,
+)
 from .sampling import SamplingParams
 
 
@@ -22,22 +32,18 @@ class AsyncEngine:
     def __init__(self, engine: Engine, metrics=None):
         self.engine, self.metrics = engine, metrics
         self.fanout = UpdateFanout(metrics)
-        self._inbox: list[tuple[list[int], SamplingParams, str]] = []
-        self._aborts: list[str] = []
+        self._inbox: list = []  # commands for the engine thread
         self._wake = threading.Condition()
-        self._running = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
     def start(self) -> None:
-        self._running = True
-        self._thread = threading.Thread(target=self._loop, name="xytune-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="xytune-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        with self._wake:
-            self._running = False
-            self._wake.notify()
+        """Finish what the engine holds, then end the thread."""
+        self._command(StopEngine())
         if self._thread is not None:
             self._thread.join(timeout=30)
 
@@ -58,38 +64,34 @@ class AsyncEngine:
             raise RuntimeError(f"engine failed: {self.error}")
         self.engine.validate_prompt(prompt_ids, params)
         queue = self.fanout.register(request_id)
-        with self._wake:
-            self._inbox.append((list(prompt_ids), params, request_id))
-            self._wake.notify()
+        self._command(AddRequest(request_id, list(prompt_ids), params))
         return queue
 
     def abort(self, request_id: str) -> None:
         if self.fanout.drop(request_id):
-            with self._wake:
-                self._aborts.append(request_id)
-                self._wake.notify()
+            self._command(AbortRequest(request_id))
 
-    def _loop(self) -> None:
-        engine, publisher = self.engine, StepPublisher()
+    def _command(self, cmd) -> None:
+        with self._wake:
+            self._inbox.append(cmd)
+            self._wake.notify()
+
+    def _receive(self, wait_s: float) -> list:
+        with self._wake:
+            if not self._inbox and wait_s > 0:
+                self._wake.wait(timeout=wait_s)
+            commands, self._inbox = self._inbox, []
+        return commands
+
+    def _publish(self, msg) -> None:
+        if isinstance(msg, StepDone):
+            self.fanout.on_step(msg)
+        elif isinstance(msg, RequestRejected):
+            self.fanout.fail(msg.request_id, RuntimeError(msg.message))
+
+    def _run(self) -> None:
         try:
-            while True:
-                with self._wake:
-                    while self._running and not self._inbox and not self._aborts and not engine.has_work():
-                        self._wake.wait(timeout=0.5)
-                    if not self._running and not engine.has_work() and not self._inbox:
-                        return
-                    inbox, self._inbox = self._inbox, []
-                    aborts, self._aborts = self._aborts, []
-                for prompt_ids, params, rid in inbox:
-                    try:
-                        engine.add_request(prompt_ids, params, request_id=rid)
-                    except Exception as exc:  # noqa: BLE001 - a bug one request hits fails that request alone
-                        self.fanout.fail(rid, RuntimeError(f"the engine could not take this request: {exc!r}"))
-                for rid in aborts:
-                    engine.abort(rid)
-                    publisher.forget(rid)
-                if engine.has_work():
-                    self.fanout.on_step(publisher.publish(engine, engine.step()))
+            drive(self.engine, self._receive, self._publish)
         except BaseException as exc:  # noqa: BLE001 - every waiting client hears of it instead of hanging
             self.error = exc
             self.fanout.fail_all(exc)

@@ -3,10 +3,11 @@
 In one process the HTTP loop and the engine thread share the GIL: a torch call
 that returns waits for the loop's Python (JSON, SSE, detokenizing many streams)
 to let go, so steps slow down under load by more than any step predictor sees.
-Here the server process only parses, detokenizes and streams; the core process
-owns the model, the KV cache and the scheduler and runs steps back to back.
-One pipe joins them: requests, aborts and the stop go in; per step, the token
-updates, finished requests' timings and a snapshot of the gauges come out.
+Here the server process only parses, formats and streams; the core process
+owns the model, the KV cache and the scheduler, makes the output text (the
+engine cuts it at stop strings) and runs steps back to back. One pipe joins
+them: requests, aborts and the stop go in; per step, the new tokens and text,
+finished requests' timings and a snapshot of the gauges come out.
 ``EngineProcess`` has the interface of ``AsyncEngine``, so the server takes
 either.
 """
@@ -19,7 +20,6 @@ import signal
 import threading
 
 from ..llm import LLM
-from .engine import RequestError
 from .protocol import (
     AbortRequest,
     AddRequest,
@@ -31,9 +31,9 @@ from .protocol import (
     EngineStopped,
     RequestRejected,
     StepDone,
-    StepPublisher,
     StopEngine,
     UpdateFanout,
+    drive,
     engine_snapshot,
 )
 from .sampling import SamplingParams
@@ -44,7 +44,7 @@ class EngineStartError(RuntimeError):
 
 
 def _core_main(conn, llm_kwargs: dict) -> None:
-    """The core process: build the engine, then step while there is work, reading the pipe between steps."""
+    """The core process: build the engine, then run the engine loop on the pipe's commands until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server drains and then stops the core over the pipe
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -56,30 +56,16 @@ def _core_main(conn, llm_kwargs: dict) -> None:
     engine = llm.engine
     conn.send(EngineReady(EngineInfo.of(engine), llm.tokenizer, str(llm.dtype).replace("torch.", ""),
                           engine_snapshot(engine)))
-    stopping, publisher = False, StepPublisher()
+
+    def receive(wait_s: float) -> list:
+        commands = []
+        while conn.poll(wait_s):
+            commands.append(conn.recv())
+            wait_s = 0
+        return commands
+
     try:
-        while not (stopping and not engine.has_work()):
-            wait = 0 if engine.has_work() else 0.5
-            while conn.poll(wait):
-                wait = 0
-                msg = conn.recv()
-                if isinstance(msg, AddRequest):
-                    try:
-                        engine.add_request(msg.prompt_ids, msg.params, request_id=msg.request_id)
-                    except Exception as exc:  # noqa: BLE001 - refused (or a bug it hit): that request alone fails
-                        conn.send(RequestRejected(msg.request_id, str(exc) if isinstance(exc, RequestError)
-                                                  else f"the engine could not take this request: {exc!r}"))
-                elif isinstance(msg, AbortRequest):
-                    engine.abort(msg.request_id)
-                    publisher.forget(msg.request_id)
-                elif isinstance(msg, StopEngine):
-                    stopping = True
-            if not engine.has_work():
-                if stopping:
-                    break
-                conn.send(EngineIdle(engine_snapshot(engine)))  # aborts may have freed blocks
-                continue
-            conn.send(publisher.publish(engine, engine.step()))
+        drive(engine, receive, conn.send)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the server is gone
     except BaseException as exc:  # noqa: BLE001 - every waiting client hears of it instead of hanging

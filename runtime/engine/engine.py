@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from xytune.profiler.host_memory import keep_freed_memory
 
 from ..model.llama import LlamaModel
-from ..model.tokenizer import Tokenizer
+from ..model.tokenizer import OutputText, Tokenizer
 from .model_runner import ModelRunner, ModelRunnerOutput
 from .sampling import SamplingParams, make_generator, text_token_ids
 from .scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput, Status
@@ -136,11 +136,17 @@ class Engine:
     # -- requests ------------------------------------------------------------
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
-                    request_id: str | None = None) -> Request:
+                    request_id: str | None = None, arrival: float | None = None) -> Request:
+        """Queue a request; ``arrival`` (a ``time.perf_counter`` time): when it arrived, if before now."""
         self.validate_prompt(prompt_ids, params)
         rid = request_id or f"req-{next(self._ids)}"
         req = Request(rid, list(prompt_ids), params, prompt=prompt,
                       generator=make_generator(params, self.model.device))
+        if arrival is not None:
+            req.arrival = arrival
+        if params.detokenize:
+            req.text = OutputText(self.tokenizer, params.skip_special_tokens, tuple(params.stop),
+                                  params.include_stop_str_in_output)
         self.requests[rid] = req
         self.scheduler.add(req)
         return req
@@ -225,6 +231,7 @@ class Engine:
                 req.output_ids.append(tok)
                 if reason := self._finish_reason(req, tok):
                     break
+            self._advance_text(req, reason)
             self.scheduler.blocks.cache_computed_blocks(req)
             if reason:
                 self.scheduler.finish(req, reason)
@@ -249,26 +256,29 @@ class Engine:
     def _finish_reason(self, req: Request, tok: int) -> str | None:
         p = req.params
         n_out = len(req.output_ids)
-        if n_out >= p.min_tokens:
-            if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
-                return "stop"
-            if p.stop:
-                text = self.tokenizer.decode(req.output_ids, p.skip_special_tokens)
-                hits = [(text.find(s), len(s)) for s in p.stop if s in text]
-                if hits:
-                    at, length = min(hits)
-                    req.text = text[: at + length] if p.include_stop_str_in_output else text[:at]
-                    return "stop"
+        if n_out >= p.min_tokens and ((tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids):
+            return "stop"
+        if p.stop and req.text.add(req.output_ids, may_stop=n_out >= p.min_tokens):  # token by token: the
+            return "stop"  # tokens after the one that completes a stop string are not kept
         if n_out >= p.max_tokens or req.num_tokens >= self.max_model_len:
             return "length"
         return None
 
-    # -- whole runs ------------------------------------------------------------
+    def _advance_text(self, req: Request, reason: str | None) -> None:
+        """The request's text after its new tokens (with stop strings ``_finish_reason`` has decoded them)."""
+        text = req.text
+        if text is None or text.stopped:
+            return
+        if reason is not None:
+            text.finish(text_token_ids(req.output_ids, reason, req.params, self.eos_ids))
+        elif not req.params.stop:
+            text.add(req.output_ids)
+
+    # -- results ------------------------------------------------------------
 
     def output(self, req: Request) -> RequestOutput:
         ids = req.output_ids
-        text_ids = text_token_ids(ids, req.finish_reason, req.params, self.eos_ids)
-        text = req.text if req.text is not None else self.tokenizer.decode(text_ids, req.params.skip_special_tokens)
+        text = req.text.shown if req.text is not None else ""
         end = req.finish_time or time.perf_counter()
         completion = CompletionOutput(0, text, list(ids), req.finish_reason,
                                       list(req.output_logprobs) if req.params.logprobs is not None else None)
@@ -277,10 +287,3 @@ class Engine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, [completion],
                              req.status is Status.FINISHED,
                              list(req.prompt_logprobs) if req.params.prompt_logprobs is not None else None, metrics)
-
-    def run_to_completion(self, reqs: list[Request]) -> list[RequestOutput]:
-        while any(r.status is not Status.FINISHED for r in reqs):
-            self.step()
-        for r in reqs:
-            self.requests.pop(r.request_id, None)
-        return [self.output(r) for r in reqs]

@@ -1,10 +1,12 @@
-"""What the engine tells its callers, in one module both sides import: a request's progress (``Update``),
-the engine's fixed facts (``EngineInfo``), finished requests' timings, the gauges, and the typed messages
-between the server and the engine in its own process (``core``).
+"""How the engine is driven and what it tells its callers, in one module both sides import: the commands
+that go in (``AddRequest``, ``AbortRequest``, ``StopEngine``), a request's progress (``Update``), the
+engine's fixed facts (``EngineInfo``), finished requests' timings, the gauges, and the messages out.
 
-One update protocol, whether the engine runs in a thread of the server or in a process of its own: after
-each step the engine side builds a ``StepDone`` of the step's new tokens per request (``StepPublisher``) and
-the server side adds them up and hands each request's state to its client (``UpdateFanout``).
+One loop (``drive``) steps the engine wherever it runs: in a thread of the server, in a process of its
+own (``core``), in the bench replay and in ``LLM.generate``; only where its commands come from and where
+its messages go differ. One update protocol: after each step the engine side builds a ``StepDone`` of the
+step's new tokens and text per request (``StepPublisher``) and the server side adds them up and hands each
+request's state to its client (``UpdateFanout``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from .engine import Engine, StepOutput, check_prompt
+from .engine import Engine, RequestError, RequestOutput, StepOutput, check_prompt
 from .sampling import SamplingParams
 from .scheduler import Request, Status
 
@@ -26,7 +28,7 @@ class Update:
     finished: bool
     finish_reason: str | None
     num_prompt_tokens: int
-    stop_text: str | None  # the output cut at a stop string, once one matched
+    text: str  # the output's text so far (cut at a stop string); a delta carries only the new characters
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list | None = None  # per output token: (logprob, [(token id, logprob), ...]) when asked for
     prompt_logprobs: list | None = None  # per prompt token (None for the first), once the prompt is through
@@ -36,19 +38,19 @@ class Update:
         """This update followed by ``delta`` (an ``update_of(req, since=...)``): the request's state after both."""
         logprobs = None if delta.logprobs is None else (self.logprobs or []) + delta.logprobs
         return Update(self.token_ids + delta.token_ids, delta.finished, delta.finish_reason, delta.num_prompt_tokens,
-                      delta.stop_text, delta.num_cached_tokens, logprobs,
+                      self.text + delta.text, delta.num_cached_tokens, logprobs,
                       self.prompt_logprobs if self.prompt_logprobs is not None else delta.prompt_logprobs,
                       delta.error)
 
 
-def update_of(req: Request, since: int = 0) -> Update:
-    """The request's state, or with ``since`` only the output tokens (and logprobs) from that index on: the
-    engine process sends each step's new tokens, not the whole output again (quadratic over a long one)."""
+def update_of(req: Request, since: int = 0, since_chars: int = 0) -> Update:
+    """The request's state, or with ``since`` / ``since_chars`` only the output tokens (and logprobs) and
+    text from there on: each step sends what is new, not the whole output again (quadratic over a long one)."""
     prompt_logprobs = None
     if req.params.prompt_logprobs is not None and req.output_ids and since == 0:
         prompt_logprobs = list(req.prompt_logprobs)
     return Update(req.output_ids[since:], req.status is Status.FINISHED, req.finish_reason, len(req.prompt_ids),
-                  req.text, req.num_cached_tokens,
+                  req.text.shown[since_chars:] if req.text is not None else "", req.num_cached_tokens,
                   req.output_logprobs[since:] if req.params.logprobs is not None else None, prompt_logprobs,
                   req.error)
 
@@ -113,6 +115,7 @@ class AddRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    arrival: float | None = None  # perf_counter time it arrived, when that was before it reached the engine
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ class StepPublisher:
     """The engine side: each step as a ``StepDone`` of every touched request's new tokens since the last."""
 
     def __init__(self):
-        self._sent: dict[str, int] = {}  # output tokens already published, per request
+        self._sent: dict[str, tuple[int, int]] = {}  # output tokens and text characters published, per request
         self._snapshot_at = 0.0
 
     def forget(self, request_id: str) -> None:
@@ -188,8 +191,9 @@ class StepPublisher:
     def publish(self, engine: Engine, step: StepOutput) -> StepDone:
         updates = []
         for req in step.updated:
-            updates.append((req.request_id, update_of(req, since=self._sent.get(req.request_id, 0))))
-            self._sent[req.request_id] = len(req.output_ids)
+            tokens, chars = self._sent.get(req.request_id, (0, 0))
+            updates.append((req.request_id, update_of(req, tokens, chars)))
+            self._sent[req.request_id] = len(req.output_ids), len(req.text.shown) if req.text is not None else 0
         for req in step.finished:
             self._sent.pop(req.request_id, None)
         stats = engine.step_stats[-1] if engine.step_stats else None
@@ -256,3 +260,47 @@ class UpdateFanout:
         if entry is not None:
             queue, loop = entry
             loop.call_soon_threadsafe(queue.put_nowait, item)
+
+
+# -- the one engine loop --
+
+IDLE_WAIT_S = 0.5  # how long an idle engine waits for commands before it reports its gauges again
+
+
+def drive(engine: Engine, receive, publish=None) -> None:
+    """Step ``engine`` until a ``StopEngine`` arrives and the work it holds is done.
+
+    Between steps ``receive(wait_s)`` hands over the commands that came in, waiting up to ``wait_s`` when the
+    engine has nothing to do (0 when it has). ``publish`` (optional) gets each step's ``StepDone``, an
+    ``EngineIdle`` when idle, and a ``RequestRejected`` for a request the engine cannot take: that request
+    alone fails.
+    """
+    publisher, stopping = StepPublisher(), False
+    while True:
+        for cmd in receive(0.0 if engine.has_work() else IDLE_WAIT_S):
+            if isinstance(cmd, AddRequest):
+                try:
+                    engine.add_request(cmd.prompt_ids, cmd.params, request_id=cmd.request_id, arrival=cmd.arrival)
+                except Exception as exc:  # noqa: BLE001 - refused (or a bug it hit): that request alone fails
+                    if publish is not None:
+                        publish(RequestRejected(cmd.request_id, str(exc) if isinstance(exc, RequestError)
+                                                else f"the engine could not take this request: {exc!r}"))
+            elif isinstance(cmd, AbortRequest):
+                engine.abort(cmd.request_id)
+                publisher.forget(cmd.request_id)
+            elif isinstance(cmd, StopEngine):
+                stopping = True
+        if engine.has_work():
+            step = engine.step()
+            if publish is not None:
+                publish(publisher.publish(engine, step))
+        elif stopping:
+            return
+        elif publish is not None:
+            publish(EngineIdle(engine_snapshot(engine)))
+
+
+def run_to_completion(engine: Engine, reqs: list[Request]) -> list[RequestOutput]:
+    """Run the requests already added (and any others the engine holds) to the end: ``LLM.generate``."""
+    drive(engine, lambda wait_s: [StopEngine()])
+    return [engine.output(r) for r in reqs]

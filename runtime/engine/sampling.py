@@ -25,6 +25,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False  # the matched stop string stays at the end of the text
     skip_special_tokens: bool = True  # leave special tokens (other than a final EOS) out of the text
+    detokenize: bool = True  # vLLM's: False makes no text at all (token ids only; no stop strings then)
     ignore_eos: bool = False
     min_tokens: int = 0
     presence_penalty: float = 0.0  # OpenAI: minus this for every token already in the output
@@ -54,6 +55,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}.")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty.")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings are matched in the text: they need detokenize=True.")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}.")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model.tokenizer import OutputText
 from .block_manager import BlockManager
 from .kv_cache import KVCache
 from .policies import XYPolicy
@@ -42,7 +43,7 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
-    text: str | None = None  # set when a stop string cut the output
+    text: OutputText | None = None  # the output's text, made as tokens arrive (None: params.detokenize off)
     error: str | None = None  # why the engine failed this request (finish reason "error")
     scheduled_time: float | None = None  # when it last left the waiting queue for a step (queue-time metric)
     first_token_time: float | None = None

@@ -203,3 +203,49 @@ class IncrementalDetokenizer:
                 self.text = self.tokenizer.decode(ids, self.skip).rstrip("\ufffd")
                 self.prefix, self.read = max(0, len(ids) - 4), len(ids)
         return self.text
+
+
+class OutputText:
+    """A request's output text, made once, as its tokens arrive: the engine cuts it at stop strings and every
+    client (HTTP stream, whole response, ``LLM.generate``) reads it from here.
+
+    ``shown`` only grows: while the request runs it leaves out as many trailing characters as a stop string
+    could still need (and a trailing partial UTF-8 character), so a stream never has to take text back. At
+    the end it is the full decode of the tokens the text stands for, or the text up to the stop string.
+    Stop strings are searched only in text that arrived while the request was allowed to stop
+    (``min_tokens`` reached), as vLLM does.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, stop: tuple[str, ...] = (),
+                 include_stop: bool = False):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens)
+        self.stop, self.include_stop = tuple(stop), include_stop
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.searched = 0  # characters of the decoded text already searched (or not eligible) for stop strings
+        self.shown = ""
+        self.stopped = False  # a stop string ended the text
+
+    def add(self, ids: list[int], may_stop: bool = True) -> bool:
+        """Decode ``ids`` (the output so far) incrementally; True when a stop string just completed, and the
+        text then ends at it. ``may_stop`` False: ``min_tokens`` is not yet reached."""
+        text = self.detokenizer.update(ids)
+        if may_stop and self.stop:
+            start = max(0, self.searched - self.hold)  # a stop string may straddle old and new text
+            hits = [(at, len(s)) for s in self.stop if (at := text.find(s, start)) >= 0]
+            if hits:
+                at, length = min(hits)
+                self._show(text[: at + length] if self.include_stop else text[:at])
+                self.stopped = True
+                return True
+        self.searched = len(text)
+        self._show(text[: max(0, len(text) - self.hold)])
+        return False
+
+    def finish(self, ids: list[int]) -> None:
+        """The request ended without a stop string: its text is the full decode of ``ids``."""
+        self._show(self.tokenizer.decode(ids, self.skip))
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.shown):  # text already shown is never taken back
+            self.shown = text

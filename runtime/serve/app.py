@@ -29,8 +29,14 @@ from ..engine.engine import RequestError
 from ..engine.protocol import Update
 from ..engine.sampling import SamplingParams
 from ..model.tokenizer import Tokenizer
-from .openai_output import ChoiceStream
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest
+from .protocol import (
+    ChatCompletionRequest,
+    ChoiceStream,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+)
 
 log = logging.getLogger("xytune.server")
 MAX_WARNED_FIELDS = 64  # unknown field names logged (once each); clients that invent names cannot fill the log

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from xytune.bench.serve import BenchPrompt, RequestResult, capacity, summarize
+from xytune.runtime.engine.protocol import AddRequest, RequestRejected, StepDone, StopEngine, drive
 from xytune.runtime.engine.sampling import SamplingParams
 from xytune.runtime.engine.scheduler import POLICIES
 from xytune.runtime.llm import LLM
@@ -33,22 +34,34 @@ def replay(engine, prompts: list[BenchPrompt], rate: float, seed: int) -> tuple[
     rng = np.random.default_rng(seed)
     due = np.cumsum(rng.exponential(1.0 / rate, size=len(prompts)))  # the arrivals bench serve sends
     start = time.perf_counter()
-    reqs, nxt = [], 0
-    while nxt < len(prompts) or engine.has_work():
+    sent, finished = 0, []
+
+    def receive(wait_s: float) -> list:
+        """The requests due by now; an idle engine sleeps until the next one is."""
+        nonlocal sent
         now = time.perf_counter() - start
-        while nxt < len(prompts) and due[nxt] <= now:
-            p = prompts[nxt]
-            req = engine.add_request(p.prompt, SamplingParams(max_tokens=p.max_tokens, temperature=0, ignore_eos=True))
-            req.arrival = start + float(due[nxt])  # it waited for the step that was running when it arrived
-            reqs.append(req)
-            nxt += 1
-        if engine.has_work():
-            engine.step()
-        else:
-            time.sleep(max(0.0, min(float(due[nxt]) - now, 0.05)))
+        if sent < len(prompts) and wait_s > 0 and due[sent] > now:
+            time.sleep(min(float(due[sent]) - now, wait_s))
+            now = time.perf_counter() - start
+        commands = []
+        while sent < len(prompts) and due[sent] <= now:
+            p = prompts[sent]
+            params = SamplingParams(max_tokens=p.max_tokens, temperature=0, ignore_eos=True)
+            # it waited for the step that was running when it arrived
+            commands.append(AddRequest(f"bench-{sent}", p.prompt, params, arrival=start + float(due[sent])))
+            sent += 1
+        return commands + ([StopEngine()] if sent == len(prompts) else [])
+
+    def publish(msg) -> None:
+        if isinstance(msg, StepDone):
+            finished.extend(msg.finished)
+        elif isinstance(msg, RequestRejected):
+            raise RuntimeError(msg.message)
+
+    drive(engine, receive, publish)
     wall = time.perf_counter() - start
     results = [RequestResult(ok=True, ttft_s=r.first_token_time - r.arrival, latency_s=r.finish_time - r.arrival,
-                             output_tokens=len(r.output_ids), input_tokens=len(r.prompt_ids)) for r in reqs]
+                             output_tokens=r.num_output_tokens, input_tokens=r.num_prompt_tokens) for r in finished]
     return results, wall
 
 

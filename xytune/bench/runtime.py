@@ -16,6 +16,7 @@ import torch
 from rich.table import Table
 
 from xytune.profiler.geometry import smollm2_gguf_path
+from xytune.runtime.engine.protocol import run_to_completion
 from xytune.runtime.engine.sampling import SamplingParams
 from xytune.runtime.llm import LLM
 
@@ -43,7 +44,7 @@ def _ours_prefill(llm, ids) -> float:
     start = time.perf_counter()
     eng.step()
     seconds = time.perf_counter() - start
-    eng.run_to_completion([req])
+    run_to_completion(eng, [req])
     return seconds
 
 
@@ -76,7 +77,7 @@ def _ours_decode(llm, prompts, steps: int) -> float:
         start = time.perf_counter()
         eng.step()
         times.append(time.perf_counter() - start)
-    eng.run_to_completion(reqs)
+    run_to_completion(eng, reqs)
     return float(np.median(times))
 
 

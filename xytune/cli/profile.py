@@ -1,4 +1,8 @@
-"""`xytune profile`, `show`, `plot`, `compare`: make a cost table and report on it."""
+"""`xytune profile`, `show`, `plot`, `compare`: make a cost table and report on it.
+
+A typer command declares each of its options as a parameter with its help text, so the commands
+with many options run past 60 lines; their bodies are short.
+"""
 
 from __future__ import annotations
 
@@ -186,7 +190,8 @@ def retime(
     """Time some rows of a table again on this device and pool the samples (CI: base and head take turns)."""
     # heavy (torch): imported when the command runs, so `xytune --help` starts at once
     from xytune.profiler.devices import DeviceError, get_device
-    from xytune.profiler.sweep import SweepError, retime_rows
+    from xytune.profiler.retime import retime_rows
+    from xytune.profiler.sweep import SweepError
 
     try:
         keys = json.loads(rows.read_text())

@@ -50,7 +50,7 @@ _DEVICE_RE = re.compile(r"^(cpu|cuda|npu|ascend910b[1-4]?)(?::(\d+))?$")
 
 # Fingerprint keys that must agree for a cost table to describe this device;
 # the others (software versions) only produce a warning when they differ.
-IDENTITY_KEYS = ("backend", "device_name", "compute_units", "threads", "isa")
+IDENTITY_KEYS = ("backend", "device_name", "cpu_model", "cpu_caches", "compute_units", "threads", "isa")
 
 # CPU features that decide which kernels exist and which dtype is fast: oneDNN's bf16 paths need AVX-512
 # BW/VL/DQ or AVX-NE-CONVERT, native bf16 dot products AVX512_BF16 or AMX; Arm has NEON (asimd), SVE, BF16.
@@ -68,6 +68,44 @@ def _cpu_model_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_model() -> str | None:
+    """The CPU's family and model numbers (x86) or implementer and part (Arm): KVM guests of different Xeon
+    generations all call themselves "Intel(R) Xeon(R) Processor" and can report the same ISA flags."""
+    wanted = {"cpu family": "family", "model": "model", "CPU implementer": "implementer", "CPU part": "part"}
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in wanted and wanted[key.strip()] not in found:
+                    found[wanted[key.strip()]] = value.strip()
+                elif not line.strip() and found:
+                    break  # the first processor's block is enough
+    except OSError:
+        pass
+    return " ".join(f"{k} {v}" for k, v in found.items()) or None
+
+
+def cpu_caches() -> str | None:
+    """CPU 0's data and unified caches by level, as the kernel reports them ("L1d 48K L2 2048K L3 491520K")."""
+    base, parts = "/sys/devices/system/cpu/cpu0/cache", []
+    try:
+        for entry in sorted(os.listdir(base)):
+            if not entry.startswith("index"):
+                continue
+            with open(f"{base}/{entry}/level", encoding="utf-8") as f:
+                level = f.read().strip()
+            with open(f"{base}/{entry}/type", encoding="utf-8") as f:
+                kind = f.read().strip()
+            with open(f"{base}/{entry}/size", encoding="utf-8") as f:
+                size = f.read().strip()
+            if kind != "Instruction":
+                parts.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
+    except OSError:
+        pass
+    return " ".join(parts) or None
 
 
 def cpu_isa() -> list[str]:
@@ -188,6 +226,8 @@ class Device:
         }
         if self.backend == "cpu":
             fp["device_name"] = _cpu_model_name()
+            fp["cpu_model"] = cpu_model()
+            fp["cpu_caches"] = cpu_caches()
             fp["compute_units"] = os.cpu_count() or 1
             fp["threads"] = self.threads or torch.get_num_threads()
             fp["isa"] = cpu_isa()
