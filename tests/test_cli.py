@@ -37,7 +37,11 @@ def test_profile_show_plot_compare_end_to_end(tmp_path):
     assert shown["complete"] and shown["counts"]["rows"] == 2 * 3 * PRIMS
     assert shown["fingerprint"]["threads"] == 1
     assert {(b["target"], b["m"]) for b in shown["best"]} == {(t, m) for t in ("qkv", "o") for m in (1, 2, 8)}
-    assert "Best per bucket" in xytune("show", table, check=0).stdout
+    text = xytune("show", table, check=0).stdout
+    assert "Best per bucket" in text
+    fp = shown["fingerprint"]
+    if fp["cpu_model"] or fp["cpu_caches"]:  # what this machine's kernel reports, shown as the table holds it
+        assert f"CPU: {'; '.join(x for x in (fp['cpu_model'], fp['cpu_caches']) if x)}" in text
 
     png = tmp_path / "plot.png"
     xytune("plot", table, "-o", png, check=0)

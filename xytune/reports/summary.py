@@ -58,6 +58,9 @@ def render_summary(summary: dict, console) -> None:
                   f"created {summary['created_at']}")
     flops = ", ".join(f"{dt} {v / 1e9:,.1f} GFLOP/s" for dt, v in peaks["gemm_flops"].items())
     console.print(f"peaks: {flops}; copy {peaks['copy_bytes_per_s'] / 1e9:,.1f} GB/s")
+    cpu = [fp[k] for k in ("cpu_model", "cpu_caches") if fp.get(k)]
+    if cpu:
+        console.print(f"CPU: {'; '.join(cpu)}", highlight=False)
     isa = fp.get("isa")
     if isa is not None:
         console.print(f"ISA: {' '.join(isa) or 'none of the tracked features'}", highlight=False)
