@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # False alarms of `xytune compare` on this machine: one table against fresh re-runs of itself (same code,
 # same machine), at the default alpha and threshold, at alpha 0.05, and after the CI workflow's re-timing of
-# the suspects (three rounds, base and re-run taking turns). Every regression reported here is a false alarm.
+# the suspects (three rounds, base and re-run taking turns row by row). Every regression reported here is a
+# false alarm.
 #
 #   bash scripts/compare_false_alarms.sh [RUNS] [PROFILE ARGS...]     (default: 5 runs of a --quick profile)
 set -euo pipefail
@@ -25,11 +26,11 @@ for i in $(seq "$runs"); do
   loose=$(xytune compare "$dir/base$i.parquet" "$dir/run$i.parquet" --alpha 0.05 | regressions || true)
   drift=$(sed -n 's/.*; median: \([0-9.]*\).*/\1/p' <<< "$report")
   suspects=$(python -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$dir/suspects$i.json")
-  for round in 1 2 3; do  # as the CI workflow: the first round replaces the samples, the next ones add
-    fresh=$([ "$round" = 1 ] && echo --fresh || true)
-    xytune retime "$dir/base$i.parquet" "$dir/suspects$i.json" $fresh > /dev/null
-    xytune retime "$dir/run$i.parquet" "$dir/suspects$i.json" $fresh > /dev/null
-  done
+  # as the CI workflow: three rounds, row by row in turns, the first round replacing the samples
+  opts=(--fresh --rounds 3 --take-turns "$dir/turns$i")
+  xytune retime "$dir/base$i.parquet" "$dir/suspects$i.json" "${opts[@]}" --first > /dev/null &
+  xytune retime "$dir/run$i.parquet" "$dir/suspects$i.json" "${opts[@]}" > /dev/null
+  wait $!
   after=$(xytune compare "$dir/base$i.parquet" "$dir/run$i.parquet" | regressions || true)
   printf '%-4s %6s %13s %22s %20s %9s %24s\n' "$i" "$rows" "$drift" "$(regressions <<< "$report")" "$loose" \
     "$suspects" "$after"

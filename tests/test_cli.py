@@ -1,6 +1,7 @@
 """The CLI end to end, as a user runs it: real subprocesses, real files."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,25 @@ def test_profile_show_plot_compare_end_to_end(tmp_path):
     xytune("retime", again, suspects, "--threads", "1", "--fresh", check=0)  # fresh: the old samples are gone
     fresh = read_table(again).rows.loc[grew]
     assert all(set(a).isdisjoint(b) for a, b in zip(fresh["samples_s"], after.loc[grew, "samples_s"]))
+
+    # base and head re-timed by two processes in turns, row by row, two rounds (the first replacing)
+    base, head, turns = tmp_path / "base.parquet", tmp_path / "head.parquet", tmp_path / "turns"
+    shutil.copy(table, base)
+    shutil.copy(again, head)
+    cmd = [sys.executable, "-m", "xytune.cli", "retime"]
+    opts = ["--threads", "1", "--fresh", "--rounds", "2", "--take-turns", str(turns), "--turn-timeout-s", "120"]
+    second = subprocess.Popen([*cmd, str(head), str(suspects), *opts], stdout=subprocess.PIPE, text=True)
+    xytune("retime", base, suspects, *opts, "--first", check=0)
+    assert second.wait(timeout=120) == 0 and f"re-timed {len(keys)} of {len(keys)} rows" in second.stdout.read()
+    for path, old in ((base, read_table(table).rows), (head, read_table(again).rows)):
+        new = read_table(path).rows.merge(old, on=KEY_COLUMNS, suffixes=("", "_old"))
+        named = new.set_index(KEY_COLUMNS).index.isin([tuple(k[c] for c in KEY_COLUMNS) for k in keys])
+        assert all(set(a).isdisjoint(b) for a, b in zip(new.loc[named, "samples_s"], new.loc[named, "samples_s_old"]))
+        assert (new.loc[named, "n_samples"] >= 2 * 5).all()  # two rounds of at least min_samples each
+    alone = subprocess.run([*cmd, str(head), str(suspects), "--threads", "1", "--take-turns", str(tmp_path / "t2"),
+                            "--turn-timeout-s", "1"], capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 2 and "did not hand over its turn" in alone.stderr + alone.stdout
+    assert "Traceback" not in alone.stderr
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):

@@ -1,7 +1,11 @@
+import threading
+import time
+
 import pytest
 
 from xytune.profiler.geometry import PRESETS
 from xytune.profiler.primitives import primitives_for
+from xytune.profiler.retime import Turns
 from xytune.profiler.sweep import Sweep, SweepError, SweepSettings, m_buckets, quick_buckets
 from xytune.profiler.table import KEY_COLUMNS, read_table
 from xytune.profiler.timing import TimingPolicy
@@ -141,3 +145,27 @@ def test_grid_configs_are_timed_in_turns(cpu_device):
     assert [len(s) for s in samples] == [4, 4, 4] and all(t >= 0 for s in samples for t in s)
     timed = order[3:]  # after one warm-up call each
     assert timed == list("abc") * 4
+
+
+def test_two_retimes_taking_turns_alternate_row_by_row_and_a_lone_one_gives_up(tmp_path):
+    order = []
+
+    def worker(first: bool):
+        turns = Turns(tmp_path / "turns", first, timeout_s=30)
+        for i in range(5):
+            turns.take()
+            order.append(("first" if first else "second", i))
+            time.sleep(0.002 if first else 0.0)  # the first is slower: order must still alternate
+            turns.hand_over()
+        turns.close()
+
+    workers = [threading.Thread(target=worker, args=(first,)) for first in (False, True)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert order == [(name, i) for i in range(5) for name in ("first", "second")]
+    lone = Turns(tmp_path / "alone", first=False, timeout_s=0.2)
+    with pytest.raises(SweepError, match="did not hand over its turn"):
+        lone.take()
+    lone.close()

@@ -185,18 +185,28 @@ def retime(
     rows: Path = typer.Argument(..., help="JSON list of row keys (what `compare --suspects` writes)."),
     device: str = typer.Option("cpu", help="The device the table was measured on: cpu, cuda[:N], npu[:N]."),
     threads: int = typer.Option(None, help="CPU threads [default: torch's]."),
-    fresh: bool = typer.Option(False, "--fresh", help="Replace the rows' samples instead of adding to them."),
+    fresh: bool = typer.Option(False, "--fresh", help="The first round replaces the rows' samples."),
+    rounds: int = typer.Option(1, help="Times each row is re-timed; the samples are pooled."),
+    take_turns: Path = typer.Option(None, help="A fresh folder shared with a second `retime` (the other commit's "
+                                               "table, the same rows and rounds): the two time row by row in turns."),
+    first: bool = typer.Option(False, "--first", help="With --take-turns: this process times first."),
+    turn_timeout_s: float = typer.Option(600.0, help="With --take-turns: how long to wait for the other's turn."),
 ):
     """Time some rows of a table again on this device and pool the samples (CI: base and head take turns)."""
     # heavy (torch): imported when the command runs, so `xytune --help` starts at once
     from xytune.profiler.devices import DeviceError, get_device
-    from xytune.profiler.retime import retime_rows
+    from xytune.profiler.retime import Turns, retime_rows
     from xytune.profiler.sweep import SweepError
 
+    turns = None
     try:
         keys = json.loads(rows.read_text())
         dev = get_device(device, threads=threads)
-        n = retime_rows(table, dev, keys if isinstance(keys, list) else [], fresh=fresh)
+        turns = Turns(take_turns, first, turn_timeout_s) if take_turns else None
+        n = retime_rows(table, dev, keys if isinstance(keys, list) else [], fresh=fresh, rounds=rounds, turns=turns)
     except (OSError, ValueError, DeviceError, SweepError) as exc:
         fail(str(exc))
+    finally:
+        if turns is not None:
+            turns.close()
     console.print(f"re-timed {n} of {len(keys)} rows in {table}")
