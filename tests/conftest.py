@@ -11,6 +11,7 @@ import pytest
 from xytune.profiler.devices import get_device
 from xytune.profiler.geometry import PRESETS
 from xytune.profiler.table import CostTable, canonical_json, new_meta
+from xytune.runtime.engine import model_runner
 
 # Checked-in cost tables, each named by the machine that made it (see profiles/README.md). Tests read them
 # with allow_mismatch and never assume the machine running the tests is that machine.
@@ -70,6 +71,22 @@ def synthetic_cost_model(path, rows: pd.DataFrame, dtypes=("float32",)):
     meta["complete"] = True
     write_table(path, CostTable(rows, meta))
     return CostModel.load(path)
+
+
+DOOMED_SEED = 666  # the seed whose requests ``break_sampling_for_one_seed`` makes fail
+
+
+def break_sampling_for_one_seed(monkeypatch) -> None:
+    """Make the sampler raise for any batch holding a request seeded ``DOOMED_SEED``, as a bug that one
+    request's parameters reach would; the engine must fail that request alone."""
+    real_sample = model_runner.sample
+
+    def sample(logits, params, generators, banned):
+        if any(p.seed == DOOMED_SEED for p in params):
+            raise FloatingPointError("a bug this request's parameters reach")
+        return real_sample(logits, params, generators, banned)
+
+    monkeypatch.setattr(model_runner, "sample", sample)
 
 
 def require_default_model():

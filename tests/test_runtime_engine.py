@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import require_default_model
+from conftest import DOOMED_SEED, break_sampling_for_one_seed, require_default_model
 
 from xytune.runtime.engine.block_manager import BlockAllocator
 from xytune.runtime.engine.engine import Engine, RequestError
@@ -239,19 +239,10 @@ def test_logit_bias_outside_the_vocabulary_is_refused(llm):
 def test_a_request_that_fails_in_the_engine_fails_alone(llm, monkeypatch):
     """A sampler that raises for one request's parameters (as a bug would) fails that request only: the
     others in its steps produce exactly what they produce without it, and the engine serves on."""
-    from xytune.runtime.engine import model_runner
-
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], greedy)]
-    real_sample = model_runner.sample
-
-    def sample(logits, params, generators, banned):
-        if any(p.seed == 666 for p in params):
-            raise FloatingPointError("a bug this request's parameters reach")
-        return real_sample(logits, params, generators, banned)
-
-    monkeypatch.setattr(model_runner, "sample", sample)
-    doomed = SamplingParams(max_tokens=8, temperature=0.8, seed=666, ignore_eos=True)
+    break_sampling_for_one_seed(monkeypatch)
+    doomed = SamplingParams(max_tokens=8, temperature=0.8, seed=DOOMED_SEED, ignore_eos=True)
     outs = llm.generate([PROMPTS[0], PROMPTS[2], PROMPTS[1]], [greedy, doomed, greedy])
     assert [o.outputs[0].finish_reason for o in outs] == ["length", "error", "length"]
     assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == expected

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 openai = pytest.importorskip("openai")
 
+from conftest import DOOMED_SEED, break_sampling_for_one_seed  # noqa: E402
 from server_process import start_server, stop_server  # noqa: E402
 
 from xytune.bench.serve import synthetic_prompts  # noqa: E402
@@ -589,22 +590,14 @@ def test_a_request_the_engine_fails_is_a_500_and_the_others_are_served(reference
     """Over real HTTP, a sampler that raises for one request's parameters (as a bug would): that request gets
     a 500 naming the error (an error event when streamed), the requests sharing its steps get exactly their
     text, and the server serves on."""
-    from xytune.runtime.engine import model_runner
     from xytune.runtime.engine.async_engine import AsyncEngine
     from xytune.runtime.engine.sampling import SamplingParams
     from xytune.runtime.serve.app import build_app
 
     good = {"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
-    doomed = {**good, "temperature": 0.8, "seed": 666}
+    doomed = {**good, "temperature": 0.8, "seed": DOOMED_SEED}
     expected = reference.generate(good["prompt"], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
-    real_sample = model_runner.sample
-
-    def sample(logits, params, generators, banned):
-        if any(p.seed == 666 for p in params):
-            raise FloatingPointError("a bug this request's parameters reach")
-        return real_sample(logits, params, generators, banned)
-
-    monkeypatch.setattr(model_runner, "sample", sample)
+    break_sampling_for_one_seed(monkeypatch)
     engine = AsyncEngine(reference.engine)
     engine.start()
     with socket.socket() as s:

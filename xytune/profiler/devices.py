@@ -15,6 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -59,67 +60,58 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx5
              "asimd", "sve", "sve2", "bf16", "i8mm")
 
 
-def _cpu_model_name() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none): the rest repeat them."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    if fields:
+                        break
+                    continue
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def _caches() -> list[tuple[str, str, str]]:
+    """CPU 0's caches as the kernel lists them: (level, type, size such as "48K")."""
+    base, found = "/sys/devices/system/cpu/cpu0/cache", []
+    try:
+        for entry in sorted(e for e in os.listdir(base) if e.startswith("index")):
+            level, kind, size = (Path(base, entry, name).read_text().strip() for name in ("level", "type", "size"))
+            found.append((level, kind, size))
+    except OSError:
+        pass
+    return found
+
+
+def _cpu_model_name() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def cpu_model() -> str | None:
     """The CPU's family and model numbers (x86) or implementer and part (Arm): KVM guests of different Xeon
     generations all call themselves "Intel(R) Xeon(R) Processor" and can report the same ISA flags."""
-    wanted = {"cpu family": "family", "model": "model", "CPU implementer": "implementer", "CPU part": "part"}
-    found: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in wanted and wanted[key.strip()] not in found:
-                    found[wanted[key.strip()]] = value.strip()
-                elif not line.strip() and found:
-                    break  # the first processor's block is enough
-    except OSError:
-        pass
-    return " ".join(f"{k} {v}" for k, v in found.items()) or None
+    info = _cpuinfo()
+    names = {"cpu family": "family", "model": "model", "CPU implementer": "implementer", "CPU part": "part"}
+    return " ".join(f"{short} {info[key]}" for key, short in names.items() if key in info) or None
 
 
 def cpu_caches() -> str | None:
     """CPU 0's data and unified caches by level, as the kernel reports them ("L1d 48K L2 2048K L3 491520K")."""
-    base, parts = "/sys/devices/system/cpu/cpu0/cache", []
-    try:
-        for entry in sorted(os.listdir(base)):
-            if not entry.startswith("index"):
-                continue
-            with open(f"{base}/{entry}/level", encoding="utf-8") as f:
-                level = f.read().strip()
-            with open(f"{base}/{entry}/type", encoding="utf-8") as f:
-                kind = f.read().strip()
-            with open(f"{base}/{entry}/size", encoding="utf-8") as f:
-                size = f.read().strip()
-            if kind != "Instruction":
-                parts.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
-    except OSError:
-        pass
+    parts = [f"L{level}{'d' if kind == 'Data' else ''} {size}" for level, kind, size in _caches()
+             if kind != "Instruction"]
     return " ".join(parts) or None
 
 
 def cpu_isa() -> list[str]:
     """The ISA features of ``ISA_FLAGS`` this CPU reports (``flags`` on x86, ``Features`` on Arm), sorted."""
-    found: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    found.update(value.split())
-                    break
-    except OSError:
-        pass
+    info = _cpuinfo()
+    found = set((info.get("flags") or info.get("Features") or "").split())
     return sorted(set(ISA_FLAGS) & found)
 
 
