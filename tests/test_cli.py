@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from conftest import REFERENCE_TABLE, resampled
 
@@ -69,9 +70,15 @@ def test_profile_show_plot_compare_end_to_end(tmp_path):
     grew = after["n_samples"] > before["n_samples"]
     assert set(map(tuple, after.loc[grew, KEY_COLUMNS].values)) == {tuple(k[c] for c in KEY_COLUMNS) for k in keys}
     assert all(list(a[:len(b)]) == list(b) for a, b in zip(after.loc[grew, "samples_s"], before.loc[grew, "samples_s"]))
+    # each call is one more process: its own median joins the profile's
+    assert all(len(p) == 2 and p[0] == m for p, m in zip(after.loc[grew, "process_medians_s"], before.loc[grew, "median_s"]))
+    assert all(p[1] == pytest.approx(float(np.median(s[len(b):])))
+               for p, s, b in zip(after.loc[grew, "process_medians_s"], after.loc[grew, "samples_s"],
+                                  before.loc[grew, "samples_s"]))
     xytune("retime", again, suspects, "--threads", "1", "--fresh", check=0)  # fresh: the old samples are gone
     fresh = read_table(again).rows.loc[grew]
     assert all(set(a).isdisjoint(b) for a, b in zip(fresh["samples_s"], after.loc[grew, "samples_s"]))
+    assert all(p == [m] for p, m in zip(fresh["process_medians_s"], fresh["median_s"]))
 
     # base and head re-timed by two processes in turns, row by row, two rounds (the first replacing)
     base, head, turns = tmp_path / "base.parquet", tmp_path / "head.parquet", tmp_path / "turns"

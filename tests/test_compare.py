@@ -1,7 +1,8 @@
+import numpy as np
 import pytest
 from conftest import resampled
 
-from xytune.profiler.table import CostTable
+from xytune.profiler.table import KEY_COLUMNS, CostTable
 from xytune.reports.compare import CompareError, compare_tables, markdown_report
 
 
@@ -97,3 +98,33 @@ def test_a_whole_run_drift_is_reported_and_its_rows_are_suspects(synthetic_table
     assert len(c.suspects) == n and len(c.regressions) > 0.9 * n
     assert "Warning: the whole new table is x1.20 the base" in markdown_report(c, "a", "b")
     assert "Warning: the whole" not in markdown_report(compare_tables(base, base), "a", "b")
+
+
+def _timed_in_processes(table: CostTable, row: int, medians: list[float]) -> CostTable:
+    """``table`` with ``row`` re-timed in one process per median: samples pooled around each median."""
+    rows = table.rows.copy()
+    samples = [m * (1 + d) for m in medians for d in np.linspace(-0.01, 0.01, 15)]
+    rows.at[row, "samples_s"] = samples
+    rows.at[row, "median_s"] = float(np.median(samples))
+    rows.at[row, "process_medians_s"] = medians
+    return CostTable(rows, dict(table.meta))
+
+
+def test_a_row_slower_only_in_some_processes_is_held_back_and_one_slower_in_every_process_regresses(
+        synthetic_table):
+    """One process can run a kernel 30% off as a whole: pooled samples then say 'significant', the processes
+    say it is the process, not the code."""
+    base = _timed_in_processes(synthetic_table, 4, [1.00e-4, 1.01e-4, 0.99e-4])
+    mixed = _timed_in_processes(synthetic_table, 4, [1.35e-4, 1.30e-4, 1.32e-4, 0.98e-4])
+    key = tuple(synthetic_table.rows.loc[4, KEY_COLUMNS])
+    c = compare_tables(base, mixed)
+    row = c.rows[c.rows[KEY_COLUMNS].apply(tuple, axis=1) == key].iloc[0]
+    assert row["ratio"] > 1.1 and row["p_value"] < c.alpha and row["processes"] == 3
+    assert c.regressions.empty and c.held_back == 1
+    assert "not in every process, so not counted: 1" in markdown_report(c, "a", "b")
+    slower = _timed_in_processes(synthetic_table, 4, [1.35e-4, 1.30e-4, 1.12e-4])
+    c = compare_tables(base, slower)
+    assert [tuple(r) for r in c.regressions[KEY_COLUMNS].values] == [key] and c.held_back == 0
+    # and alike for improvements
+    assert [tuple(r) for r in compare_tables(slower, base).improvements[KEY_COLUMNS].values] == [key]
+    assert compare_tables(mixed, base).improvements.empty

@@ -17,10 +17,11 @@ def test_round_trip_keeps_rows_and_metadata(tmp_path, synthetic_table):
     assert back.meta["geometry"] == synthetic_table.meta["geometry"]
     assert back.meta["peaks"] == synthetic_table.meta["peaks"]
     assert back.complete
-    pd.testing.assert_frame_equal(back.rows.drop(columns="samples_s"),
-                                  synthetic_table.rows[back.rows.columns].drop(columns="samples_s"),
+    lists = ["samples_s", "process_medians_s"]
+    pd.testing.assert_frame_equal(back.rows.drop(columns=lists), synthetic_table.rows[back.rows.columns].drop(columns=lists),
                                   check_dtype=False)
-    assert back.rows["samples_s"].tolist() == synthetic_table.rows["samples_s"].tolist()
+    for column in lists:
+        assert back.rows[column].tolist() == synthetic_table.rows[column].tolist()
     # Plain Parquet readers see the same columns and the metadata key.
     raw = pq.read_table(path)
     assert json.loads(raw.schema.metadata[META_KEY])["geometry"]["name"] == "smollm2-135m"
@@ -62,7 +63,24 @@ def test_foreign_parquet_is_refused(tmp_path):
 
 def test_future_schema_version_is_refused(tmp_path, synthetic_table):
     path = tmp_path / "t.parquet"
-    synthetic_table.meta["schema_version"] = SCHEMA_VERSION + 1
     write_table(path, synthetic_table)
+    arrow = pq.read_table(path)
+    meta = json.loads(arrow.schema.metadata[META_KEY])
+    pq.write_table(arrow.replace_schema_metadata({META_KEY: json.dumps(dict(meta, schema_version=SCHEMA_VERSION + 1))}),
+                   path)
     with pytest.raises(TableError, match="schema version"):
         read_table(path)
+
+
+def test_a_version_2_table_reads_as_timed_in_one_process_and_is_written_as_the_current_version(tmp_path,
+                                                                                            synthetic_table):
+    path = tmp_path / "t.parquet"
+    write_table(path, synthetic_table)
+    arrow = pq.read_table(path)
+    meta = json.loads(arrow.schema.metadata[META_KEY])
+    old = arrow.drop_columns(["process_medians_s"])
+    pq.write_table(old.replace_schema_metadata({META_KEY: json.dumps(dict(meta, schema_version=2))}), path)
+    back = read_table(path)
+    assert back.rows["process_medians_s"].tolist() == [[m] for m in back.rows["median_s"]]
+    write_table(path, back)
+    assert read_table(path).meta["schema_version"] == SCHEMA_VERSION == 3

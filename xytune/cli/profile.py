@@ -185,8 +185,8 @@ def retime(
     rows: Path = typer.Argument(..., help="JSON list of row keys (what `compare --suspects` writes)."),
     device: str = typer.Option("cpu", help="The device the table was measured on: cpu, cuda[:N], npu[:N]."),
     threads: int = typer.Option(None, help="CPU threads [default: torch's]."),
-    fresh: bool = typer.Option(False, "--fresh", help="The first round replaces the rows' samples."),
-    rounds: int = typer.Option(1, help="Times each row is re-timed; the samples are pooled."),
+    fresh: bool = typer.Option(False, "--fresh", help="This call's samples replace the rows' earlier ones."),
+    rounds: int = typer.Option(1, help="Times each row is re-timed in this process; the samples are pooled."),
     take_turns: Path = typer.Option(None, help="A fresh folder shared with a second `retime` (the other commit's "
                                                "table, the same rows and rounds): the two time row by row in turns."),
     first: bool = typer.Option(False, "--first", help="With --take-turns: this process times first."),

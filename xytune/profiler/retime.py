@@ -66,7 +66,10 @@ def retime_rows(path: Path, device: Device, keys: list[dict], fresh: bool = Fals
     A CI job times the rows a comparison found suspicious again, base and head taking turns (as asv's
     ``continuous`` does), so a slow minute of a shared runner does not decide the verdict. With ``turns``
     the two processes alternate row by row (both must be given the same keys and rounds: a key this table
-    lacks still takes its turn). Rows keep the table's timing policy. Returns the number of rows re-timed.
+    lacks still takes its turn). Each call appends the median of its own samples to a row's
+    ``process_medians_s`` (``fresh``: in place of the earlier ones), so calls in separate processes give
+    ``compare`` the spread between processes. Rows keep the table's timing policy. Returns the number of
+    rows re-timed.
     """
     try:
         table = read_table(path)
@@ -84,29 +87,38 @@ def retime_rows(path: Path, device: Device, keys: list[dict], fresh: bool = Fals
     timing = TimingPolicy(**table.meta["sweep"]["timing"])
     rows = table.rows
     index = {tuple(str(rows.at[i, c]) for c in KEY_COLUMNS): i for i in rows.index}
-    retimed: set[int] = set()
-    for round_ in range(rounds):
+    this_call: dict[int, list[float]] = {}
+    for _ in range(rounds):
         for key in wanted:
             if turns is not None:
                 turns.take()
             i = index.get(key)
             if i is not None and rows.at[i, "primitive"] in REGISTRY:
-                _time_again(rows, i, device, timing, table.meta["peaks"], keep=not (fresh and round_ == 0))
-                retimed.add(i)
+                this_call.setdefault(i, []).extend(_time_again(rows, i, device, timing))
             if turns is not None:
                 turns.hand_over()
+    for i, samples in this_call.items():
+        earlier = [] if fresh else list(rows.at[i, "samples_s"])
+        earlier_processes = [] if fresh else list(rows.at[i, "process_medians_s"])
+        _set_samples(rows, i, earlier + samples, table.meta["peaks"])
+        rows.at[i, "process_medians_s"] = earlier_processes + [summarize(samples)["median_s"]]
     write_table(path, table)
-    return len(retimed)
+    return len(this_call)
 
 
-def _time_again(rows, i, device: Device, timing: TimingPolicy, peaks: dict, keep: bool) -> None:
-    """Time row ``i`` again; its samples and statistics become the new ones (plus the old with ``keep``)."""
+def _time_again(rows, i, device: Device, timing: TimingPolicy) -> list[float]:
+    """New samples of row ``i``, timed as the table's sweep timed it."""
     row = rows.loc[i]
     shape, config = json.loads(row["shape"]), json.loads(row["config"])
     fn = REGISTRY[row["primitive"]].make(shape, config, row["dtype"], device)
     with torch.inference_mode():
         fn()
-    samples = (list(row["samples_s"]) if keep else []) + measure(fn, device, timing)
+    return measure(fn, device, timing)
+
+
+def _set_samples(rows, i, samples: list[float], peaks: dict) -> None:
+    """Row ``i``'s samples and the statistics that follow from them."""
+    row = rows.loc[i]
     stats = summarize(samples)
     stats["n_samples"] = stats.pop("n")
     stats.update(roofline_fraction(row["flops"], row["bytes"], stats["median_s"], row["dtype"], peaks))

@@ -230,7 +230,8 @@ class Sweep:
             "m": shape.get("m", -1), "n": shape.get("n", -1), "k": shape.get("k", -1),
             "shape": canonical_json(shape), "primitive": group.primitive.name, "dtype": group.dtype,
             "config": canonical_json(config), "samples_s": samples,
-            "n_samples": stats.pop("n"), **stats, "flops": flops, "bytes": nbytes,
+            "process_medians_s": [stats["median_s"]], "n_samples": stats.pop("n"), **stats,
+            "flops": flops, "bytes": nbytes,
             **roofline_fraction(flops, nbytes, stats["median_s"], group.dtype, self.table.meta["peaks"]),
         }
 

@@ -22,8 +22,10 @@ import pyarrow.parquet as pq
 
 from xytune import __version__
 
-SCHEMA_VERSION = 2  # 2 added the metadata keys tuning (measured machine constants) and pruned (probe failures)
-READABLE_VERSIONS = (1, 2)  # a v1 table reads as one without tuning or pruned: the kernels use their defaults
+SCHEMA_VERSION = 3  # 2 added the metadata keys tuning (measured machine constants) and pruned (probe failures);
+# 3 the column process_medians_s
+READABLE_VERSIONS = (1, 2, 3)  # a v1 table reads as one without tuning or pruned: the kernels use their defaults;
+# a v1 or v2 table reads as if each row was timed in one process
 META_KEY = b"xytune.meta"
 
 KEY_COLUMNS = ["op", "target", "shape", "primitive", "dtype", "config"]
@@ -39,6 +41,10 @@ ARROW_SCHEMA = pa.schema([
     ("dtype", pa.string()),
     ("config", pa.string()),
     ("samples_s", pa.list_(pa.float64())),
+    # the median of each process that timed the row (the profile's, then each `xytune retime` call's): a
+    # process can run a kernel slower or faster as a whole (where its memory landed), so a CI verdict needs
+    # the spread between processes, which pooled samples hide
+    ("process_medians_s", pa.list_(pa.float64())),
     ("n_samples", pa.int64()),
     ("median_s", pa.float64()),
     ("p20_s", pa.float64()),
@@ -109,9 +115,9 @@ def write_table(path: str | os.PathLike, table: CostTable) -> None:
     """Atomically replace ``path`` with ``table`` (a crash leaves the old file or the new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(table.meta)
+    meta = dict(table.meta, schema_version=SCHEMA_VERSION)
     meta["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    rows = table.rows.reindex(columns=COLUMNS)
+    rows = with_process_medians(table.rows).reindex(columns=COLUMNS)
     arrow = pa.Table.from_pandas(rows, schema=ARROW_SCHEMA, preserve_index=False)
     arrow = arrow.replace_schema_metadata({META_KEY: canonical_json(meta).encode()})
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -148,9 +154,17 @@ def read_table(path: str | os.PathLike) -> CostTable:
     if version not in READABLE_VERSIONS:
         raise TableError(f"{path} has cost-table schema version {version}; this xytune {__version__} reads "
                          f"versions {', '.join(map(str, READABLE_VERSIONS))}.")
-    missing = [c for c in COLUMNS if c not in arrow.column_names]
+    columns = [c for c in COLUMNS if c != "process_medians_s" or version >= 3]
+    missing = [c for c in columns if c not in arrow.column_names]
     if missing:
         raise TableError(f"{path} lacks the columns {', '.join(missing)}.")
-    rows = arrow.select(COLUMNS).to_pandas()
+    rows = with_process_medians(arrow.select(columns).to_pandas())
     rows["samples_s"] = rows["samples_s"].map(list)
     return CostTable(rows, meta)
+
+
+def with_process_medians(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with ``process_medians_s`` as lists; a row without them was timed in one process."""
+    given = rows["process_medians_s"] if "process_medians_s" in rows else [None] * len(rows)
+    medians = [[m] if v is None or isinstance(v, float) else list(v) for v, m in zip(given, rows["median_s"])]
+    return rows.assign(process_medians_s=pd.Series(medians, index=rows.index, dtype=object))

@@ -2,7 +2,10 @@
 
 Rows are matched on their key. A row regressed when its median grew beyond
 the threshold *and* a Mann-Whitney U test on the raw samples says the shift
-is real (as asv does), so run-to-run noise neither passes nor fails CI.
+is real (as asv does), so run-to-run noise neither passes nor fails CI. A row
+timed in two or more processes on each side (``xytune retime`` calls) must
+also be slower in every new process than in every base process: a process can
+run one kernel 30% off as a whole, which pooling its samples does not show.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import pandas as pd
 from scipy.stats import mannwhitneyu
 
 from xytune.profiler.devices import fingerprint_mismatches
-from xytune.profiler.table import KEY_COLUMNS, CostTable
+from xytune.profiler.table import KEY_COLUMNS, CostTable, with_process_medians
 from xytune.reports import DEFAULT_ALPHA, DEFAULT_THRESHOLD
 
 
@@ -33,6 +36,7 @@ class Comparison:
     mismatch: list[str] = field(default_factory=list)  # device differences the user allowed (--allow-mismatch)
     partial: list[str] = field(default_factory=list)  # "base"/"new": tables an interrupted sweep left (--allow-partial)
     drift: float = 1.0  # median new/base ratio over all rows: how the machine's speed moved between the runs
+    held_back: int = 0  # rows slower beyond the threshold by the samples, but not in every process
 
     @property
     def regressions(self) -> pd.DataFrame:
@@ -55,6 +59,14 @@ def _p_value(base: list[float], new: list[float]) -> float:
     if np.ptp(np.concatenate([base, new])) == 0:
         return 1.0
     return float(mannwhitneyu(new, base, alternative="two-sided").pvalue)
+
+
+def _processes_apart(base: list[float], new: list[float]) -> tuple[bool, bool]:
+    """(every new process slower than every base process, every one faster); both true where a side was
+    timed in one process only, which leaves the verdict to the samples."""
+    if len(base) < 2 or len(new) < 2:
+        return True, True
+    return min(new) > max(base), max(new) < min(base)
 
 
 def compare_tables(base: CostTable, new: CostTable, threshold: float = DEFAULT_THRESHOLD,
@@ -91,7 +103,7 @@ def compare_tables(base: CostTable, new: CostTable, threshold: float = DEFAULT_T
     ops_b, ops_n = set(base.rows["op"]), set(new.rows["op"])
     if ops_b != ops_n:
         raise CompareError(f"The tables hold different ops ({sorted(ops_b)} vs {sorted(ops_n)}).")
-    merged = base.rows.merge(new.rows, on=KEY_COLUMNS, suffixes=("_base", "_new"), how="outer", indicator=True)
+    merged = with_process_medians(base.rows).merge(with_process_medians(new.rows), on=KEY_COLUMNS, suffixes=("_base", "_new"), how="outer", indicator=True)
     only_base = int((merged["_merge"] == "left_only").sum())
     only_new = int((merged["_merge"] == "right_only").sum())
     both = merged[merged["_merge"] == "both"].copy()
@@ -101,13 +113,19 @@ def compare_tables(base: CostTable, new: CostTable, threshold: float = DEFAULT_T
     drift = float(np.exp(np.median(np.log(both["ratio"]))))
     both["p_value"] = [_p_value(b, n) for b, n in zip(both["samples_s_base"], both["samples_s_new"])]
     significant = both["p_value"] < alpha
+    both["processes"] = [min(len(b), len(n)) for b, n in zip(both["process_medians_s_base"],
+                                                               both["process_medians_s_new"])]
+    slower, faster = zip(*(_processes_apart(b, n) for b, n in zip(both["process_medians_s_base"],
+                                                                  both["process_medians_s_new"])))
     both["status"] = np.select(
-        [significant & (both["ratio"] > 1 + threshold), significant & (both["ratio"] < 1 - threshold)],
+        [significant & (both["ratio"] > 1 + threshold) & np.array(slower),
+         significant & (both["ratio"] < 1 - threshold) & np.array(faster)],
         ["regressed", "improved"], default="unchanged",
     )
-    keep = KEY_COLUMNS + ["m_base", "median_s_base", "median_s_new", "ratio", "p_value", "status"]
+    held_back = int((significant & (both["ratio"] > 1 + threshold) & ~np.array(slower)).sum())
+    keep = KEY_COLUMNS + ["m_base", "median_s_base", "median_s_new", "ratio", "p_value", "processes", "status"]
     out = both[keep].rename(columns={"m_base": "m"}).reset_index(drop=True)
-    return Comparison(out, only_base, only_new, threshold, alpha, mismatch, partial, drift)
+    return Comparison(out, only_base, only_new, threshold, alpha, mismatch, partial, drift, held_back)
 
 
 def _fmt_us(s: float) -> str:
@@ -135,6 +153,8 @@ def markdown_report(c: Comparison, base_name: str, new_name: str, limit: int = 5
         f"- rows compared: {len(c.rows)}; regressed: {len(reg)}; improved: {len(imp)}; "
         f"unchanged: {len(c.rows) - len(reg) - len(imp)}",
         f"- rows only in base: {c.only_base}; only in new: {c.only_new}",
+        f"- rows timed in two or more processes on each side: {int((c.rows['processes'] >= 2).sum())}; slower "
+        f"by their samples but not in every process, so not counted: {c.held_back}",
         f"- geometric-mean ratio new/base: {float(np.exp(np.log(c.rows['ratio']).mean())):.3f}; median: "
         f"{c.drift:.3f}", "",
     ]
