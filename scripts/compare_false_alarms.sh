@@ -2,7 +2,7 @@
 # False alarms of `xytune compare` on this machine: one table against fresh re-runs of itself (same code,
 # same machine), at the default alpha and threshold, at alpha 0.05, and after re-timing the suspects as the
 # CI workflow does: base and re-run row by row in turns (`--take-turns`), in PAIRS fresh pairs of processes
-# (the first replacing the samples). Every regression reported here is a false alarm. "held back" counts the
+# (the first replacing the samples; base and re-run take turns at going first). Every regression reported here is a false alarm. "held back" counts the
 # rows the pooled samples alone would have flagged, but that were not slower in every process.
 #
 #   PAIRS=3 bash scripts/compare_false_alarms.sh [RUNS] [PROFILE ARGS...]  (default: 5 runs of a --quick profile)
@@ -20,8 +20,10 @@ held_back() { sed -n 's/.*so not counted: \([0-9]*\).*/\1/p'; }
 retime_in_pairs() {  # $1 base, $2 re-run, $3 suspects, $4 a folder for the FIFOs
   for pair in $(seq "$pairs"); do
     fresh=$([ "$pair" = 1 ] && echo --fresh || true)
-    xytune retime "$1" "$3" $fresh --take-turns "$4/$pair" --first > /dev/null &
-    xytune retime "$2" "$3" $fresh --take-turns "$4/$pair" > /dev/null
+    base_first=$([ $((pair % 2)) = 1 ] && echo --first || true)
+    run_first=$([ $((pair % 2)) = 0 ] && echo --first || true)
+    xytune retime "$1" "$3" $fresh --take-turns "$4/$pair" $base_first > /dev/null &
+    xytune retime "$2" "$3" $fresh --take-turns "$4/$pair" $run_first > /dev/null
     wait $!
   done
 }
@@ -41,6 +43,7 @@ for i in $(seq "$runs"); do
   cp "$dir/base.parquet" "$dir/base$i.parquet"
   retime_in_pairs "$dir/base$i.parquet" "$dir/run$i.parquet" "$dir/suspects$i.json" "$dir/turns$i"
   after=$(xytune compare "$dir/base$i.parquet" "$dir/run$i.parquet" || true)
+  grep '^| gemm\|^| attention' <<< "$after" | sed "s/^/  run $i: /" >&2 || true  # the rows flagged, to look into
   printf '%-4s %5s %7s %11s %11s %9s %16s %12s\n' "$i" "$rows" "$drift" "$(regressions <<< "$report")" "$loose" \
     "$suspects" "$(regressions <<< "$after")" "$(held_back <<< "$after")"
 done

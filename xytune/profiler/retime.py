@@ -24,7 +24,9 @@ class Turns:
     (separate runs a minute apart do not compare row by row on a noisy runner).
 
     Each process blocks on its own FIFO in ``folder`` until the other hands it the turn by writing a byte
-    there; a waiting process uses no CPU. POSIX only; give both processes a fresh folder.
+    there; a waiting process uses no CPU. The first process's first turn also waits: the second hands it
+    over when it is ready to time, so the first rows are not timed while the other process still starts up
+    (imports, reading its table) on the same cores. POSIX only; give both processes a fresh folder.
     """
 
     def __init__(self, folder: Path, first: bool, timeout_s: float = 600.0):
@@ -37,9 +39,12 @@ class Turns:
                 pass
         self._mine = os.open(folder / me, os.O_RDWR)  # read-write: opening does not wait for the other side
         self._theirs = os.open(folder / other, os.O_RDWR)
-        self._has_turn, self.timeout_s = first, timeout_s
+        self._has_turn, self._started, self.timeout_s = False, first, timeout_s
 
     def take(self) -> None:
+        if not self._started:  # the second process: ready, so the first may start
+            self._started = True
+            self.hand_over()
         if self._has_turn:
             return
         ready, _, _ = select.select([self._mine], [], [], self.timeout_s)
