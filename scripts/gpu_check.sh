@@ -12,11 +12,11 @@
 #   profile  quick CUDA cost tables of smollm2-135m and llama-3.1-8b (presets: no GGUF needed), then `show`
 #            (a profile that runs out of time is stopped with SIGTERM and saves its partial table)
 #   engine   scripts/gpu_engine_check.py: greedy float32 output against transformers on a tiny random
-#            Llama written on the spot
+#            Llama written on the spot; then `xytune check --device cuda` with that model
 #   diag     in the time left: the Triton Meta-Attention test and the engine check again under
 #            TRITON_F32_DEFAULT=ieee when they failed (tells TF32 rounding from a wrong kernel)
-# Outputs ($OUT, 6 files): gpu_log.txt, summary.txt, gpu_tests.xml, cuda-h200-smollm2-135m.parquet,
-# cuda-h200-llama-3.1-8b.parquet, engine_check.json.
+# Outputs ($OUT, 7 files): gpu_log.txt, summary.txt, gpu_tests.xml, cuda-h200-smollm2-135m.parquet,
+# cuda-h200-llama-3.1-8b.parquet, engine_check.json, check_cuda.json.
 # The whole run stops starting stages past GPU_CHECK_DEADLINE_S seconds (default 450) and shortens the
 # last ones to fit; every stage keeps some time back for the ones after it.
 set -uo pipefail
@@ -142,6 +142,10 @@ python3 -m pip check 2>&1 | head -20 || true'
     # ---------------------------------------------------------------- engine vs transformers
     stage "engine-check" 140 60 "$PY scripts/gpu_engine_check.py --device cuda --workdir /tmp/engine-check --profile-timeout 70 --json $OUT/engine_check.json"
     engine_rc=$?
+    # first contact as a user makes it: every backend against float64, a short profile, greedy tokens; with the
+    # tiny Llama the engine check left (the default model's GGUF stays behind)
+    local tiny=/tmp/engine-check/tiny-llama
+    [[ -d $tiny ]] && stage "xytune-check" 90 50 "$XY check --device cuda --model $tiny --profile-max-tokens 256 --json > $OUT/check_cuda.json; rc=\$?; cat $OUT/check_cuda.json; exit \$rc"
 
     # ---------------------------------------------------------------- diagnoses, in the time left
     # float32 tl.dot runs on TF32 by default on CUDA: a failure that goes away under IEEE float32 is rounding
