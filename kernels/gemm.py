@@ -28,7 +28,9 @@ SegmentKernel = Callable[[torch.Tensor, torch.Tensor | None, dict], torch.Tensor
 # Kernels that compute a new tensor and copy it into ``out``: SmoothGEMM costs that copy, the profiler times
 # them without one (as a single-segment GEMM runs them)
 COPYING = {"torch.linear", "onednn.packed_linear", "npu.matmul"}
-NPU_FORMAT_ND, NPU_FORMAT_FRACTAL_NZ = 2, 29  # torch_npu's ACL format ids
+# torch_npu's ACL storage formats (aclFormat in CANN's acl/acl_base.h: ACL_FORMAT_ND = 2, ACL_FORMAT_FRACTAL_NZ = 29)
+NPU_FORMAT_ND, NPU_FORMAT_FRACTAL_NZ = 2, 29
+NPU_WEIGHT_FORMATS = {"ND": NPU_FORMAT_ND, "NZ": NPU_FORMAT_FRACTAL_NZ}  # npu.matmul's weight_format config
 
 
 def onednn_packing_available() -> bool:
@@ -114,8 +116,9 @@ def bind_triton(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Segme
 
 
 def bind_npu_matmul(weight: torch.Tensor, bias: torch.Tensor | None = None) -> SegmentKernel:
-    """torch_npu's matmul with the transposed weight kept in ND or FRACTAL_NZ, as the config says (each
-    layout cast once, on first use)."""
+    """torch_npu's matmul with the transposed weight kept in ND or FRACTAL_NZ, as the config says (each layout
+    cast once, on first use). A format the NPU does not keep raises, so the probe prunes it rather than the
+    sweep timing an ND weight under NZ's name."""
     layouts: dict[str, torch.Tensor] = {}
 
     def run(x, out, config):
@@ -123,8 +126,13 @@ def bind_npu_matmul(weight: torch.Tensor, bias: torch.Tensor | None = None) -> S
         if fmt not in layouts:
             import torch_npu  # optional: only on Ascend
 
-            wt = weight.t().contiguous()
-            layouts[fmt] = torch_npu.npu_format_cast(wt, NPU_FORMAT_FRACTAL_NZ) if fmt == "NZ" else wt
-        y = torch.matmul(x, layouts[fmt])
-        return _into(out, y + bias if bias is not None else y)
+            # npu_format_cast(Tensor self, int acl_format, int? customize_dtype=None) -> Tensor and
+            # get_npu_format(Tensor self) -> int: torch_npu/csrc/aten/npu_native_functions.yaml (Ascend/pytorch
+            # commit 9ed07bbb, torch_npu master 2025)
+            wt = torch_npu.npu_format_cast(weight.t().contiguous(), NPU_WEIGHT_FORMATS[fmt])
+            kept = torch_npu.get_npu_format(wt)
+            if kept != NPU_WEIGHT_FORMATS[fmt]:
+                raise RuntimeError(f"npu_format_cast left this {weight.dtype} weight in ACL format {kept}, not {fmt}")
+            layouts[fmt] = wt
+        return _into(out, _plus_bias(torch.matmul(x, layouts[fmt]), bias))
     return run

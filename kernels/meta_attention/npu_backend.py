@@ -9,7 +9,13 @@ class's tile groups, and short verify requests, go to the second with their
 mask (torch_npu masks where the mask is True, the opposite of SDPA). GQA is
 native to the op (``num_key_value_heads``).
 
-Needs torch_npu and an NPU; the tests skip without them.
+The op's paged mode (``block_table`` with ``block_size``) would read K/V in
+place instead of gathering them per call, but it wants the cache as
+``[blocks, block_size, kv_heads * d]`` pages, not the engine's head-major
+``[kv_heads, slots, d]``: adopting it means changing the KV cache layout.
+
+Needs torch_npu and an NPU; tests/test_npu_contract.py runs it against a CPU
+stand-in with the op's upstream schema.
 """
 
 from __future__ import annotations
@@ -19,19 +25,21 @@ import torch
 from .long import _long_group
 from .tiles import LongGroup, MetaAttentionPlan
 
-
-def npu_available() -> bool:
-    try:
-        import torch_npu  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(torch, "npu") and torch.npu.is_available()
+# The op's query dtypes (int8 only with quantisation scales): torch_npu API reference,
+# torch_npu.npu_fused_infer_attention_score, "query ... FLOAT16, BFLOAT16, INT8"
+NPU_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def run_meta_attention_npu(plan: MetaAttentionPlan, q: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, scale: float) -> torch.Tensor:
-    """``q [T, H, d]`` against head-major caches ``[kv_heads, slots, d]`` -> ``[T, H, d]``."""
-    import torch_npu
+    """``q [T, H, d]`` against head-major caches ``[kv_heads, slots, d]`` -> ``[T, H, d]``.
+
+    A float32 ``q`` is refused rather than cast: computing a float32 engine's attention in half precision would
+    quietly break the float32 results it promises (greedy output equal to the float32 reference)."""
+    if q.dtype not in NPU_ATTENTION_DTYPES:
+        raise ValueError(f"torch_npu's fused attention takes float16 or bfloat16, not {str(q.dtype)[6:]}: run the "
+                         "engine in --dtype bfloat16 or float16 on an NPU.")
+    import torch_npu  # optional: only on Ascend
 
     T, H, d = q.shape
     kvh = k_cache.shape[0]
@@ -50,12 +58,11 @@ def run_meta_attention_npu(plan: MetaAttentionPlan, q: torch.Tensor, k_cache: to
         rows = torch.tensor([b for b, _ in decode], device=q.device)
         o, _ = torch_npu.npu_fused_infer_attention_score(
             q[rows][:, None].contiguous(), k, v, actual_seq_lengths_kv=lens, num_heads=H,
-            num_key_value_heads=kvh, input_layout="BSND", scale_value=scale)
+            num_key_value_heads=kvh, input_layout="BSND", scale=scale)
         out[rows] = o[:, 0]
     groups = list(plan.long)
-    if other:
-
-        tiles = [(r.num_keys, b, r, 0, r.q_len, r.allowed()) for b, r in other]
+    if other:  # one group, padded to its longest request's keys: _long_group wants its tiles longest first
+        tiles = sorted(((r.num_keys, b, r, 0, r.q_len, r.allowed()) for b, r in other), key=lambda t: -t[0])
         groups.append(_long_group(tiles, max(r.q_len for _, r in other)))
     for grp in groups:
         _run_group(grp, q, k_cache, v_cache, scale, out, torch_npu)
@@ -73,5 +80,5 @@ def _run_group(grp: LongGroup, q, k_cache, v_cache, scale, out, torch_npu) -> No
     masked = (~grp.mask).to(dev)  # torch_npu: True = masked out
     o, _ = torch_npu.npu_fused_infer_attention_score(
         qg.contiguous(), k, v, atten_mask=masked, num_heads=H, num_key_value_heads=kvh, input_layout="BSND",
-        scale_value=scale, sparse_mode=0)
+        scale=scale, sparse_mode=0)
     out.index_copy_(0, grp.out_tokens.to(dev), o.reshape(B * tq, H, d)[grp.out_from.to(dev)])

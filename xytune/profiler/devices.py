@@ -49,6 +49,9 @@ ASCEND_SPECS: dict[str, ChipSpec] = {
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda|npu|ascend910b[1-4]?)(?::(\d+))?$")
 
+# The cold-cache flush before each GPU/NPU sample when the device does not report its L2 size
+DEFAULT_FLUSH_BYTES = 256 * 2**20
+
 # Fingerprint keys that must agree for a cost table to describe this device;
 # the others (software versions) only produce a warning when they differ.
 IDENTITY_KEYS = ("backend", "device_name", "cpu_model", "cpu_caches", "compute_units", "threads", "isa")
@@ -115,27 +118,67 @@ def cpu_isa() -> list[str]:
     return sorted(set(ISA_FLAGS) & found)
 
 
+def _size_bytes(text: str) -> int:
+    """A sysfs cache size ("48K", "32M") in bytes (0 when it is not one)."""
+    text = text.strip().upper()
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+    try:
+        return int(text.rstrip("KMG")) * scale
+    except ValueError:
+        return 0
+
+
 def llc_bytes() -> int:
     """Last-level cache size of CPU 0 (32 MiB when the kernel does not say)."""
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    best = 0
-    try:
-        for entry in os.listdir(base):
-            with open(f"{base}/{entry}/size", encoding="utf-8") as f:
-                text = f.read().strip().upper()
-            mult = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1], 1)
-            best = max(best, int(text.rstrip("KMG")) * mult)
-    except (OSError, ValueError):
-        pass
-    return best or 32 * 1024 * 1024
+    sizes = [_size_bytes(size) for _, kind, size in _caches() if kind != "Instruction"]
+    return max(sizes, default=0) or 32 * 2**20
 
 
 def _optional_version(module: str) -> str | None:
     try:
-
         return version(module)
     except Exception:
         return None
+
+
+def nvidia_driver_version() -> str | None:
+    """The NVIDIA driver's version ("550.54.15") from NVML, which torch.cuda itself imports when pynvml is there
+    (torch/cuda/__init__.py, torch 2.13); None without it. torch has no ``torch.cuda.driver_version``, and
+    ``torch._C._cuda_getDriverVersion`` (the CUDA driver API level, not the driver) is not declared in torch 2.13's
+    torch/_C/__init__.pyi."""
+    try:
+        import pynvml  # optional (nvidia-ml-py)
+
+        pynvml.nvmlInit()
+        try:
+            found = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+    return found.decode() if isinstance(found, bytes) else str(found)
+
+
+def cann_version() -> str | None:
+    """The Ascend CANN toolkit's version ("8.1.RC1"): torch_npu's ``torch_npu.npu.utils.get_cann_version``
+    (Ascend/pytorch torch_npu/npu/utils.py; "" before CANN 8.1.RC1), else the ``version=`` line of the toolkit's
+    ``<arch>-linux/ascend_toolkit_install.info`` under $ASCEND_TOOLKIT_HOME or $ASCEND_HOME_PATH."""
+    try:
+        from torch_npu.npu.utils import get_cann_version  # optional: only on Ascend
+
+        found = get_cann_version(module="CANN")
+    except Exception:
+        found = ""
+    if found:
+        return found
+    home = os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")
+    if not home:
+        return None
+    try:
+        lines = Path(home, f"{platform.machine()}-linux", "ascend_toolkit_install.info").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.partition("=")[2].strip() for line in lines if line.startswith("version=")), None)
 
 
 @dataclass
@@ -165,6 +208,19 @@ class Device:
         if self.backend != "cpu":
             self._module().synchronize(self.index)
 
+    def l2_cache_bytes(self) -> int | None:
+        """The GPU/NPU L2 size the device reports: ``L2_cache_size`` of torch.cuda's device properties, or of
+        torch_npu's (torch_npu/csrc/npu/Module.cpp binds it from ACL_DEVICE_INFO_L2_SIZE; older releases bind
+        only name and total_memory). None on CPU or where the device does not say."""
+        if self.backend == "cpu":
+            return None
+        return getattr(self._module().get_device_properties(self.index), "L2_cache_size", None) or None
+
+    def flush_bytes(self) -> int:
+        """How much the cold-cache flush overwrites: twice the L2, or ``DEFAULT_FLUSH_BYTES`` when unknown."""
+        l2 = self.l2_cache_bytes()
+        return 2 * l2 if l2 else DEFAULT_FLUSH_BYTES
+
     def flush_cache(self) -> None:
         """Overwrite a buffer larger than the GPU/NPU L2 cache so a sample starts cold.
 
@@ -175,7 +231,7 @@ class Device:
         if self.backend == "cpu":
             return
         if self._flush_buffer is None:
-            self._flush_buffer = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=self.torch_device)
+            self._flush_buffer = torch.empty(self.flush_bytes() // 4, dtype=torch.int32, device=self.torch_device)
         self._flush_buffer.zero_()
 
     def time_once(self, fn: Callable[[], object]) -> float:
@@ -198,12 +254,13 @@ class Device:
         mod = self._module()
         starts = [mod.Event(enable_timing=True) for _ in range(count)]
         ends = [mod.Event(enable_timing=True) for _ in range(count)]
-        for s, e in zip(starts, ends):
-            if cold:
-                self.flush_cache()
-            s.record()
-            fn()
-            e.record()
+        with mod.device(self.index):  # an event records on the current device's stream: make it this one
+            for s, e in zip(starts, ends):
+                if cold:
+                    self.flush_cache()
+                s.record()
+                fn()
+                e.record()
         self.synchronize()
         return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
 
@@ -233,16 +290,15 @@ class Device:
             fp["compute_capability"] = f"{props.major}.{props.minor}"
             fp["cuda"] = torch.version.cuda
             fp["triton"] = _optional_version("triton")
-            try:
-                fp["driver"] = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None
-            except Exception:
-                fp["driver"] = None
+            fp["driver"] = nvidia_driver_version()
         else:
+            props = torch.npu.get_device_properties(self.index)
             fp["device_name"] = torch.npu.get_device_name(self.index)
-            fp["compute_units"] = self.chip.ai_cores if self.chip else None
+            # AI cores as the device reports them (torch_npu's cube_core_num); older torch_npu: the chip's spec
+            fp["compute_units"] = getattr(props, "cube_core_num", None) or (self.chip.ai_cores if self.chip else None)
             fp["threads"] = None
             fp["torch_npu"] = _optional_version("torch_npu")
-            fp["cann"] = os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")
+            fp["cann"] = cann_version()
         if self.chip is not None:
             fp["chip_spec"] = self.chip.__dict__
         return fp
@@ -298,13 +354,11 @@ def get_device(spec: str = "cpu", threads: int | None = None) -> Device:
     _load_npu()
     if index >= torch.npu.device_count():
         raise DeviceError(f"npu:{index} does not exist; this machine has {torch.npu.device_count()} NPU(s).")
-    chip = None
-    if kind.startswith("ascend"):
-        actual = torch.npu.get_device_name(index).replace(" ", "").lower()
-        if not actual.startswith(kind):
-            raise DeviceError(f"--device {kind} was asked for but npu:{index} is a {actual}.")
-        chip = ASCEND_SPECS.get(actual[: len("ascend910b") + 1]) if kind == "ascend910b" else ASCEND_SPECS[kind]
-    return Device("npu", index, chip=chip)
+    actual = torch.npu.get_device_name(index).replace(" ", "").lower()
+    if kind.startswith("ascend") and not actual.startswith(kind):
+        raise DeviceError(f"--device {kind} was asked for but npu:{index} is a {actual}.")
+    # the chip the device says it is, however it was named: "npu:0" and "ascend910b3" are the same device
+    return Device("npu", index, chip=ASCEND_SPECS.get(actual[: len("ascend910b") + 1]))
 
 
 def cuda_available() -> bool:
