@@ -232,3 +232,16 @@ def test_a_float32_engine_is_refused_in_one_line():
     with pytest.raises(ValueError, match="float16 or bfloat16, not float32") as err:
         run_meta_attention_npu(plan, q.npu(), k.npu(), v.npu(), 0.125)
     assert "\n" not in str(err.value)
+
+
+def test_the_engine_sends_half_precision_to_the_fused_op_and_float32_to_the_torch_backend():
+    """torch_npu's fused attention takes fp16/bf16 only: a float32 engine on an NPU runs the torch backend."""
+    from xytune.runtime.model.attention import _backend
+
+    assert _backend(torch.zeros(2, 9, 64, dtype=torch.float16).npu()) == "npu"
+    assert _backend(torch.zeros(2, 9, 64, dtype=torch.bfloat16).npu()) == "npu"
+    assert _backend(torch.zeros(2, 9, 64).npu()) == "torch"
+    requests, q, k, v = random_batch(MIXED, 9, 3, 64, seed=5, page=16)
+    plan = plan_meta_attention(requests, 9, 3, k.shape[1], tile_q=8, tile_kv=64, prefill_tile=16)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        run_meta_attention_npu(plan, q.npu(), k.npu(), v.npu(), 0.125)

@@ -261,10 +261,9 @@ def make_meta_attention(tile_q: int = 8, tile_kv: int = 256, prefill_tile: int =
     def meta_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
                        scale: float) -> torch.Tensor:
         plan = getattr(batch, "_meta_plan", None)
-        backend = _backend(q.device)
+        backend = _backend(q)
         if plan is None:
             if backend == "triton":
-
                 plan = plan_triton(batch.requests, q.shape[1], k_cache.shape[0], block_m=max(16, tile_q),
                                    kv_split=tile_kv, device=q.device)
             else:
@@ -276,10 +275,8 @@ def make_meta_attention(tile_q: int = 8, tile_kv: int = 256, prefill_tile: int =
                 previous.update(ids=batch.request_ids if decode_only else None, plan=plan if decode_only else None)
             batch._meta_plan = plan
         if backend == "triton":
-
             return run_meta_attention_triton(plan, q, k_cache, v_cache, scale)
         if backend == "npu":
-
             return run_meta_attention_npu(plan, q, k_cache, v_cache, scale)
         return run_meta_attention_torch(plan, q, k_cache, v_cache, scale)
 
@@ -295,9 +292,9 @@ def _advanced_plan(previous: dict, batch: AttentionBatch):
     return previous["plan"] if advance_decode_plan(previous["plan"], num_keys, new_slots) else None
 
 
-def _backend(device: torch.device) -> str:
-    """Meta-Attention's run backend for a device: Triton on CUDA, torch_npu on Ascend, torch elsewhere."""
-    if device.type == "cuda":
-
+def _backend(q: torch.Tensor) -> str:
+    """Meta-Attention's run backend for the queries' device: Triton on CUDA, torch_npu on Ascend (whose fused
+    attention takes half precision only: a float32 engine there runs the torch backend), torch elsewhere."""
+    if q.device.type == "cuda":
         return "triton" if triton_available() else "torch"
-    return "npu" if device.type == "npu" else "torch"
+    return "npu" if q.device.type == "npu" and q.dtype in (torch.float16, torch.bfloat16) else "torch"
