@@ -46,10 +46,14 @@ if triton is not None:
                  acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s input precision: IEEE for float32 inputs (Triton's default TF32 rounds them to 10-bit
-    mantissas, so float32 outputs would stop matching the reference), the inputs' own otherwise."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+# ``tl.dot``'s ``input_precision`` for every dtype. For float32 inputs Triton's default is TF32 (10-bit
+# mantissas): float32 rows would then beat the float32 (non-TF32) peak, SmoothGEMM would pick them and their
+# outputs would stop matching the reference. For 16-bit inputs the option changes nothing (tensor cores run
+# either way: ``supportMMA`` in triton lib/Analysis/Utility.cpp tests the precision for f32 x f32 only), and
+# "ieee", unlike "tf32", is a name every backend accepts (triton 3.9 language/core.py ``dot``: AMD takes
+# "tf32" on CDNA3 only; semantic.py ``_str_to_dot_input_precision`` checks the name whatever the dtype).
+# No profiled dtype is named TF32, so nothing asks for TF32.
+DOT_PRECISION = "ieee"
 
 
 def triton_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
@@ -68,7 +72,7 @@ def triton_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = Non
     _gemm_kernel[grid](
         x, w, out, M, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=dot_precision(x.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=DOT_PRECISION,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -236,11 +236,10 @@ def test_a_float32_engine_is_refused_in_one_line():
 
 def test_the_engine_sends_half_precision_to_the_fused_op_and_float32_to_the_torch_backend():
     """torch_npu's fused attention takes fp16/bf16 only: a float32 engine on an NPU runs the torch backend."""
-    from xytune.runtime.model.attention import _backend
+    from xytune.kernels.meta_attention.backends import backend_for
 
-    assert _backend(torch.zeros(2, 9, 64, dtype=torch.float16).npu()) == "npu"
-    assert _backend(torch.zeros(2, 9, 64, dtype=torch.bfloat16).npu()) == "npu"
-    assert _backend(torch.zeros(2, 9, 64).npu()) == "torch"
+    assert backend_for("npu", "float16") == backend_for("npu", "bfloat16") == "npu"
+    assert backend_for("npu", "float32") == "torch"
     requests, q, k, v = random_batch(MIXED, 9, 3, 64, seed=5, page=16)
     plan = plan_meta_attention(requests, 9, 3, k.shape[1], tile_q=8, tile_kv=64, prefill_tile=16)
     with pytest.raises(ValueError, match="float16 or bfloat16"):

@@ -24,12 +24,10 @@ from xytune.kernels.meta_attention import (
     AttnRequest,
     advance_decode_plan,
     plan_meta_attention,
-    run_meta_attention_torch,
 )
-from xytune.kernels.meta_attention.npu_backend import run_meta_attention_npu
-from xytune.kernels.meta_attention.triton_backend import plan_triton, run_meta_attention_triton
+from xytune.kernels.meta_attention.backends import RUNS, backend_for, triton_tiles
+from xytune.kernels.meta_attention.triton_backend import plan_triton
 from xytune.kernels.sdpa_loop import request_masks, run_sdpa_loop
-from xytune.kernels.triton_gemm import triton_available
 
 QUERY_TILE = 64  # prefill queries are attended in tiles of this many rows (see PrefillChunk.tiles)
 
@@ -261,11 +259,11 @@ def make_meta_attention(tile_q: int = 8, tile_kv: int = 256, prefill_tile: int =
     def meta_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
                        scale: float) -> torch.Tensor:
         plan = getattr(batch, "_meta_plan", None)
-        backend = _backend(q)
+        backend = backend_for(q.device.type, str(q.dtype).removeprefix("torch."))
         if plan is None:
             if backend == "triton":
-                plan = plan_triton(batch.requests, q.shape[1], k_cache.shape[0], block_m=max(16, tile_q),
-                                   kv_split=tile_kv, device=q.device)
+                plan = plan_triton(batch.requests, q.shape[1], k_cache.shape[0], device=q.device,
+                                   **triton_tiles(tile_q, tile_kv))
             else:
                 plan = _advanced_plan(previous, batch) or plan_meta_attention(
                     batch.requests, q.shape[1], k_cache.shape[0], k_cache.shape[1], tile_q, tile_kv, prefill_tile,
@@ -274,11 +272,7 @@ def make_meta_attention(tile_q: int = 8, tile_kv: int = 256, prefill_tile: int =
                 decode_only = batch.all_decode and batch.request_ids is not None
                 previous.update(ids=batch.request_ids if decode_only else None, plan=plan if decode_only else None)
             batch._meta_plan = plan
-        if backend == "triton":
-            return run_meta_attention_triton(plan, q, k_cache, v_cache, scale)
-        if backend == "npu":
-            return run_meta_attention_npu(plan, q, k_cache, v_cache, scale)
-        return run_meta_attention_torch(plan, q, k_cache, v_cache, scale)
+        return RUNS[backend](plan, q, k_cache, v_cache, scale)
 
     return meta_attention
 
@@ -290,11 +284,3 @@ def _advanced_plan(previous: dict, batch: AttentionBatch):
     num_keys = np.fromiter((r.num_keys for r in batch.requests), dtype=np.int64, count=len(batch.requests))
     new_slots = batch.slot_mapping.cpu().numpy()
     return previous["plan"] if advance_decode_plan(previous["plan"], num_keys, new_slots) else None
-
-
-def _backend(q: torch.Tensor) -> str:
-    """Meta-Attention's run backend for the queries' device: Triton on CUDA, torch_npu on Ascend (whose fused
-    attention takes half precision only: a float32 engine there runs the torch backend), torch elsewhere."""
-    if q.device.type == "cuda":
-        return "triton" if triton_available() else "torch"
-    return "npu" if q.device.type == "npu" and q.dtype in (torch.float16, torch.bfloat16) else "torch"

@@ -28,7 +28,9 @@ from xytune.kernels.gemm import (
     bind_triton,
     onednn_packing_available,
 )
-from xytune.kernels.meta_attention import AttnRequest, plan_meta_attention, run_meta_attention_torch
+from xytune.kernels.meta_attention import AttnRequest, plan_meta_attention
+from xytune.kernels.meta_attention.backends import RUNS, backend_for, triton_tiles
+from xytune.kernels.meta_attention.triton_backend import MIN_BLOCK, plan_triton
 from xytune.kernels.sdpa_loop import request_masks, run_sdpa_loop
 from xytune.kernels.triton_gemm import triton_available
 from xytune.profiler.devices import Device, llc_bytes
@@ -170,17 +172,38 @@ def shared_memory_bytes(device: Device) -> int:
     return 96 * 1024  # interpreter / other: a conservative figure
 
 
+# Accumulator registers a thread may hold: BLOCK_M * BLOCK_N / (32 * num_warps) float32 values. A thread has at
+# most 255 registers on NVIDIA GPUs (CUDA C++ Programming Guide, "Technical Specifications per Compute
+# Capability"); half of them for the accumulator leaves the rest for the operand fragments, addresses and the
+# pipeline. 128 is also where Triton's own matmul tutorial stops (python/tutorials/03-matrix-multiplication.py:
+# 128x256 and 256x128 tiles take 8 warps, 256x64 and 64x256 take 4); 128x256 on 2 warps would hold 512 and spill.
+ACC_REGISTERS_PER_THREAD = 128
+
+
 def triton_gemm_invalid(shape: Shape, config: Config, dtype: str, device: Device) -> str | None:
-    """Why a tile config cannot or should not run for this shape (None when it is fine)."""
-    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    smem = (bm * bk + bk * bn) * ELEM_BYTES[dtype] * config["num_stages"]
-    if smem > shared_memory_bytes(device):
-        return f"needs {smem} B of shared memory"
+    """Why a tile config cannot or should not run for this shape (None when it is fine).
+
+    Shared memory holds the pipeline's ``num_stages`` copies of the A and B tiles during the K loop, then the
+    epilogue's scratch: the float32 accumulator tile passes through shared memory when its layout is converted
+    for a coalesced store (at most BLOCK_M x BLOCK_N x 4 bytes). Triton gives both the same bytes, one after
+    the other (triton lib/Analysis/Allocation.cpp: a scratch buffer lives only during its op and buffers are
+    placed by liveness), so the need is the larger of the two.
+    """
+    bm, bn, bk, warps = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["num_warps"]
+    pipeline = (bm * bk + bk * bn) * ELEM_BYTES[dtype] * config["num_stages"]
+    epilogue = bm * bn * 4
+    acc_registers = bm * bn // (32 * warps)
+    if acc_registers > ACC_REGISTERS_PER_THREAD:
+        return (f"holds {acc_registers} accumulator values per thread (over {ACC_REGISTERS_PER_THREAD}): "
+                "registers would spill")
+    if max(pipeline, epilogue) > shared_memory_bytes(device):
+        part = "its K-loop pipeline" if pipeline >= epilogue else "its epilogue (the float32 tile)"
+        return f"needs {max(pipeline, epilogue)} B of shared memory for {part}"
     if bm > 16 and bm >= 2 * shape["m"]:
         return "BLOCK_M is over twice M: mostly padding"
     if bk > 16 and bk > shape["k"]:
         return "BLOCK_K exceeds K"
-    if bm * bn < config["num_warps"] * 32 * 4:
+    if bm * bn < warps * 32 * 4:
         return "too few tile elements per thread"
     return None
 
@@ -210,7 +233,7 @@ def gemm_kernels(weight: torch.Tensor, bias: torch.Tensor | None = None,
     return kernels
 
 
-# -- Meta-Attention tile classes (torch backend; the profiler picks the tile sizes) --
+# -- Meta-Attention tile classes (each device's own backend; the profiler picks the tile sizes) --
 
 def attention_work(shape: Shape, dtype: str) -> tuple[float, float]:
     """QK^T and PV over every (query, key) pair of the timed batch; K/V read once."""
@@ -247,23 +270,46 @@ def attention_batch(shape: Shape, dtype: str, device: Device, decode: bool, veri
     return reqs, q, k, v
 
 
+def _attention_plan(backend: str, reqs, shape: Shape, slots: int, config: Config, device, **torch_options):
+    """The plan the engine makes on this backend (once per step: timed apart from the run)."""
+    if backend == "triton":
+        tiles = triton_tiles(config["tile_q"], config["tile_kv"]) if "tile_q" in config else {}
+        return plan_triton(reqs, shape["heads"], shape["kv_heads"], device=device, **tiles)
+    return plan_meta_attention(reqs, shape["heads"], shape["kv_heads"], slots, **config, **torch_options)
+
+
 def _make_meta_attention(shape, config, dtype, device, decode):
     reqs, q, k, v = attention_batch(shape, dtype, device, decode)
-    plan = plan_meta_attention(reqs, shape["heads"], shape["kv_heads"], k.shape[1], **config)
-    scale = shape["k"] ** -0.5
-    return lambda: run_meta_attention_torch(plan, q, k, v, scale)  # the plan is made once per step, not timed
+    backend = backend_for(device.backend, dtype)
+    plan = _attention_plan(backend, reqs, shape, k.shape[1], config, q.device)
+    run, scale = RUNS[backend], shape["k"] ** -0.5
+    return lambda: run(plan, q, k, v, scale)  # the plan is made once per step, not timed
 
 
 def _short_invalid(shape, config, dtype, device):
+    if backend_for(device.backend, dtype) == "triton":
+        if config["tile_q"] < MIN_BLOCK:
+            return f"the Triton kernel packs rows in blocks of at least {MIN_BLOCK}: tile_q={MIN_BLOCK} runs the same"
+        return None
     if config["tile_q"] < shape["heads"] // shape["kv_heads"]:
         return "tile_q is below the GQA group: a decode token's heads would not fit one tile"
+    return None
+
+
+LONG_SPACE = {"prefill_tile": (32, 64, 128), "sdpa_min_keys": (256, 1024, 1 << 20)}
+
+
+def _long_invalid(shape, config, dtype, device):
+    if backend_for(device.backend, dtype) == "triton" and config != {k: v[0] for k, v in LONG_SPACE.items()}:
+        return "the Triton kernel has no prefill_tile or sdpa_min_keys: one config stands for all"
     return None
 
 
 def _make_attention_plan(shape, config, dtype, device):
     """Meta-Attention's host-side plan alone: a step makes it once for all layers (its cost is per step)."""
     reqs, q, k, v = attention_batch(shape, dtype, device, decode="q" not in shape)
-    return lambda: plan_meta_attention(reqs, shape["heads"], shape["kv_heads"], k.shape[1], pages_aligned=True)
+    backend = backend_for(device.backend, dtype)
+    return lambda: _attention_plan(backend, reqs, shape, k.shape[1], {}, q.device, pages_aligned=True)
 
 
 def _make_sdpa_loop(shape, config, dtype, device):
@@ -277,18 +323,20 @@ ATTENTION_TARGETS = ("attention.decode", "attention.prefill")
 PROBE_DECODE = {"m": 2, "n": 32, "k": 16, "heads": 4, "kv_heads": 2}
 PROBE_PREFILL = {"m": 1, "q": 8, "n": 8, "k": 16, "heads": 4, "kv_heads": 2}
 
+
 def register_attention(name: str, make: Callable, **fields) -> Primitive:
-    """An attention primitive of the torch backend (CPU), timed per step class (``targets``)."""
-    return register(Primitive(name=name, op="attention", backends=("cpu",), dtypes=("float32", "bfloat16"),
-                              make=make, **{"work": attention_work, **fields}))
+    """An attention primitive, timed per step class (``targets``) on every device with a Meta-Attention backend
+    (torch on CPU, Triton on CUDA, torch_npu on Ascend: ``backend_for``)."""
+    return register(Primitive(name=name, op="attention", backends=("cpu", "cuda", "npu"),
+                              dtypes=("float32", "bfloat16", "float16"), make=make,
+                              **{"work": attention_work, **fields}))
 
 
 register_attention("meta.attention_short", functools.partial(_make_meta_attention, decode=True),
                    space={"tile_q": (4, 8, 16), "tile_kv": (64, 128, 256, 512)}, invalid=_short_invalid,
                    probe_shape=PROBE_DECODE, targets=("attention.decode",))
 register_attention("meta.attention_long", functools.partial(_make_meta_attention, decode=False),
-                   space={"prefill_tile": (32, 64, 128), "sdpa_min_keys": (256, 1024, 1 << 20)},
-                   probe_shape=PROBE_PREFILL, targets=("attention.prefill",))
+                   space=LONG_SPACE, invalid=_long_invalid, probe_shape=PROBE_PREFILL, targets=("attention.prefill",))
 # What the engine weighs Meta-Attention against for a step (plan cost included): see CostModel.attention_choice
 register_attention("meta.plan", _make_attention_plan, work=lambda shape, dtype: (0.0, 0.0),
                    probe_shape=PROBE_PREFILL, targets=ATTENTION_TARGETS)
