@@ -2,12 +2,23 @@ import threading
 import time
 
 import pytest
+import torch
 
+from xytune.profiler.devices import Device
 from xytune.profiler.geometry import PRESETS
-from xytune.profiler.primitives import primitives_for
+from xytune.profiler.primitives import REGISTRY, Primitive, gemm_work, primitives_for, register, unregister
 from xytune.profiler.retime import Turns
-from xytune.profiler.sweep import Sweep, SweepError, SweepSettings, m_buckets, quick_buckets
-from xytune.profiler.table import KEY_COLUMNS, read_table
+from xytune.profiler.sweep import (
+    ShapeGroup,
+    Sweep,
+    SweepError,
+    SweepSettings,
+    m_buckets,
+    plan_groups,
+    quick_buckets,
+    valid_grid,
+)
+from xytune.profiler.table import KEY_COLUMNS, canonical_json, read_table
 from xytune.profiler.timing import TimingPolicy
 
 TINY = TimingPolicy(warmup=1, budget_s=0.0, min_samples=3, max_samples=3)
@@ -169,3 +180,73 @@ def test_two_retimes_taking_turns_alternate_row_by_row_and_a_lone_one_gives_up(t
     with pytest.raises(SweepError, match="did not hand over its turn"):
         lone.take()
     lone.close()
+
+
+def _failing_tile(shape, config, dtype, device):
+    """A tile space where some configs fail as a Triton kernel can: out of shared memory, or a launch error."""
+    from triton.runtime.errors import OutOfResources
+
+    if config["tile"] % 3 == 0:
+        raise OutOfResources(262144, 232448, "shared memory")
+    if config["warps"] >= 32:
+        raise RuntimeError("CUDA error: too many resources requested for launch")
+    x = torch.randn(shape["m"], shape["k"])
+    return lambda: x.sum()
+
+
+def test_configs_that_fail_are_pruned_and_the_optuna_sweep_goes_on(tmp_path, cpu_device):
+    """Over 64 configs: TPE searches them; a config whose kernel raises is recorded as pruned, never timed."""
+    pytest.importorskip("triton")
+    prim = Primitive("test.failing_tiles", "gemm", ("cpu",), ("float32",), _failing_tile, gemm_work,
+                     space={"tile": tuple(range(1, 11)), "warps": (1, 2, 4, 8, 16, 32, 64)})
+    assert prim.space_size() > 64
+    register(prim)
+    try:
+        out = tmp_path / "t.parquet"
+        settings = tiny_settings(search="auto", trials=8, attention=False)
+        table = Sweep(cpu_device, PRESETS["smollm2-135m"], settings, out).run(progress=False)
+    finally:
+        unregister(prim.name)
+    back = read_table(out)
+    assert back.complete and len(back.rows) == len(table.rows)
+    failing = {canonical_json(c) for c in prim.grid() if c["tile"] % 3 == 0 or c["warps"] >= 32}
+    pruned = [p for p in back.meta["pruned"] if p["primitive"] == prim.name]
+    assert pruned and {p["config"] for p in pruned} <= failing
+    assert all(p["reason"].startswith(("OutOfResources: out of resource", "RuntimeError: CUDA error")) for p in pruned)
+    rows = back.rows[back.rows["primitive"] == prim.name]
+    assert not set(rows["config"]) & failing
+    # each (target, M) group tried `trials` distinct configs: the failures count as tried
+    assert len(rows) + len(pruned) == 8 * 2 * 3
+    assert set(back.rows["primitive"]) > {prim.name}  # the registry's own primitives were timed too
+
+
+ATTENTION_PRIMITIVES = {"meta.attention_short", "meta.attention_long", "meta.plan", "torch.sdpa_loop"}
+
+
+@pytest.mark.parametrize("backend", ["cuda", "npu"])
+def test_gpu_and_npu_sweeps_plan_attention_rows(backend):
+    """The attention primitives are registered where a Meta-Attention backend exists, over the CPU's shapes."""
+    geometry = PRESETS["llama-3.1-8b"]
+    settings = SweepSettings(dtypes=["bfloat16", "float16"], buckets=[1], targets=["attention"])
+    for dtype in settings.dtypes:
+        assert ATTENTION_PRIMITIVES <= {p.name for p in primitives_for("attention", backend, dtype)}
+    groups = plan_groups(geometry, settings, backend)
+    assert {g.primitive.name for g in groups} == ATTENTION_PRIMITIVES and {g.op for g in groups} == {"attention"}
+    assert {(g.target, g.shape, g.dtype) for g in groups} == \
+        {(g.target, g.shape, g.dtype) for g in plan_groups(geometry, settings, "cpu")}
+
+
+def test_triton_attention_space_times_each_distinct_kernel_once():
+    """On CUDA the Triton kernel runs: tile_q below 16 and the long class's knobs would time copies."""
+    pytest.importorskip("triton")
+    shape = tuple(sorted({"m": 8, "n": 256, "heads": 28, "kv_heads": 4, "k": 128}.items()))
+    short, long = REGISTRY["meta.attention_short"], REGISTRY["meta.attention_long"]
+    cuda, npu = Device("cuda"), Device("npu")
+    assert valid_grid(ShapeGroup("attention", "attention.decode", shape, short, "bfloat16"), cuda) == \
+        [{"tile_q": 16, "tile_kv": kv} for kv in (64, 128, 256, 512)]
+    assert valid_grid(ShapeGroup("attention", "attention.prefill", shape, long, "bfloat16"), cuda) == \
+        [{"prefill_tile": 32, "sdpa_min_keys": 256}]
+    # torch_npu runs the plan's own tiles: every long config, and tile_q from the GQA group (7) up
+    assert len(valid_grid(ShapeGroup("attention", "attention.prefill", shape, long, "float16"), npu)) == 9
+    assert {c["tile_q"] for c in valid_grid(ShapeGroup("attention", "attention.decode", shape, short, "float16"),
+                                            npu)} == {8, 16}

@@ -95,9 +95,11 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list
                   output_ids: list[int]) -> torch.Tensor:
     """The allowed tokens and bad words, the logit bias, the repetition penalty (over prompt and output
     tokens), then the frequency and presence penalties (over output tokens), in place on one row of float32
-    logits (vLLM's order)."""
+    logits (vLLM's order). Every tensor it makes sits on the logits' device: a CPU index or bias beside CUDA
+    or NPU logits is a device-mismatch error."""
+    device = logits.device
     if params.allowed_token_ids:  # checked against the vocabulary when the request came in
-        keep = torch.tensor(params.allowed_token_ids, dtype=torch.long)
+        keep = torch.tensor(params.allowed_token_ids, dtype=torch.long, device=device)
         kept = logits[keep]
         logits.fill_(float("-inf")).index_copy_(0, keep, kept)
     for seq in params.bad_words_ids:  # a bad word's last token is banned where the output ends with the rest
@@ -105,15 +107,17 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list
         if not head or output_ids[-len(head):] == head:
             logits[seq[-1]] = float("-inf")
     if params.logit_bias:  # token ids were checked against the vocabulary when the request came in
-        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
-        logits.index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype))
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)
+        logits.index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype, device=device))
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=device)
         z = logits[seen]
         logits[seen] = torch.where(z > 0, z / params.repetition_penalty, z * params.repetition_penalty)
     if (params.frequency_penalty or params.presence_penalty) and output_ids:
-        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=logits.shape[-1])
-        counts = counts[: logits.shape[-1]].to(logits.dtype)
+        # index_add_ rather than bincount: a fixed output size, so no device sync to find the largest id
+        ids = torch.tensor(output_ids, dtype=torch.long, device=device)
+        counts = torch.zeros_like(logits).index_add_(0, ids, torch.ones(len(output_ids), dtype=logits.dtype,
+                                                                          device=device))
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
     # an extreme penalty (repetition_penalty 1e-300 or 1e300 are valid) overflows: keep the order, drop the inf
     return logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
@@ -126,7 +130,7 @@ def top_logprobs(logits: torch.Tensor, tokens: list[int], n: list[int]) -> list[
     lp = torch.log_softmax(logits.float(), dim=-1)
     k = max(n, default=0)
     top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
-    chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()
+    chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
     out = []
     for i, c in enumerate(chosen):
         alts = list(zip(top_i[i, : n[i]].tolist(), top_v[i, : n[i]].tolist())) if n[i] else []

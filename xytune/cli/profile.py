@@ -45,7 +45,8 @@ def profile(
     targets: str = typer.Option(None, help="Comma list of targets to profile (qkv,o,gate_up,down,lm_head,attention)."),
     search: str = typer.Option("auto", help="grid | optuna | auto (grid for small config spaces)."),
     trials: int = typer.Option(24, help="Timed Optuna trials per shape."),
-    storage: str = typer.Option(None, help="Optuna storage: a journal file path or a database URL."),
+    storage: str = typer.Option(None, help="Optuna storage that workers and resumed runs share: a database URL "
+                                "(sqlite:///s.db, postgresql://user@host/db); anything else is a journal file."),
     budget_ms: float = typer.Option(None, help="Sampling time per point in ms."),
     threads: int = typer.Option(None, help="CPU threads (set and recorded) [default: torch's]."),
     quick: bool = typer.Option(False, "--quick", help="Coarse buckets and short timing: about a minute on 2 cores."),

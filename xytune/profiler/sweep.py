@@ -24,7 +24,15 @@ from xytune.profiler.host_memory import keep_freed_memory
 from xytune.profiler.peaks import measure_peaks, roofline_fraction
 from xytune.profiler.primitives import Config, Primitive, Shape, primitives_for
 from xytune.profiler.probe import Pruned, failure_reason, usable_primitives
-from xytune.profiler.search import SEARCHES, ConfigFailed, optuna_search, use_optuna
+from xytune.profiler.search import (
+    SEARCHES,
+    ConfigFailed,
+    StorageError,
+    open_storage,
+    optuna_search,
+    storage_kind,
+    use_optuna,
+)
 from xytune.profiler.table import CostTable, TableError, canonical_json, empty_rows, new_meta, read_table, write_table
 from xytune.profiler.timing import DEFAULT_TIMING, QUICK_TIMING, TimingPolicy, measure, measure_interleaved, summarize
 
@@ -71,7 +79,7 @@ class SweepSettings:
     targets: list[str] | None = None  # GEMM names; None = all
     search: str = "auto"  # auto | grid | optuna
     trials: int = 24
-    storage: str | None = None
+    storage: str | None = None  # Optuna storage: a journal file path or a database URL (see search.open_storage)
     seed: int = 0
     timing: TimingPolicy = field(default_factory=lambda: DEFAULT_TIMING)
     checkpoint_every_s: float = 5.0
@@ -81,6 +89,7 @@ class SweepSettings:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["timing"] = asdict(self.timing)
+        d["storage"] = storage_kind(self.storage)  # a database URL may hold a password: the table keeps its kind
         return d
 
     @classmethod
@@ -179,6 +188,10 @@ class Sweep:
         if settings.trials < 1:
             raise SweepError(f"--trials must be at least 1, got {settings.trials}.")
         self.table = self._start_table(resume, overwrite)
+        try:
+            self.storage = open_storage(settings.storage)  # once: every Optuna study of the sweep lives there
+        except StorageError as exc:
+            raise SweepError(str(exc)) from None
         self.done = self.table.keys()
         self.pending: list[dict] = []
         self.last_row: dict = {}
@@ -313,7 +326,7 @@ class Sweep:
             advance(min(len(done), self.group_work(group)))
             study = optuna_search(group.primitive, group.shape_dict, group.dtype, self.device, objective,
                                   self.settings.trials, done=done, study_name=group.study_name,
-                                  storage=self.settings.storage, seed=self.settings.seed,
+                                  storage=self.storage, seed=self.settings.seed,
                                   trial_attrs=lambda: {"row": self.last_row})
             self._adopt_shared_rows(study)
             return
