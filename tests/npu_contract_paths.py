@@ -244,3 +244,18 @@ def test_the_engine_sends_half_precision_to_the_fused_op_and_float32_to_the_torc
     plan = plan_meta_attention(requests, 9, 3, k.shape[1], tile_q=8, tile_kv=64, prefill_tile=16)
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         run_meta_attention_npu(plan, q.npu(), k.npu(), v.npu(), 0.125)
+
+
+def test_a_verify_moves_accepted_keys_with_indices_on_the_cache_device():
+    """Speculative verify copies the accepted tokens' K/V within the pools: the slot indices must live where the
+    pools do (a CPU index against an NPU or CUDA pool raises there)."""
+    from xytune.runtime.engine.kv_cache import KVCache
+
+    kv = KVCache(num_layers=1, num_blocks=4, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float16,
+                 device="npu:0")
+    kv.k[0].copy_(torch.arange(2 * 16 * 8, dtype=torch.float16).view(2, 16, 8).npu())
+    src = kv.slots([3, 1], 0, 6)
+    assert src.device.type == "npu" and src.cpu().tolist() == [12, 13, 14, 15, 4, 5]
+    frm, to = src[[5]], src[[2]]
+    kv.k[0].index_copy_(1, to, kv.k[0].index_select(1, frm))
+    assert torch.equal(kv.k[0][:, 14].cpu(), kv.k[0][:, 5].cpu())

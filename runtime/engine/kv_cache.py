@@ -39,7 +39,7 @@ class KVCache:
         return self.num_blocks * self.block_size
 
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
-        """Slot indices of tokens ``start..end-1`` of a request."""
+        """Slot indices of tokens ``start..end-1`` of a request, on the pools' device (they index the pools)."""
         pos = torch.arange(start, end)
         table = torch.tensor(block_table, dtype=torch.long)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+        return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.k[0].device)
