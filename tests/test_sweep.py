@@ -1,3 +1,4 @@
+import itertools
 import threading
 import time
 
@@ -250,3 +251,35 @@ def test_triton_attention_space_times_each_distinct_kernel_once():
     assert len(valid_grid(ShapeGroup("attention", "attention.prefill", shape, long, "float16"), npu)) == 9
     assert {c["tile_q"] for c in valid_grid(ShapeGroup("attention", "attention.decode", shape, short, "float16"),
                                             npu)} == {8, 16}
+
+
+def _fails_on_its_third_call(shape, config, dtype, device):
+    """A kernel that passes the untimed first call, then fails while timed (tile 2 only)."""
+    calls = itertools.count()
+    x = torch.randn(shape["m"], shape["k"])
+
+    def run():
+        if config["tile"] == 2 and next(calls) >= 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return x.sum()
+    return run
+
+
+@pytest.mark.parametrize("search", ["grid", "optuna"])
+def test_a_config_that_fails_while_timed_is_pruned_and_the_sweep_goes_on(tmp_path, cpu_device, search):
+    prim = Primitive("test.fails_late", "gemm", ("cpu",), ("float32",), _fails_on_its_third_call, gemm_work,
+                     space={"tile": (1, 2, 3)})
+    register(prim)
+    try:
+        out = tmp_path / "t.parquet"
+        settings = tiny_settings(search=search, trials=3, attention=False)
+        Sweep(cpu_device, PRESETS["smollm2-135m"], settings, out).run(progress=False)
+    finally:
+        unregister(prim.name)
+    back = read_table(out)
+    assert back.complete
+    rows = back.rows[back.rows["primitive"] == prim.name]
+    assert set(rows["config"]) == {'{"tile":1}', '{"tile":3}'} and len(rows) == 2 * 2 * 3  # 2 targets x 3 M
+    pruned = [p for p in back.meta["pruned"] if p["primitive"] == prim.name]
+    assert {p["config"] for p in pruned} == {'{"tile":2}'} and len(pruned) == 2 * 3
+    assert all(p["reason"] == "RuntimeError: CUDA error: an illegal memory access was encountered" for p in pruned)

@@ -261,14 +261,27 @@ class Sweep:
             self.device.synchronize()
             return fn
         except Exception as exc:  # a config this device cannot run: one line in the table, the sweep goes on
-            self.pruned.append(Pruned(group.primitive.name, group.dtype, failure_reason(exc), canonical_json(config)))
+            self._prune(group, config, exc)
+            return None
+
+    def _prune(self, group: ShapeGroup, config: Config, exc: Exception) -> None:
+        self.pruned.append(Pruned(group.primitive.name, group.dtype, failure_reason(exc), canonical_json(config)))
+
+    def _measured(self, group: ShapeGroup, config: Config, fn) -> list[float] | None:
+        """Samples of one config, or None (recorded as pruned) when it fails while timed: a kernel that ran
+        once can still fail later (a launch out of resources on another stream, an async device error)."""
+        try:
+            return measure(fn, self.device, self.settings.timing)
+        except Exception as exc:
+            self._prune(group, config, exc)
             return None
 
     def _time(self, group: ShapeGroup, config: Config) -> float:
         fn = self._runnable(group, config)
-        if fn is None:
+        samples = None if fn is None else self._measured(group, config, fn)
+        if samples is None:
             raise ConfigFailed(self.pruned[-1].reason)
-        return self._record(group, config, measure(fn, self.device, self.settings.timing))
+        return self._record(group, config, samples)
 
     def _record(self, group: ShapeGroup, config: Config, samples: list[float]) -> float:
         row = self._row(group, config, samples)
@@ -335,9 +348,13 @@ class Sweep:
         # a grid's configs are compared with each other: time them in turns (see measure_interleaved)
         runnable = [(c, fn) for c in todo if (fn := self._runnable(group, c)) is not None]
         advance(len(todo) - len(runnable))
-        fns = [fn for _, fn in runnable]
-        for (config, _), samples in zip(runnable, measure_interleaved(fns, self.device, self.settings.timing)):
-            self._record(group, config, samples)
+        try:
+            timed = measure_interleaved([fn for _, fn in runnable], self.device, self.settings.timing)
+        except Exception:  # one config failed while timed: time them one at a time, so only that one is pruned
+            timed = [self._measured(group, config, fn) for config, fn in runnable]
+        for (config, _), samples in zip(runnable, timed):
+            if samples is not None:
+                self._record(group, config, samples)
             advance(1)
 
     def run(self, progress: bool = True) -> CostTable:
