@@ -10,13 +10,16 @@
 #   setup    wheels into /tmp/site, xytune itself (editable; else a plain install), versions, nvidia-smi
 #   tests    the CUDA / Triton tests (junit XML)
 #   profile  quick CUDA cost tables of smollm2-135m and llama-3.1-8b (presets: no GGUF needed), then `show`
-#            (a profile that runs out of time is stopped with SIGTERM and saves its partial table)
+#            (a profile that runs out of time is stopped with SIGTERM and saves its partial table); the Triton
+#            GEMM against cuBLAS per M bucket from the table's rows; `bench kernels` on CUDA (Meta-Attention
+#            against the SDPA loop and varlen FlashAttention, SmoothGEMM against exact / padded / oracle)
 #   engine   scripts/gpu_engine_check.py: greedy float32 output against transformers on a tiny random
 #            Llama written on the spot; then `xytune check --device cuda` with that model
 #   diag     in the time left: the Triton Meta-Attention test and the engine check again under
 #            TRITON_F32_DEFAULT=ieee when they failed (tells TF32 rounding from a wrong kernel)
-# Outputs ($OUT, 7 files): gpu_log.txt, summary.txt, gpu_tests.xml, cuda-h200-smollm2-135m.parquet,
-# cuda-h200-llama-3.1-8b.parquet, engine_check.json, check_cuda.json.
+# Outputs ($OUT, 9 files): gpu_log.txt, summary.txt, gpu_tests.xml, cuda-h200-smollm2-135m.parquet,
+# cuda-h200-llama-3.1-8b.parquet, triton_vs_cublas.csv, bench_kernels_cuda.json, engine_check.json,
+# check_cuda.json.
 # The whole run stops starting stages past GPU_CHECK_DEADLINE_S seconds (default 450) and shortens the
 # last ones to fit; every stage keeps some time back for the ones after it.
 set -uo pipefail
@@ -138,6 +141,22 @@ python3 -m pip check 2>&1 | head -20 || true'
     [[ -f $small ]] && stage "show-smollm2" 30 190 "$XY show $small"
     stage "profile-llama8b" 60 160 "$XY profile --device cuda --model llama-3.1-8b $PROFILE_ARGS -o $big --overwrite --no-progress"
     [[ -f $big ]] && stage "show-llama8b" 30 150 "$XY show $big"
+    # the Triton GEMM against cuBLAS (torch.linear) at every M bucket of the table, from its own rows
+    [[ -f $small ]] && stage "triton-vs-cublas" 20 140 "$PY - $small $OUT/triton_vs_cublas.csv"' <<'"'"'EOF'"'"'
+import sys
+from xytune.profiler.table import read_table
+rows = read_table(sys.argv[1]).rows
+gemm = rows[rows["op"] == "gemm"]
+best = gemm.groupby(["target", "m", "dtype", "primitive"])["median_s"].min().unstack("primitive")
+if "triton.tiled_gemm" not in best or "torch.linear" not in best:
+    sys.exit("the table lacks triton.tiled_gemm or torch.linear rows")
+best["cublas_over_triton"] = best["torch.linear"] / best["triton.tiled_gemm"]
+best.to_csv(sys.argv[2])
+print(best["cublas_over_triton"].groupby(level="target").describe().to_string())
+EOF'
+    # Meta-Attention (Triton) against the SDPA loop and varlen FlashAttention, SmoothGEMM against exact (cuBLAS),
+    # pad-to-bucket and the per-M oracle, on the table just made
+    [[ -f $small ]] && stage "bench-kernels" 90 120 "$XY bench kernels --profile $small --device cuda --dtype bfloat16 --repeats 7 --json $OUT/bench_kernels_cuda.json"
 
     # ---------------------------------------------------------------- engine vs transformers
     stage "engine-check" 140 60 "$PY scripts/gpu_engine_check.py --device cuda --workdir /tmp/engine-check --profile-timeout 70 --json $OUT/engine_check.json"

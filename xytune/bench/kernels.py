@@ -27,6 +27,8 @@ from rich.table import Table
 
 from xytune.kernels.gemm import pack_weight
 from xytune.kernels.meta_attention import CAUSAL, TREE, AttnRequest, plan_meta_attention, run_meta_attention_torch
+from xytune.kernels.meta_attention.backends import RUNS, backend_for, triton_tiles
+from xytune.kernels.meta_attention.triton_backend import plan_triton
 from xytune.kernels.sdpa_loop import request_masks, run_sdpa_loop
 from xytune.kernels.smooth_gemm import SmoothGEMMPlanner, run_smooth_gemm
 from xytune.profiler.devices import llc_bytes
@@ -34,13 +36,15 @@ from xytune.profiler.host_memory import keep_freed_memory
 from xytune.profiler.primitives import gemm_kernels
 
 
-def mixed_batch(n: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int):
+def mixed_batch(n: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int,
+                tree: bool = True):
     """3/4 decodes (50-500 cached keys), the rest prefill chunks (16-128 tokens, half after a cached prefix),
-    one of them a 5-node verify tree; K/V in 16-slot pages scattered over a paged cache (as block tables do)."""
+    one of them a 5-node verify tree (``tree``); K/V in 16-slot pages scattered over a paged cache (as block
+    tables do)."""
     rng = np.random.default_rng(seed)
     specs = []
     for i in range(n):
-        if i == n // 2:
+        if i == n // 2 and tree:
             specs.append((TREE, 5, int(rng.integers(50, 500))))
         elif rng.random() < 0.75:
             specs.append((CAUSAL, 1, int(rng.integers(50, 500))))
@@ -188,6 +192,56 @@ def bench_attention(sizes=(16, 32, 64), num_heads=9, num_kv_heads=3, head_dim=64
     return rows
 
 
+def varlen_flash(requests, q, k_cache, v_cache, scale):
+    """torch's varlen FlashAttention over the batch (CUDA), K/V packed per request once, outside the timing: the
+    layout its own cache would keep. Causal with the bottom-right alignment FlashAttention uses, so a chunk after
+    a cached prefix and a decode see their whole context; it has no tree mask (the batch must have no tree)."""
+    from torch.nn.attention.varlen import varlen_attn  # CUDA only; torch >= 2.9
+
+    dev = q.device
+    slots = torch.cat([r.key_slots for r in requests]).to(dev)
+    k = k_cache[:, slots].transpose(0, 1).contiguous()  # [keys, kv_heads, d]
+    v = v_cache[:, slots].transpose(0, 1).contiguous()
+    cu_q = torch.tensor([0] + list(np.cumsum([r.q_len for r in requests])), dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0] + list(np.cumsum([r.num_keys for r in requests])), dtype=torch.int32, device=dev)
+    max_q, max_k = max(r.q_len for r in requests), max(r.num_keys for r in requests)
+    gqa = q.shape[1] != k_cache.shape[0]
+    return lambda: varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0),
+                               enable_gqa=gqa)
+
+
+def bench_attention_on_device(device, tiles: dict, sizes=(16, 32, 64), num_heads=9, num_kv_heads=3, head_dim=64,
+                              dtype=torch.bfloat16, repeats=15, seed=0) -> list[dict]:
+    """Meta-Attention on the device's own backend (Triton on CUDA, torch_npu on Ascend, torch on CPU) against the
+    per-request SDPA loop and, on CUDA, torch's varlen FlashAttention, each call synchronised and the L2
+    flushed between calls (``_median_alternating``). The batches have no verify tree, which varlen cannot mask.
+    ``tiles``: Meta-Attention's (``meta_tiles_from_table``)."""
+    backend = backend_for(device.backend, str(dtype).removeprefix("torch."))
+    dev, scale, rows = device.torch_device, head_dim ** -0.5, []
+    for n in sizes:
+        requests, q, k, v = mixed_batch(n, num_heads, num_kv_heads, head_dim, dtype, seed + n, tree=False)
+        q, k, v = q.to(dev), k.to(dev), v.to(dev)
+        if backend == "triton":
+            plan = plan_triton(requests, num_heads, num_kv_heads, device=dev,
+                               **triton_tiles(tiles["tile_q"], tiles["tile_kv"]))
+        else:
+            plan = plan_meta_attention(requests, num_heads, num_kv_heads, k.shape[1], **tiles)
+        masks = request_masks(requests, dev)
+        fns = {"meta": lambda: RUNS[backend](plan, q, k, v, scale),
+               "loop": lambda: run_sdpa_loop(requests, masks, q, k, v, scale)}
+        if device.backend == "cuda":
+            fns["varlen"] = varlen_flash(requests, q, k, v, scale)
+        reference = run_sdpa_loop(requests, masks, q.float(), k.float(), v.float(), scale)
+        errors = {name: float((f().float() - reference).abs().max()) for name, f in fns.items()}
+        t = _median_alternating(fns, repeats, device)
+        row = {"requests": n, "tokens": int(q.shape[0]), "backend": backend,
+               **{f"{name}_ms": sec * 1e3 for name, sec in t.items()},
+               **{f"vs_{name}": sec / t["meta"] for name, sec in t.items() if name != "meta"},
+               "max_abs_err": max(errors.values())}
+        rows.append(row)
+    return rows
+
+
 def bench_gemm(cost_model, dtype: str, gemms=("qkv", "o", "gate_up", "down"), ms=None, repeats=7,
                seed=0, device=None) -> list[dict]:
     """SmoothGEMM vs exact shape vs pad-to-bucket vs oracle, per (GEMM, M), on ``device`` (a Device; CPU
@@ -234,7 +288,7 @@ def bench_gemm(cost_model, dtype: str, gemms=("qkv", "o", "gate_up", "down"), ms
 
 def render(attention: list[dict], gemm: list[dict], console, meta: dict) -> None:
 
-    if attention:
+    if attention and "padded_ms" in attention[0]:
         t = Table("requests", "tokens", "meta ms", "SDPA loop ms", "padded SDPA ms",
                   "plan ms (once/step)", "vs loop", "vs loop +plan", "vs padded", "engine runs", "engine vs loop",
                   "max |err|", title=f"Meta-Attention ({meta['attention']}), per layer")
@@ -243,6 +297,14 @@ def render(attention: list[dict], gemm: list[dict], console, meta: dict) -> None
                       f"{r['padded_ms']:.2f}", f"{r['plan_ms']:.2f}",
                       f"{r['vs_loop']:.2f}x", f"{r['vs_loop_with_plan']:.2f}x", f"{r['vs_padded']:.2f}x",
                       r["engine_path"], f"{r['engine_vs_loop']:.2f}x", f"{r['max_abs_err']:.1e}")
+        console.print(t)
+    if attention and "loop_ms" in attention[0] and "padded_ms" not in attention[0]:  # on a GPU/NPU
+        t = Table("requests", "tokens", "backend", "meta ms", "SDPA loop ms", "varlen FA ms", "vs loop", "vs varlen",
+                  "max |err|", title=f"Meta-Attention ({meta['attention']}), synchronised calls")
+        for r in attention:
+            t.add_row(str(r["requests"]), str(r["tokens"]), r["backend"], f"{r['meta_ms']:.3f}", f"{r['loop_ms']:.3f}",
+                      f"{r['varlen_ms']:.3f}" if "varlen_ms" in r else "-", f"{r['vs_loop']:.2f}x",
+                      f"{r['vs_varlen']:.2f}x" if "vs_varlen" in r else "-", f"{r['max_abs_err']:.1e}")
         console.print(t)
     if gemm:
         t = Table("gemm", "M", "segments", "pad to", "smooth us", "exact us", "padded us", "oracle us",

@@ -186,8 +186,9 @@ def bench_kernels(
     skip_attention: bool = typer.Option(False, "--skip-attention", help="Only SmoothGEMM."),
     skip_gemm: bool = typer.Option(False, "--skip-gemm", help="Only Meta-Attention."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Use a table from another device."),
-    device: str = typer.Option(None, help="Where SmoothGEMM runs [default: the table's backend]; "
-                               "Meta-Attention is timed on CPU."),
+    device: str = typer.Option(None, help="Where both run [default: the table's backend]. On a GPU/NPU "
+                               "Meta-Attention runs its device backend against the SDPA loop and (CUDA) varlen "
+                               "FlashAttention."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ):
     """Meta-Attention vs SDPA loop / padded SDPA, and SmoothGEMM vs exact / pad-to-bucket / oracle, side by side."""
@@ -223,9 +224,15 @@ def bench_kernels(
             status.update("Meta-Attention vs SDPA...")
             layer_bytes = sum(g.n * g.k for g in geo.gemms() if g.name != "lm_head") * getattr(torch, dtype).itemsize
             path = attention_paths_from_table(model, dtype, geo.num_layers)["prefill"]  # mixed steps have prefill
-            attention = kernels_bench.bench_attention(sizes, geo.heads_per_rank, geo.kv_heads_per_rank, geo.head_dim,
-                                        getattr(torch, dtype), tiles, repeats, layers=geo.num_layers,
-                                        layer_weight_bytes=layer_bytes, engine_path=path)
+            if gemm_device.backend == "cpu":
+                attention = kernels_bench.bench_attention(sizes, geo.heads_per_rank, geo.kv_heads_per_rank,
+                                                          geo.head_dim, getattr(torch, dtype), tiles, repeats,
+                                                          layers=geo.num_layers, layer_weight_bytes=layer_bytes,
+                                                          engine_path=path)
+            else:
+                attention = kernels_bench.bench_attention_on_device(gemm_device, tiles, sizes, geo.heads_per_rank,
+                                                                    geo.kv_heads_per_rank, geo.head_dim,
+                                                                    getattr(torch, dtype), repeats)
         if not skip_gemm:
             status.update("SmoothGEMM vs exact / padded / oracle...")
             try:
