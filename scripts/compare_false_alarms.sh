@@ -5,11 +5,11 @@
 # (the first replacing the samples; base and re-run take turns at going first). Every regression reported here is a false alarm. "held back" counts the
 # rows the pooled samples alone would have flagged, but that were not slower in every process.
 #
-#   PAIRS=3 bash scripts/compare_false_alarms.sh [RUNS] [PROFILE ARGS...]  (default: 5 runs of a --quick profile)
+#   PAIRS=5 bash scripts/compare_false_alarms.sh [RUNS] [PROFILE ARGS...]  (default: 5 runs of a --quick profile)
 set -euo pipefail
 runs=${1:-5}
 shift || true
-pairs=${PAIRS:-3}
+pairs=${PAIRS:-5}
 args=("$@")
 [ ${#args[@]} -eq 0 ] && args=(--device cpu --model smollm2-135m --quick)
 dir=$(mktemp -d)
