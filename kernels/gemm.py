@@ -27,7 +27,7 @@ SegmentKernel = Callable[[torch.Tensor, torch.Tensor | None, dict], torch.Tensor
 
 # Kernels that compute a new tensor and copy it into ``out``: SmoothGEMM costs that copy, the profiler times
 # them without one (as a single-segment GEMM runs them)
-COPYING = {"torch.linear", "onednn.packed_linear", "npu.matmul"}
+COPYING = {"torch.linear", "onednn.packed_linear", "npu.matmul", "torch.int8pack_mm", "torch.int4pack_mm"}
 # torch_npu's ACL storage formats (aclFormat in CANN's acl/acl_base.h: ACL_FORMAT_ND = 2, ACL_FORMAT_FRACTAL_NZ = 29)
 NPU_FORMAT_ND, NPU_FORMAT_FRACTAL_NZ = 2, 29
 NPU_WEIGHT_FORMATS = {"ND": NPU_FORMAT_ND, "NZ": NPU_FORMAT_FRACTAL_NZ}  # npu.matmul's weight_format config

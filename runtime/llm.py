@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import warnings
 
 import torch
 
 from xytune.kernels.gemm import packing_failure
+from xytune.kernels.quantized import QUANTIZATIONS, WEIGHT_FORMATS, format_bytes
 from xytune.kernels.smooth_gemm import SmoothGEMMPlanner
 from xytune.profiler.cost_model import CostModel
+from xytune.profiler.primitives import weight_format_of
 
 from .engine.engine import Engine, RequestOutput
 from .engine.kv_cache import bytes_per_block
@@ -18,23 +22,91 @@ from .engine.scheduler import SchedulerConfig
 from .engine.speculative import SpeculativeConfig
 from .engine.step_predictor import StepPredictor
 from .model.attention import attention_paths_from_table, make_attention, meta_tiles_from_table, reference_attention
-from .model.linear import GEMM_MODES
+from .model.linear import GEMM_MODES, Linear
 from .model.llama import LlamaModel
 from .model.loader import load_checkpoint, resolve_dtype
 
 ATTENTION_KINDS = ("reference", "meta")
+log = logging.getLogger("xytune.runtime")
 
 
 def _planners(cost_model, dtype: str):
-    """SmoothGEMM planners per weight shape, made on first use."""
+    """SmoothGEMM planners per weight shape and set of kernels it holds, made on first use."""
     cache = {}
 
     def planner_for(n: int, k: int, kernels: set[str]):
-        if (n, k) not in cache:
-            cache[(n, k)] = SmoothGEMMPlanner(cost_model, n, k, dtype, primitives=kernels)
-        return cache[(n, k)]
+        key = (n, k, frozenset(kernels))
+        if key not in cache:
+            cache[key] = SmoothGEMMPlanner(cost_model, n, k, dtype, primitives=kernels)
+        return cache[key]
 
     return planner_for
+
+
+def model_linears(model: LlamaModel) -> list[Linear]:
+    """Every weight GEMM of the model: lm_head and each layer's."""
+    return [model.lm_head] + [getattr(layer, f.name) for layer in model.layers for f in dataclasses.fields(layer)
+                              if isinstance(getattr(layer, f.name), Linear)]
+
+
+def winning_formats(cost_model, n: int, k: int, dtype: str, candidates) -> list[str]:
+    """The weight formats among ``candidates`` whose best primitive is the table's fastest at some profiled M."""
+    curves = {name: c for name, c in cost_model.curves("gemm", n, k, dtype).items()
+              if weight_format_of(name) in candidates}
+    ms = sorted({float(m) for c in curves.values() for m in c.ms})
+    wins = {weight_format_of(min(curves, key=lambda name: curves[name].at(m)[0])) for m in ms}
+    return [f for f in WEIGHT_FORMATS if f in wins]
+
+
+def weight_formats(quantization: str, cost_model, n: int, k: int, dtype: str, smooth: bool) -> list[str]:
+    """The formats one ``[n, k]`` weight is loaded in for ``quantization`` (int8 | int4 | auto).
+
+    int8/int4 without SmoothGEMM: that format alone runs every M, and the float weight is dropped. With it:
+    that format, plus the float weight only where the table has float win at some M (prefill-sized M on CPU),
+    since a float weight SmoothGEMM never picks is memory for nothing. auto: every format that wins somewhere."""
+    if not smooth:
+        return [quantization]
+    measured = {weight_format_of(name) for name in cost_model.curves("gemm", n, k, dtype)}
+    wanted = WEIGHT_FORMATS if quantization == "auto" else ("float", quantization)
+    missing = [f for f in wanted if f != "float" and f not in measured]
+    if quantization != "auto" and missing:
+        raise ValueError(f"the cost table has no {quantization} GEMM rows for n={n} k={k} {dtype}: profile with "
+                         f"--quantization {quantization} or auto.")
+    formats = winning_formats(cost_model, n, k, dtype, wanted)
+    return formats if quantization == "auto" else sorted({quantization, *formats}, key=WEIGHT_FORMATS.index)
+
+
+def within_budget(formats: list[str], n: int, k: int, elem_bytes: int, share_bytes: float) -> list[str]:
+    """``formats`` less the largest ones while they hold more than ``share_bytes`` (one format always stays)."""
+    kept = sorted(formats, key=lambda f: format_bytes(f, n, k, elem_bytes))
+    while len(kept) > 1 and sum(format_bytes(f, n, k, elem_bytes) for f in kept) > share_bytes:
+        kept.pop()
+    return [f for f in WEIGHT_FORMATS if f in kept]
+
+
+def load_quantized(model: LlamaModel, quantization: str, cost_model, dtype: str, planner_for,
+                   weight_memory_gb: float | None = None) -> dict[str, int]:
+    """Load every weight GEMM of ``model`` in the formats ``quantization`` asks for; bytes held per format.
+
+    ``weight_memory_gb`` (auto): the budget of all GEMM weights, shared among them in proportion to their
+    size; a weight over its share drops its largest formats first."""
+    linears = model_linears(model)
+    elem = torch.empty(0, dtype=model.dtype).element_size()
+    total_float = sum(lin.out_features * lin.in_features * elem for lin in linears)
+    for lin in linears:
+        n, k = lin.out_features, lin.in_features
+        formats = weight_formats(quantization, cost_model, n, k, dtype, planner_for is not None)
+        if quantization == "auto" and weight_memory_gb is not None:
+            formats = within_budget(formats, n, k, elem, weight_memory_gb * 2**30 * n * k * elem / total_float)
+        lin.load_formats(formats, planner_for)
+    held: dict[str, int] = {}
+    for lin in linears:
+        for fmt, nbytes in lin.weight_bytes.items():
+            held[fmt] = held.get(fmt, 0) + nbytes
+    if quantization == "auto" and weight_memory_gb is not None and sum(held.values()) > weight_memory_gb * 2**30:
+        raise ValueError(f"the GEMM weights take {sum(held.values()) / 2**30:.3f} GiB in their smallest format, "
+                         f"over weight_memory_gb={weight_memory_gb}.")
+    return held
 
 
 class LLM:
@@ -44,26 +116,28 @@ class LLM:
                  profile: str | None = None, allow_mismatch: bool = False, policy: str = "chunked",
                  tbt_slo_ms: float | None = None, ttft_slo_ms: float = 2000.0, enable_prefix_caching: bool = True,
                  speculative: str | None = None, num_speculative_tokens: int = 4, attention: str = "meta",
-                 meta_tiles: dict | None = None, tpot_slo_ms: float = 200.0):
+                 meta_tiles: dict | None = None, tpot_slo_ms: float = 200.0, quantization: str = "none",
+                 weight_memory_gb: float | None = None):
         """``attention`` reference | meta; ``meta_tiles`` Meta-Attention's tile sizes (default: from ``profile``);
         ``gemm`` auto | packed | plain | smooth (SmoothGEMM planned from ``profile``; auto: smooth when a
-        profile is given, else packed)."""
+        profile is given, else packed); ``quantization`` none (float weights: outputs equal transformers) |
+        int8 | int4 | auto (see ``weight_formats``); ``weight_memory_gb`` auto's budget for the GEMM weights."""
         if threads is not None:
             torch.set_num_threads(threads)
         if kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be positive, got {kv_cache_gb}.")
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}.")
+        if quantization not in QUANTIZATIONS:  # before the slow load
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}.")
         dev = torch.device(device)
         config, state, self.tokenizer, self.model_name = load_checkpoint(model)
         cost_model = predictor = None
         if profile is not None:
             cost_model = CostModel.load(profile, device=device if dev.type != "cpu" else None,
                                         allow_mismatch=allow_mismatch)
-        self.dtype = resolve_dtype(dtype, dev, cost_model)
+        self.dtype = resolve_dtype(dtype, dev, cost_model.for_formats(("float",)) if cost_model else None)
         dtype_name = str(self.dtype).replace("torch.", "")
-        if cost_model is not None:
-            predictor = StepPredictor(cost_model, dtype_name)
         if gemm not in ("auto", *GEMM_MODES):
             raise ValueError(f"gemm must be one of auto, {', '.join(GEMM_MODES)}, not {gemm!r}.")
         if gemm == "auto":
@@ -71,6 +145,14 @@ class LLM:
         self.gemm, self.attention = gemm, attention
         if gemm == "smooth" and cost_model is None:
             raise ValueError("gemm smooth plans from a cost table: give profile=TABLE (--profile).")
+        if quantization != "none" and dev.type != "cpu":
+            raise ValueError(f"quantized GEMMs run on CPU only so far; use quantization none on {dev.type}.")
+        if quantization == "auto" and gemm != "smooth":
+            raise ValueError("quantization auto picks formats from a cost table with gemm smooth: give "
+                             "profile=TABLE (--profile).")
+        if weight_memory_gb is not None and weight_memory_gb <= 0:
+            raise ValueError(f"weight_memory_gb must be positive, got {weight_memory_gb}.")
+        self.quantization = quantization
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, not {attention!r}.")
         self.meta_tiles = {**meta_tiles_from_table(cost_model, dtype_name), **(meta_tiles or {})}
@@ -81,9 +163,21 @@ class LLM:
         if gemm in ("packed", "smooth") and dev.type == "cpu" and (why := packing_failure(self.dtype)):
             warnings.warn(f"oneDNN weight packing does not run in {dtype_name} on this CPU ({why}); "
                           "the GEMMs run unpacked", stacklevel=2)
-        self.model = LlamaModel(config, state, self.dtype, dev, attention=attn, gemm=gemm,
-                                planner_for=_planners(cost_model, dtype_name) if cost_model else None)
+        planner_for = _planners(cost_model, dtype_name) if cost_model else None
+        # a weight that will run quantized alone is not worth packing first
+        model_gemm = "plain" if quantization in ("int8", "int4") and gemm == "packed" else gemm
+        self.model = LlamaModel(config, state, self.dtype, dev, attention=attn, gemm=model_gemm,
+                                planner_for=planner_for)
         del state
+        self.weight_bytes = {"float": sum(lin.out_features * lin.in_features * self.dtype.itemsize
+                                          for lin in model_linears(self.model))}
+        if quantization != "none":
+            self.weight_bytes = load_quantized(self.model, quantization, cost_model, dtype_name,
+                                               planner_for if gemm == "smooth" else None, weight_memory_gb)
+        if cost_model is not None:  # steps are predicted with the formats the weights were loaded in
+            predictor = StepPredictor(cost_model.for_formats(tuple(self.weight_bytes)), dtype_name)
+        log.info("GEMM weights (quantization %s): %s", quantization,
+                 ", ".join(f"{fmt} {nbytes / 2**20:.1f} MiB" for fmt, nbytes in self.weight_bytes.items()))
         per_block = bytes_per_block(config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype)
         num_blocks = int(kv_cache_gb * 2**30 // per_block)
         spec = SpeculativeConfig(speculative, num_speculative_tokens) if speculative else None

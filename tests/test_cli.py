@@ -15,7 +15,8 @@ from xytune.profiler.devices import get_device
 from xytune.profiler.probe import usable_primitives
 from xytune.profiler.table import KEY_COLUMNS, CostTable, read_table, write_table
 
-PRIMS = len(usable_primitives("gemm", get_device("cpu"), "float32")[0])  # those that run on this machine
+# the float-weight primitives that run on this machine (a default profile's)
+PRIMS = len([p for p in usable_primitives("gemm", get_device("cpu"), "float32")[0] if p.weight_format == "float"])
 REFERENCE = REFERENCE_TABLE  # a table from some machine: read with --allow-mismatch
 
 SMALL = ["--buckets", "1,2,8", "--targets", "qkv,o", "--dtypes", "float32", "--budget-ms", "1", "--no-progress"]

@@ -23,7 +23,8 @@ from xytune.profiler.table import KEY_COLUMNS, canonical_json, read_table
 from xytune.profiler.timing import TimingPolicy
 
 TINY = TimingPolicy(warmup=1, budget_s=0.0, min_samples=3, max_samples=3)
-PRIMS = len(primitives_for("gemm", "cpu", "float32"))  # no config knobs on CPU: one row each
+# float weights (a default sweep's): no config knobs on CPU, one row each
+PRIMS = len([p for p in primitives_for("gemm", "cpu", "float32") if p.weight_format == "float"])
 ROWS = 2 * 3 * PRIMS  # 2 targets x 3 buckets
 
 

@@ -1,12 +1,14 @@
 """The model's weight GEMMs: ``packed`` (oneDNN's pre-packed layout where the CPU packs this dtype, else the
 weight as is), ``plain`` (``F.linear``) or ``smooth`` (SmoothGEMM over the registry's kernels bound to this
-weight, segments from the cost table)."""
+weight, segments from the cost table). ``load_formats`` holds the weight quantized (kernels/quantized.py)
+instead of, or beside, the float one."""
 
 from __future__ import annotations
 
 import torch
 
 from xytune.kernels.gemm import bind_linear, bind_onednn_packed, pack_weight
+from xytune.kernels.quantized import QUANTIZED_BINDS, QUANTIZERS, WEIGHT_FORMATS, int4_shape_failure
 from xytune.kernels.smooth_gemm import run_smooth_gemm
 from xytune.profiler.primitives import gemm_kernels
 
@@ -31,9 +33,41 @@ class Linear:
         self.kernel = bind_onednn_packed(weight, bias, self.packed) if self.packed is not None \
             else bind_linear(weight, bias)
         self.planner, self.kernels = None, None
+        self.quantized = {}
         if mode == "smooth":
             self.kernels = gemm_kernels(weight, bias, self.packed)
             self.planner = planner(*weight.shape, set(self.kernels)) if callable(planner) else planner
+
+    def load_formats(self, formats, planner=None) -> None:
+        """Hold the weight in ``formats`` (of WEIGHT_FORMATS), each quantized once here from the float weight.
+
+        The float weight (and its packed layout) is dropped unless ``float`` is among them, or no quantized
+        format can take this shape (int4 packing needs N % 16 == 0 and K % 32 == 0: the weight stays float).
+        With a ``planner`` (as for ``__init__``) SmoothGEMM picks per M among the formats held; without one a
+        single quantized format runs every M."""
+        unknown = set(formats) - set(WEIGHT_FORMATS)
+        if unknown or not formats:
+            raise ValueError(f"weight formats must be some of {WEIGHT_FORMATS}, not {sorted(formats)}")
+        n, k = self.out_features, self.in_features
+        self.quantized = {f: QUANTIZERS[f](self.weight) for f in formats
+                          if f != "float" and not (f == "int4" and int4_shape_failure(n, k))}
+        if "float" not in formats and self.quantized:
+            self.weight, self.packed = None, None
+        if planner is not None:
+            self.kernels = gemm_kernels(self.weight, self.bias, self.packed, self.quantized)
+            self.planner = planner(n, k, set(self.kernels)) if callable(planner) else planner
+        elif self.quantized:
+            fmt = next(f for f in formats if f in self.quantized)
+            self.kernel = QUANTIZED_BINDS[fmt](None, self.bias, self.quantized[fmt])
+            self.planner, self.kernels = None, None
+
+    @property
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes held per weight format (float: the weight as is, without oneDNN's packed copy)."""
+        held = {f: q.nbytes for f, q in self.quantized.items()}
+        if self.weight is not None:
+            held["float"] = self.weight.numel() * self.weight.element_size()
+        return held
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.planner is not None:

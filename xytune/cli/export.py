@@ -38,7 +38,7 @@ def export(
         table = read_table(profile)  # no device check: the table usually comes from the machine that will serve
         if not len(table.rows):
             fail(f"{profile} holds no measurements.")
-        cost_model = CostModel(table)
+        cost_model = CostModel(table, formats=("float",))  # vLLM runs its own float GEMMs
         plan = plan_export(cost_model, str(profile), dtype or cost_model.fastest_dtype(), tune, slo_tpot_ms)
         written = write_export(plan, format, output)
     except (ExportError, TableError, CostModelError, OSError) as exc:

@@ -55,15 +55,22 @@ def profile(
     seed: int = typer.Option(0, help="Seed of the Optuna sampler."),
     checkpoint_s: float = typer.Option(5.0, help="Seconds between checkpoints of the partial table."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    quantization: str = typer.Option("none", help="GEMM weight formats to time beside float: none | int8 | int4 | "
+                                     "auto (all, so serve --quantization auto can choose from the table)."),
 ):
     """Sweep GEMM shape buckets and kernel configs on DEVICE into a Parquet cost table."""
     # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    from xytune.kernels.quantized import swept_formats
     from xytune.profiler.devices import DeviceError, get_device
     from xytune.profiler.geometry import GeometryError, resolve_geometry
     from xytune.profiler.primitives import DTYPES
     from xytune.profiler.sweep import Sweep, SweepError, SweepSettings, default_dtypes, m_buckets, quick_buckets
     from xytune.profiler.table import TableError
 
+    try:
+        formats = swept_formats(quantization)
+    except ValueError as exc:
+        fail(str(exc))
     try:
         dev = get_device(device, threads=threads)
         geometry = resolve_geometry(model, tp=tp)
@@ -76,6 +83,7 @@ def profile(
         if checkpoint_s < 0:
             fail("--checkpoint-s must be >= 0.")
         settings = replace(settings, buckets=ms, max_seqs=max_seqs, search=search, trials=trials, storage=storage,
+                           weight_formats=formats,
                            seed=seed, checkpoint_every_s=checkpoint_s,
                            targets=[t.strip() for t in targets.split(",")] if targets else None)
         if budget_ms is not None:

@@ -42,6 +42,8 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print tokens, timings and finish reason as JSON."),
     attention: str = typer.Option("meta", help="meta (Meta-Attention) | reference."),
     gemm: str = typer.Option("auto", help="auto (smooth with --profile, else packed) | smooth | packed | plain."),
+    quantization: str = typer.Option("none", help="GEMM weights: none (float: outputs equal transformers) | int8 "
+                                      "| int4 (CPU) | auto (the formats the --profile table has win at some M)."),
     profile: Path = typer.Option(None, help="Cost table: Meta-Attention tiles and SmoothGEMM plans come from it."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Use a table from another device."),
     speculative: str = typer.Option(None, help="Speculative decoding: ngram (prompt lookup) [default: off]."),
@@ -56,6 +58,7 @@ def generate(
     from xytune.runtime.engine.sampling import SamplingParams
     from xytune.runtime.llm import LLM
 
+    _check_quantization(quantization)
     try:
         dev = get_device(device)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -67,7 +70,7 @@ def generate(
         llm = LLM(model=model, dtype=dtype, device=str(dev.torch_device), kv_cache_gb=kv_cache_gb, threads=threads,
                   attention=attention, gemm=gemm, profile=str(profile) if profile else None,
                   allow_mismatch=allow_mismatch, speculative=speculative,
-                  num_speculative_tokens=num_speculative_tokens)
+                  num_speculative_tokens=num_speculative_tokens, quantization=quantization)
         load_s = time.perf_counter() - start
         if chat:
             out = llm.chat([{"role": "user", "content": prompt}], params)[0]
@@ -77,6 +80,14 @@ def generate(
         fail(str(exc))
     text = json.dumps(_generation_json(model, llm, out, load_s), indent=2) if as_json else out.outputs[0].text
     sys.stdout.write(text + "\n")
+
+
+def _check_quantization(quantization: str) -> None:
+    """A bad --quantization fails at once, before a model load or a quick profile."""
+    from xytune.kernels.quantized import QUANTIZATIONS
+
+    if quantization not in QUANTIZATIONS:
+        fail(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}.")
 
 
 def _generation_json(model: str, llm: LLM, out, load_s: float) -> dict:
@@ -95,21 +106,24 @@ def _generation_json(model: str, llm: LLM, out, load_s: float) -> dict:
     }
 
 
-def _cached_quick_profile(dev, model: str) -> Path:
-    """A quick profile of this device and model, made once and kept in ~/.cache/xytune."""
+def _cached_quick_profile(dev, model: str, quantization: str) -> Path:
+    """A quick profile of this device and model (with the weight formats ``quantization`` may load), made once
+    and kept in ~/.cache/xytune."""
     # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    from xytune.kernels.quantized import swept_formats
     from xytune.profiler.geometry import resolve_geometry
     from xytune.profiler.sweep import Sweep, SweepSettings, default_dtypes
     from xytune.profiler.table import TableError, read_table
 
     geometry = resolve_geometry(model)
+    formats = swept_formats(quantization)
     fp = dev.fingerprint()
     key = hashlib.sha256(json.dumps([fp.get(k) for k in ("backend", "device_name", "compute_units", "threads",
-                                                           "torch")] + [geometry.to_dict()]).encode()).hexdigest()[:12]
+                                                           "torch")] + [geometry.to_dict()]
+                                 + [list(formats)] * (formats != ("float",))).encode()).hexdigest()[:12]
     cache = Path(os.environ.get("XYTUNE_CACHE", Path.home() / ".cache" / "xytune")) / "profiles"
     path = cache / f"{dev.backend}-{geometry.name}-{key}.parquet"
     if path.exists():
-
         try:
             if read_table(path).complete:
                 err_console.print(f"using the cached quick profile {path}", highlight=False)
@@ -118,7 +132,8 @@ def _cached_quick_profile(dev, model: str) -> Path:
             pass
     err_console.print(f"no --profile given: profiling {geometry.name} on {dev.name} quickly (about half a minute) "
                       f"into {path}; pass --profile to use a full table", highlight=False)
-    Sweep(dev, geometry, SweepSettings.quick(default_dtypes(dev.backend)), path, overwrite=True).run(progress=False)
+    settings = SweepSettings.quick(default_dtypes(dev.backend), weight_formats=formats)
+    Sweep(dev, geometry, settings, path, overwrite=True).run(progress=False)
     return path
 
 
@@ -166,6 +181,8 @@ def serve(
     num_speculative_tokens: int = typer.Option(4, help="Draft tokens verified per request per step."),
     attention: str = typer.Option("meta", help="meta (Meta-Attention, tiles from the table) | reference."),
     gemm: str = typer.Option("smooth", help="smooth (SmoothGEMM planned from the table) | packed | plain."),
+    quantization: str = typer.Option("none", help="GEMM weights: none (float: outputs equal transformers) | int8 "
+                                      "| int4 (CPU) | auto (the formats the --profile table has win at some M)."),
     engine_process: bool = typer.Option(True, "--engine-process/--no-engine-process",
                                         help="Run the engine in a process of its own, apart from HTTP and "
                                         "streaming (else in a thread of the server's process)."),
@@ -180,17 +197,19 @@ def serve(
 
     if not 0 < port < 65536:
         fail(f"--port must be in 1..65535, got {port}.")
+    _check_quantization(quantization)
 
     try:
         dev = get_device(device, threads=threads)
         if profile is None:
-            profile = _cached_quick_profile(dev, model)
+            profile = _cached_quick_profile(dev, model, quantization)
         llm_kwargs = dict(model=model, dtype=dtype, device=str(dev.torch_device), kv_cache_gb=kv_cache_gb,
                           max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                           threads=threads, profile=str(profile), allow_mismatch=allow_mismatch, policy=policy,
                           tbt_slo_ms=tbt_slo_ms, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=slo_tpot_ms,
                           enable_prefix_caching=enable_prefix_caching, speculative=speculative,
-                          num_speculative_tokens=num_speculative_tokens, attention=attention, gemm=gemm)
+                          num_speculative_tokens=num_speculative_tokens, attention=attention, gemm=gemm,
+                          quantization=quantization)
         engine, tokenizer, dtype_name = _start_engine(llm_kwargs, engine_process, served_model_name or model)
     except (DeviceError, ModelLoadError, CostModelError, EngineStartError, ValueError) as exc:
         fail(str(exc))

@@ -20,6 +20,7 @@ import numpy as np
 from xytune.profiler.calibrate import TUNING_DEFAULTS
 from xytune.profiler.devices import Device, DeviceError, fingerprint_mismatches, get_device
 from xytune.profiler.geometry import ModelGeometry
+from xytune.profiler.primitives import weight_format_of
 from xytune.profiler.table import CostTable, TableError, read_table
 
 
@@ -61,7 +62,13 @@ class _Curve:
 
 
 class CostModel:
-    def __init__(self, table: CostTable):
+    def __init__(self, table: CostTable, formats: tuple[str, ...] | None = None):
+        """``formats``: the GEMM weight formats whose rows count (None: all). A server answers with the formats it
+        loaded: a table that also timed int8 weights must not make a float server's steps look int8-fast."""
+        if formats is not None:
+            rows = table.rows
+            keep = (rows["op"] != "gemm") | rows["primitive"].map(weight_format_of).isin(formats)
+            table = CostTable(rows[keep].reset_index(drop=True), table.meta)
         self.table = table
         self.meta = table.meta
         self.geometry = ModelGeometry.from_dict(self.meta["geometry"])
@@ -102,6 +109,10 @@ class CostModel:
         if not table.complete:
             warnings.warn(f"{path} is a partial table (the sweep did not finish)", stacklevel=2)
         return cls(table)
+
+    def for_formats(self, formats: tuple[str, ...]) -> "CostModel":
+        """The same table with only the GEMM rows of these weight formats (``weight_format_of``)."""
+        return CostModel(self.table, tuple(formats))
 
     def _build(self) -> None:
         rows = self.table.rows

@@ -31,6 +31,13 @@ from xytune.kernels.gemm import (
 from xytune.kernels.meta_attention import AttnRequest, plan_meta_attention
 from xytune.kernels.meta_attention.backends import RUNS, backend_for, triton_tiles
 from xytune.kernels.meta_attention.triton_backend import MIN_BLOCK, plan_triton
+from xytune.kernels.quantized import (
+    QuantizedWeight,
+    bind_int4_weight,
+    bind_int8_weight,
+    int4_weight_ops_available,
+    int8_weight_ops_available,
+)
 from xytune.kernels.sdpa_loop import request_masks, run_sdpa_loop
 from xytune.kernels.triton_gemm import triton_available
 from xytune.profiler.devices import Device, llc_bytes
@@ -57,6 +64,7 @@ class Primitive:
     probe_shape: dict = field(default_factory=lambda: {"m": 3, "n": 32, "k": 64})  # tiny: see probe.probe
     targets: tuple[str, ...] = ()  # attention: the tile classes it is swept on; () = every target of its op
     bind: Callable | None = None  # gemm: (weight, bias) -> the kernel serving runs (kernels/gemm.py)
+    weight_format: str = "float"  # gemm: the weight format bind prepares (kernels/quantized.py WEIGHT_FORMATS)
 
     def space_size(self) -> int:
         return math.prod(len(v) for v in self.space.values()) if self.space else 1
@@ -161,6 +169,18 @@ register_gemm("torch.matmul_pretransposed", bind_matmul_pretransposed, ("cpu", "
 # this CPU cannot pack the dtype, so the probe prunes it
 register_gemm("onednn.packed_linear", bind_onednn_packed, ("cpu",), ("float32", "bfloat16"),
               available=onednn_packing_available)
+# CPU weight-only quantized GEMMs (kernels/quantized.py): the weight quantized once at bind, activations in the
+# sweep's dtype; an op this torch lacks or a dtype it refuses is pruned by the probe
+register_gemm("torch.int8pack_mm", bind_int8_weight, ("cpu",), weight_format="int8",
+              available=int8_weight_ops_available)
+register_gemm("torch.int4pack_mm", bind_int4_weight, ("cpu",), weight_format="int4",
+              available=int4_weight_ops_available)
+
+
+def weight_format_of(primitive: str) -> str:
+    """The weight format a GEMM primitive runs on (float for names not registered, as synthetic tables use)."""
+    p = REGISTRY.get(primitive)
+    return p.weight_format if p is not None else "float"
 
 
 # -- Triton tiled GEMM (CUDA) --
@@ -216,16 +236,27 @@ register_gemm("triton.tiled_gemm", bind_triton, ("cuda",), ("float16", "bfloat16
 register_gemm("npu.matmul", bind_npu_matmul, ("npu",), space={"weight_format": ("ND", "NZ")})
 
 
-def gemm_kernels(weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 packed: torch.Tensor | None = None) -> dict[str, SegmentKernel]:
+def gemm_kernels(weight: torch.Tensor | None, bias: torch.Tensor | None = None,
+                 packed: torch.Tensor | None = None,
+                 quantized: dict[str, QuantizedWeight] | None = None) -> dict[str, SegmentKernel]:
     """Every registered GEMM primitive that runs this weight here, bound to it (SmoothGEMM's choices).
 
     ``packed``: the weight's oneDNN layout when the caller made one; without it oneDNN is left out, as it
-    is where packing fails."""
-    backend, dtype = weight.device.type, _DTYPE_NAMES.get(weight.dtype)
+    is where packing fails. ``quantized``: the weight's quantized formats loaded (their primitives join);
+    ``weight`` None: the float weight is not loaded, so only those run."""
+    quantized = quantized or {}
+    if weight is None and not quantized:
+        raise ValueError("gemm_kernels needs the float weight or at least one quantized format of it")
+    like = weight if weight is not None else next(iter(quantized.values())).scales
+    backend, dtype = like.device.type, _DTYPE_NAMES.get(like.dtype)
     kernels = {}
     for p in primitives_for("gemm", backend, dtype):
-        if p.name == "onednn.packed_linear":
+        if p.weight_format != "float":
+            if p.weight_format in quantized:
+                kernels[p.name] = p.bind(weight, bias, quantized=quantized[p.weight_format])
+        elif weight is None:
+            continue
+        elif p.name == "onednn.packed_linear":
             if packed is not None:
                 kernels[p.name] = bind_onednn_packed(weight, bias, packed)
         else:

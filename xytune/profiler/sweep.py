@@ -84,6 +84,7 @@ class SweepSettings:
     timing: TimingPolicy = field(default_factory=lambda: DEFAULT_TIMING)
     checkpoint_every_s: float = 5.0
     attention: bool = True  # also sweep Meta-Attention tile sizes
+    weight_formats: tuple[str, ...] = ("float",)  # GEMM weight formats timed (kernels/quantized.swept_formats)
     quick_attention: bool = False  # one shape per attention tile class
 
     def to_dict(self) -> dict:
@@ -135,7 +136,7 @@ def plan_groups(geometry: ModelGeometry, settings: SweepSettings, backend: str,
         groups.extend(_attention_groups(geometry, settings, usable))
     for g in gemms:
         for dtype in settings.dtypes:
-            prims = usable("gemm", dtype)
+            prims = [p for p in usable("gemm", dtype) if p.weight_format in settings.weight_formats]
             if not prims:
                 raise SweepError(f"No GEMM primitive for {dtype} on {backend}.")
             ms = settings.buckets if g.name != "lm_head" else [m for m in settings.buckets if m <= settings.max_seqs]
