@@ -284,3 +284,28 @@ def test_a_config_that_fails_while_timed_is_pruned_and_the_sweep_goes_on(tmp_pat
     pruned = [p for p in back.meta["pruned"] if p["primitive"] == prim.name]
     assert {p["config"] for p in pruned} == {'{"tile":2}'} and len(pruned) == 2 * 3
     assert all(p["reason"] == "RuntimeError: CUDA error: an illegal memory access was encountered" for p in pruned)
+
+
+def test_a_weight_is_copied_and_its_layout_prepared_once_for_every_m(cpu_device):
+    """The rotation of weight copies (up to twice the last-level cache) and each primitive's prepared layout
+    are made once per weight, not again at every M; a new weight frees the old layouts."""
+    from xytune.profiler.primitives import _random_matrix, register_gemm, weight_copies
+
+    bound = []
+
+    def bind_counting(weight, bias=None):
+        bound.append(weight)
+        return lambda x, out, config: torch.nn.functional.linear(x, weight)
+
+    prim = register_gemm("test.counting_bind", bind_counting, ("cpu",))
+    try:
+        copies = weight_copies(96 * 64 * 4, cpu_device)
+        fns = {m: prim.make({"m": m, "n": 96, "k": 64}, {}, "float32", cpu_device) for m in (1, 8, 33)}
+        assert len(bound) == copies and len({id(w) for w in bound}) == copies
+        weight = _random_matrix(96, 64, "float32", "cpu")
+        for m, fn in fns.items():  # each M still multiplies its own input by the same (copied) weight
+            torch.testing.assert_close(fn(), torch.nn.functional.linear(_random_matrix(m, 64, "float32", "cpu"), weight))
+        prim.make({"m": 1, "n": 32, "k": 64}, {}, "float32", cpu_device)
+        assert len(bound) == copies + weight_copies(32 * 64 * 4, cpu_device)
+    finally:
+        unregister(prim.name)

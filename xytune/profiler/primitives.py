@@ -124,13 +124,21 @@ def weight_copies(weight_bytes: int, device: Device) -> int:
     return max(1, min(64, math.ceil(2 * llc_bytes() / max(weight_bytes, 1))))
 
 
+@functools.lru_cache(maxsize=2)
+def _weight_rotation(rows: int, cols: int, dtype: str, device: str, transposed: bool, copies: int) -> tuple:
+    """A weight and its copies, kept for the next shape group: a sweep times one weight at every M with every
+    primitive in a row, and making up to twice the last-level cache of copies each time would cost more than
+    the timing (kernels only read their weights)."""
+    w = _random_matrix(rows, cols, dtype, device, transposed)
+    return (w,) + tuple(w.clone() for _ in range(copies - 1))
+
+
 def _gemm_operands(shape: Shape, dtype: str, device: Device, transposed_weight: bool = False):
     """The input and the rotation of weight copies for one GEMM shape."""
     dev = str(device.torch_device)
     x = _random_matrix(shape["m"], shape["k"], dtype, dev)
-    w = _random_matrix(shape["n"], shape["k"], dtype, dev, transposed_weight)
-    copies = weight_copies(w.numel() * w.element_size(), device)
-    return x, [w] + [w.clone() for _ in range(copies - 1)]
+    copies = weight_copies(shape["n"] * shape["k"] * ELEM_BYTES[dtype], device)
+    return x, list(_weight_rotation(shape["n"], shape["k"], dtype, dev, transposed_weight, copies))
 
 
 def rotating(calls: list[Callable[[], Any]]) -> Callable[[], Any]:
@@ -148,9 +156,23 @@ def _make_bound_gemm(bind: Callable, name: str) -> Callable:
     def make(shape, config, dtype, device):
         x, ws = _gemm_operands(shape, dtype, device)
         out = None if name in COPYING else torch.empty(shape["m"], shape["n"], dtype=x.dtype, device=x.device)
-        kernels = [bind(w) for w in ws]
+        kernels = _bound_rotation(bind, ws)
         return rotating([lambda k=k: k(x, out, config) for k in kernels])
     return make
+
+
+_BOUND: dict = {}  # (bind, id of the rotation's first weight, copies) -> (that weight, kernels): _bound_rotation
+
+
+def _bound_rotation(bind: Callable, weights: list[torch.Tensor]) -> tuple:
+    """``bind`` applied to each weight copy (its layout prepared: transposed, packed, quantized), kept while the
+    sweep stays on this weight: preparing up to 64 copies again at every M cost more than timing them."""
+    key = (bind, id(weights[0]), len(weights))
+    if key not in _BOUND:
+        if any(k[1] != key[1] for k in _BOUND):  # the sweep moved to another weight: free the old layouts
+            _BOUND.clear()
+        _BOUND[key] = (weights[0], tuple(bind(w) for w in weights))  # holding the weight keeps its id unique
+    return _BOUND[key][1]
 
 
 def register_gemm(name: str, bind: Callable, backends: tuple[str, ...], dtypes=("float32", "bfloat16", "float16"),
