@@ -336,6 +336,8 @@ def test_the_fuzzers_reproducers_are_answered_not_crashed(server):
                                                     {"role": "user", "content": "Hi"}], "max_tokens": 2}),
              ("/tokenize", {"messages": [{"role": "tool"}]}),
              ("/tokenize", {"messages": [{"role": "system", "content": None}]}),
+             ("/tokenize", {"messages": [], "add_generation_prompt": False, "continue_final_message": True}),
+             ("/tokenize", {"messages": [], "add_generation_prompt": True}),
              ("/v1/completions", {"prompt": "", "allowed_token_ids": [0, 1, 2], "max_tokens": 2}),
              ("/v1/completions", {"prompt": "", "allowed_token_ids": [2**63 + 5], "max_tokens": 2})]
     for path, body in cases:

@@ -149,6 +149,8 @@ class Tokenizer:
             raise ModelLoadError("This model has no chat template; send a plain prompt instead.")
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        if continue_final_message and not messages:
+            raise ValueError("continue_final_message needs a final message to continue; messages is empty")
         reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"} & set(template_kwargs or {})
         if reserved:
             raise ValueError(f"chat_template_kwargs may not set {sorted(reserved)}")
