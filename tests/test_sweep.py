@@ -289,7 +289,7 @@ def test_a_config_that_fails_while_timed_is_pruned_and_the_sweep_goes_on(tmp_pat
 def test_a_weight_is_copied_and_its_layout_prepared_once_for_every_m(cpu_device):
     """The rotation of weight copies (up to twice the last-level cache) and each primitive's prepared layout
     are made once per weight, not again at every M; a new weight frees the old layouts."""
-    from xytune.profiler.primitives import _random_matrix, register_gemm, weight_copies
+    from xytune.profiler.primitives import _random_matrix, register_gemm, release_operands, weight_copies
 
     bound = []
 
@@ -307,5 +307,8 @@ def test_a_weight_is_copied_and_its_layout_prepared_once_for_every_m(cpu_device)
             torch.testing.assert_close(fn(), torch.nn.functional.linear(_random_matrix(m, 64, "float32", "cpu"), weight))
         prim.make({"m": 1, "n": 32, "k": 64}, {}, "float32", cpu_device)
         assert len(bound) == copies + weight_copies(32 * 64 * 4, cpu_device)
+        release_operands()  # what a finished sweep does: nothing of the weights is kept
+        prim.make({"m": 1, "n": 32, "k": 64}, {}, "float32", cpu_device)
+        assert len(bound) == copies + 2 * weight_copies(32 * 64 * 4, cpu_device)
     finally:
         unregister(prim.name)

@@ -164,6 +164,14 @@ def _make_bound_gemm(bind: Callable, name: str) -> Callable:
 _BOUND: dict = {}  # (bind, id of the rotation's first weight, copies) -> (that weight, kernels): _bound_rotation
 
 
+def release_operands() -> None:
+    """Free the weight copies and prepared layouts kept between shape groups (up to a few GiB on a CPU with a
+    large last-level cache): a sweep ends, and the process may go on to serve (``serve``'s quick profile)."""
+    _BOUND.clear()
+    _weight_rotation.cache_clear()
+    _random_matrix.cache_clear()
+
+
 def _bound_rotation(bind: Callable, weights: list[torch.Tensor]) -> tuple:
     """``bind`` applied to each weight copy (its layout prepared: transposed, packed, quantized), kept while the
     sweep stays on this weight: preparing up to 64 copies again at every M cost more than timing them."""

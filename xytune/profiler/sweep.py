@@ -22,7 +22,7 @@ from xytune.profiler.devices import Device, fingerprint_mismatches
 from xytune.profiler.geometry import ModelGeometry
 from xytune.profiler.host_memory import keep_freed_memory
 from xytune.profiler.peaks import measure_peaks, roofline_fraction
-from xytune.profiler.primitives import Config, Primitive, Shape, primitives_for
+from xytune.profiler.primitives import Config, Primitive, Shape, primitives_for, release_operands
 from xytune.profiler.probe import Pruned, failure_reason, usable_primitives
 from xytune.profiler.search import (
     SEARCHES,
@@ -375,6 +375,8 @@ class Sweep:
         except BaseException:
             self.checkpoint(complete=False)  # Ctrl-C / SIGTERM / error: keep what was measured
             raise
+        finally:
+            release_operands()
         self._finish_tuning()
         self.checkpoint(complete=True)
         return self.table
