@@ -91,6 +91,14 @@ class BlockAllocator:
             self._refs[b] += 1
         return found
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block nobody holds (vLLM's ``reset_prefix_cache``): a benchmark that replays
+        the same prompts at several rates starts each replay cold instead of finding them all cached."""
+        for b in self._evictable:
+            del self._block_of[self._hash_of.pop(b)]
+            self._free.append(b)
+        self._evictable.clear()
+
     def register(self, block: int, block_hash: int) -> None:
         """Make a full, computed block findable; a hash already cached keeps its first block."""
         if self.enable_prefix_caching and block_hash not in self._block_of and block not in self._hash_of:

@@ -71,6 +71,8 @@ class StepStats:
     seconds: float
     predicted_seconds: float | None = None
     num_verify_tokens: int = 0
+    num_logit_rows: int = 0
+    attention_pairs: float = 0.0  # the step predictor's features, kept for fitting whole steps
 
 
 @dataclass
@@ -251,7 +253,7 @@ class Engine:
             predicted = self.predictor.predict(out.num_tokens, out.num_logit_rows, out.attention_pairs)
             self.predictor.observe(out.num_tokens, out.num_logit_rows, seconds, out.attention_pairs)
         self.step_stats.append(StepStats(out.num_tokens, out.num_tokens - num_decode - num_verify, num_decode,
-                                         seconds, predicted, num_verify))
+                                         seconds, predicted, num_verify, out.num_logit_rows, out.attention_pairs))
 
     def _finish_reason(self, req: Request, tok: int) -> str | None:
         p = req.params

@@ -7,7 +7,6 @@ efficient, and orders waiting prompts so those that can still meet their TTFT SL
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,7 +35,7 @@ class XYPolicy:
         prompt's prefill through in a few large steps instead of starving it in small ones.
         """
         tbt = self.sched.config.step_slo_s
-        now = time.perf_counter() if now is None else now
+        now = self.sched.clock() if now is None else now
         if recent_step_s is None:
             recent_step_s = self.recent_step_seconds()
         allowed, decoders = [], 0
@@ -153,6 +152,6 @@ class XYPolicy:
         Under overload, serving a prompt that is already late only makes the next ones late too; it is not
         dropped, it runs as soon as the prompts that can still make it are through.
         """
-        now = time.perf_counter() if now is None else now
+        now = self.sched.clock() if now is None else now
         limit = self.sched.config.ttft_slo_ms / 1e3
         return sorted(queue, key=lambda r: now - r.arrival > limit)  # stable: FCFS within each half

@@ -127,10 +127,18 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCache, predictor=None,
-                 speculative: SpeculativeConfig | None = None, max_model_len: int | None = None):
+                 speculative: SpeculativeConfig | None = None, max_model_len: int | None = None,
+                 clock=time.perf_counter, proposer=propose_ngram):
+        """``clock``: seconds now (the serving simulator passes its virtual clock); ``proposer``: the draft of a
+        decoding request, ``(token ids, SpeculativeConfig, budget) -> Draft | None`` (the simulator's drafts
+        stand in for n-gram hits on text it does not have).
+
+        ``kv`` needs only ``allocator``, ``block_size`` and ``capacity_tokens``: the simulator's block pool
+        has no tensors."""
         if config.policy == "xy" and predictor is None:
             raise ValueError("the xy policy needs a cost table (a StepPredictor).")
         self.config, self.kv, self.predictor = config, kv, predictor
+        self.clock, self.proposer = clock, proposer
         self.blocks = BlockManager(kv.allocator, kv.block_size)
         self.xy = XYPolicy(self)
         self.speculative = speculative
@@ -163,7 +171,7 @@ class Scheduler:
         self.waiting.sort(key=lambda r: r.arrival)
 
     def finish(self, req: Request, reason: str) -> None:
-        req.status, req.finish_reason, req.finish_time = Status.FINISHED, reason, time.perf_counter()
+        req.status, req.finish_reason, req.finish_time = Status.FINISHED, reason, self.clock()
         self.blocks.release(req)
         if req in self.running:
             self.running.remove(req)
@@ -186,7 +194,7 @@ class Scheduler:
             return None  # penalties and logprobs are per sampled position: plain decoding
         room = min(budget, req.params.max_tokens - len(req.output_ids) - 1,
                    self.max_model_len - req.num_tokens - 1)
-        return propose_ngram(req.all_ids, self.speculative, room)
+        return self.proposer(req.all_ids, self.speculative, room)
 
     def schedule(self) -> SchedulerOutput:
         """The next step's work under the policy, within the token budget, the sequence limit and the KV pool."""
@@ -244,7 +252,7 @@ class Scheduler:
                 self.waiting.remove(req)
                 self.running.append(req)
                 req.status = Status.RUNNING
-                req.scheduled_time = time.perf_counter()
+                req.scheduled_time = self.clock()
             scheduled.append((req, n))
             budget -= n
         return scheduled

@@ -27,6 +27,8 @@ from xytune.profiler.cost_model import CostModel
 
 MIN_FIT_STEPS = 12
 DRIFT_STEPS = 4  # the last steps whose measured/fitted ratio scales the next prediction
+# the fitted coefficients, named as a table's engine-step fit stores them (``xytune calibrate-steps``)
+STEP_TERMS = ("gemm_table_scale", "attention_s_per_mpair", "token_s_per_k", "logit_s_per_k", "step_s")
 
 
 def attention_pairs(chunks: list[tuple[int, int]]) -> float:
@@ -50,6 +52,30 @@ class StepPredictor:
         self.records: deque[tuple[int, float, float]] = deque(maxlen=history)  # (tokens, predicted, actual)
         self._drift: deque[float] = deque(maxlen=DRIFT_STEPS)  # measured / fitted of the last steps
         self.drift = 1.0  # their median
+
+    @classmethod
+    def from_table(cls, cost_model: CostModel, dtype: str, **kwargs) -> "StepPredictor":
+        """A predictor that starts from the table's engine-step fit when it has one for ``dtype`` (so the xy
+        policy sizes its first steps from what whole steps took on that machine), else from the GEMM rows
+        alone; either way it refits to the steps it sees."""
+        predictor = cls(cost_model, dtype, **kwargs)
+        fit = cost_model.engine_steps(dtype)
+        if fit is not None:
+            predictor.coef = np.array([float(fit["coef"][t]) for t in STEP_TERMS])
+        return predictor
+
+    def fit(self, rows: list[tuple[np.ndarray, float]]) -> np.ndarray:
+        """Non-negative least squares on relative error over ``(features, seconds)`` rows: each step counts
+        alike, long or short. Sets and returns the coefficients."""
+        X = np.stack([f for f, _ in rows])
+        y = np.array([a for _, a in rows])
+        try:
+            coef, _ = nnls(X / y[:, None], np.ones_like(y), maxiter=50 * X.shape[1])
+        except RuntimeError:  # no convergence (steps that are exact multiples of one another): keep the last fit
+            return self.coef
+        if coef.any():
+            self.coef = coef
+        return self.coef
 
     def table_seconds(self, num_tokens: int, num_logits: int) -> float:
         key = (num_tokens, max(num_logits, 1))
@@ -89,12 +115,7 @@ class StepPredictor:
             self._refit()
 
     def _refit(self) -> None:
-        """Non-negative least squares on relative error: each step counts alike, long or short."""
-        X = np.stack([f for f, _ in self._fit_rows])
-        y = np.array([a for _, a in self._fit_rows])
-        coef, _ = nnls(X / y[:, None], np.ones_like(y))
-        if coef.any():
-            self.coef = coef
+        self.fit(list(self._fit_rows))
 
     def error_summary(self, skip: int = 5) -> dict:
         """Median and p90 absolute percentage error of the predictions (the first ``skip`` steps warm up)."""

@@ -5,7 +5,7 @@ Every user error is one red sentence and exit code 2; a regression found by
 and exits 130.
 """
 
-from . import bench, check, export, profile, serve  # noqa: F401  (each module registers its commands on ``app``)
+from . import bench, check, export, profile, serve, tune  # noqa: F401  (each module registers its commands on ``app``)
 from .app import app, main
 
 __all__ = ["app", "main"]

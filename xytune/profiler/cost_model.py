@@ -235,6 +235,29 @@ class CostModel:
             total += g.count * self.predict("gemm", {"m": m, "n": g.n, "k": g.k}, dtype).seconds
         return total
 
+    def engine_steps(self, dtype: str) -> dict | None:
+        """The engine-step fit stored with this table for ``dtype`` (``xytune calibrate-steps``), or None.
+
+        ``{"coef": {term: value}, "steps": n, "median_ape": x, ...}``, the terms those of the runtime's step
+        predictor: what a whole step took on the machine that made the table, beyond its GEMM rows.
+        """
+        return (self.meta.get("engine_steps") or {}).get(dtype)
+
+    def attention_seconds_per_pair(self, dtype: str) -> float | None:
+        """Seconds one (query, key) pair of one layer's attention takes, the median over the measured shapes
+        (each at its fastest primitive and config); None without attention rows for ``dtype``.
+
+        A pair costs ``4 * heads * head_dim`` flops (scores and the weighted sum), which the rows record.
+        """
+        rows = self.table.rows
+        rows = rows[(rows["op"] == "attention") & (rows["dtype"] == dtype) & ~rows["primitive"].eq("meta.plan")]
+        if not len(rows):
+            return None
+        g = self.geometry
+        best = rows.groupby("shape").agg(seconds=("median_s", "min"), flops=("flops", "first"))
+        pairs = best["flops"] / (4 * g.heads_per_rank * g.head_dim)
+        return float((best["seconds"] / pairs).median())
+
     def best_config(self, op: str, target: str, dtype: str, primitive: str | None = None) -> dict | None:
         """The one config of ``primitive`` (any, when None) that does best over every measured shape of
         ``target`` (None when unmeasured).
