@@ -175,7 +175,8 @@ class LLM:
             self.weight_bytes = load_quantized(self.model, quantization, cost_model, dtype_name,
                                                planner_for if gemm == "smooth" else None, weight_memory_gb)
         if cost_model is not None:  # steps are predicted with the formats the weights were loaded in
-            predictor = StepPredictor.from_table(cost_model.for_formats(tuple(self.weight_bytes)), dtype_name)
+            predictor = StepPredictor.from_table(cost_model.for_formats(tuple(self.weight_bytes)), dtype_name,
+                                                 tile_kv=self.meta_tiles["tile_kv"])
         log.info("GEMM weights (quantization %s): %s", quantization,
                  ", ".join(f"{fmt} {nbytes / 2**20:.1f} MiB" for fmt, nbytes in self.weight_bytes.items()))
         per_block = bytes_per_block(config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype)

@@ -20,6 +20,7 @@ from .model_runner import ModelRunner, ModelRunnerOutput
 from .sampling import SamplingParams, make_generator, text_token_ids
 from .scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput, Status
 from .speculative import SpeculativeConfig
+from .step_predictor import decode_key_tiles
 
 log = logging.getLogger("xytune.engine")
 
@@ -73,6 +74,7 @@ class StepStats:
     num_verify_tokens: int = 0
     num_logit_rows: int = 0
     attention_pairs: float = 0.0  # the step predictor's features, kept for fitting whole steps
+    decode_tiles: float = 0.0
 
 
 @dataclass
@@ -248,12 +250,14 @@ class Engine:
 
     def _record_step(self, out: ModelRunnerOutput, seconds: float, num_decode: int, num_verify: int) -> None:
         """Step statistics, and the step predictor's observation of what this step really took."""
-        predicted = None
+        predicted, tiles = None, 0.0
         if self.predictor is not None:
-            predicted = self.predictor.predict(out.num_tokens, out.num_logit_rows, out.attention_pairs)
-            self.predictor.observe(out.num_tokens, out.num_logit_rows, seconds, out.attention_pairs)
+            tiles = decode_key_tiles(out.decode_keys, self.predictor.tile_kv)
+            predicted = self.predictor.predict(out.num_tokens, out.num_logit_rows, out.attention_pairs, tiles)
+            self.predictor.observe(out.num_tokens, out.num_logit_rows, seconds, out.attention_pairs, tiles)
         self.step_stats.append(StepStats(out.num_tokens, out.num_tokens - num_decode - num_verify, num_decode,
-                                         seconds, predicted, num_verify, out.num_logit_rows, out.attention_pairs))
+                                         seconds, predicted, num_verify, out.num_logit_rows, out.attention_pairs,
+                                         tiles))
 
     def _finish_reason(self, req: Request, tok: int) -> str | None:
         p = req.params

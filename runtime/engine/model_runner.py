@@ -83,6 +83,7 @@ class ModelRunnerOutput:
     num_tokens: int
     num_logit_rows: int
     attention_pairs: float  # (query, key) pairs the step attended: the step predictor's attention term
+    decode_keys: list[int]  # keys each single-token request attended (the predictor counts their tiles)
 
 
 class ModelRunner:
@@ -105,7 +106,8 @@ class ModelRunner:
                            for req, first, lo, end in step.prompt_rows]
         verified = [(req, self._verify(req, logits[first: first + len(req.draft) + 1])) for req, first in step.verify]
         return ModelRunnerOutput(sampled, verified, output_logprobs, prompt_logprobs, len(step.ids),
-                                 len(step.logit_rows), attention_pairs([(c[1], c[2]) for c in step.chunks]))
+                                 len(step.logit_rows), attention_pairs([(c[1], c[2]) for c in step.chunks]),
+                                 [c[1] + 1 for c in step.chunks if c[2] == 1])
 
     def _sample(self, rows: list[tuple[Request, int]], logits: torch.Tensor):
         """One token per request (penalties and logit edits applied), and the top logprobs asked for."""

@@ -206,7 +206,11 @@ class Scheduler:
         policy = self.config.policy
         has_prefill = bool(self.waiting) or any(r.remaining > 1 for r in self.running)
         if policy == "prefill-first" and has_prefill:
-            return self._schedule_prefills(budget, scheduled, align=False)
+            prefills = self._schedule_prefills(budget, scheduled, align=False)
+            if prefills:
+                return prefills
+            # no prompt can start (max_num_seqs running, or no KV blocks free): decode, or nothing would ever
+            # finish to make room
         for req in sorted(self.running, key=lambda r: r.arrival):  # decodes first
             if budget == 0:
                 break

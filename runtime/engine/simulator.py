@@ -21,12 +21,13 @@ import numpy as np
 
 from xytune.profiler.cost_model import CostModel
 
+from ..model.attention import meta_tiles_from_table
 from .block_manager import BlockAllocator
 from .engine import SpecStats, StepStats, check_prompt
 from .sampling import SamplingParams
 from .scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput
 from .speculative import Draft, SpeculativeConfig
-from .step_predictor import STEP_TERMS, StepPredictor, attention_pairs
+from .step_predictor import StepPredictor, attention_pairs, decode_key_tiles
 
 
 def step_model(cost_model: CostModel, dtype: str) -> tuple[StepPredictor, str]:
@@ -37,13 +38,13 @@ def step_model(cost_model: CostModel, dtype: str) -> tuple[StepPredictor, str]:
     table's measured cost per (query, key) pair: norms, sampling and host work are missing, so steps come
     out faster than they run, which a one-line warning says.
     """
-    model = StepPredictor(cost_model, dtype)
     fit = cost_model.engine_steps(dtype)
     if fit is not None:
-        model.coef = np.array([float(fit["coef"][t]) for t in STEP_TERMS])
+        model = StepPredictor.from_table(cost_model, dtype, tile_kv=meta_tiles_from_table(cost_model, dtype)["tile_kv"])
         return model, f"engine-step fit ({fit['steps']} steps, median error {fit['median_ape']:.0%})"
+    model = StepPredictor(cost_model, dtype)
     per_pair = cost_model.attention_seconds_per_pair(dtype) or 0.0
-    model.coef = np.array([1.0, per_pair * cost_model.geometry.num_layers * 1e6, 0.0, 0.0, 0.0])
+    model.coef = np.array([1.0, per_pair * cost_model.geometry.num_layers * 1e6, 0.0, 0.0, 0.0, 0.0])
     warnings.warn("the table has no engine-step fit (run `xytune calibrate-steps` on the machine that made it): "
                   "simulated steps count its GEMM and attention rows only, so they are faster than real ones",
                   stacklevel=2)
@@ -113,7 +114,8 @@ class SimulatedEngine:
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self.vocab_size = cost_model.geometry.vocab_size
         self.max_model_len = max_model_len or self.pool.capacity_tokens
-        self.predictor = StepPredictor.from_table(cost_model, dtype)
+        self.predictor = StepPredictor.from_table(cost_model, dtype,
+                                                  tile_kv=meta_tiles_from_table(cost_model, dtype)["tile_kv"])
         self.acceptance_rate, self.draft_rate = acceptance_rate, draft_rate
         self.rng = np.random.default_rng(seed)
         self.now = 0.0
@@ -173,13 +175,15 @@ class SimulatedEngine:
         logits = sum(n if r.draft is not None else int(r.num_computed + n == r.num_tokens) for r, n in scheduled)
         tokens = sum(n for _, n in scheduled)
         pairs = attention_pairs([(r.num_computed, n) for r, n in scheduled])
-        seconds = self.truth.predict(tokens, logits, pairs)
-        predicted = self.predictor.predict(tokens, logits, pairs)
+        decode_keys = [r.num_computed + 1 for r, n in scheduled if n == 1]
+        seconds = self.truth.predict(tokens, logits, pairs, decode_key_tiles(decode_keys, self.truth.tile_kv))
+        tiles = decode_key_tiles(decode_keys, self.predictor.tile_kv)
+        predicted = self.predictor.predict(tokens, logits, pairs, tiles)
         num_decode, num_verify = work.num_decode_tokens, work.num_verify_tokens
         self.now += seconds
-        self.predictor.observe(tokens, logits, seconds, pairs)
+        self.predictor.observe(tokens, logits, seconds, pairs, tiles)
         self.steps.append(StepStats(tokens, tokens - num_decode - num_verify, num_decode, seconds, predicted,
-                                    num_verify, logits, pairs))
+                                    num_verify, logits, pairs, tiles))
         finished = []
         for req, n in scheduled:
             if req.draft is not None:

@@ -20,61 +20,69 @@ import numpy as np
 from xytune.profiler.table import read_table, write_table
 
 from .engine import Engine
-from .protocol import run_to_completion
 from .sampling import SamplingParams
 from .step_predictor import STEP_TERMS, StepPredictor
 
-# (prompt lengths drawn from, requests, new tokens each, token budget): big chunks, decode batches, mixed steps
-CALIBRATION_PHASES = (
-    ((256, 1536), 6, 2, 2048),
-    ((32, 512), 1, 24, 2048),
-    ((32, 512), 4, 24, 2048),
-    ((32, 512), 16, 24, 2048),
-    ((32, 512), 64, 16, 2048),
-    ((128, 384), 32, 32, 512),
-    ((16, 96), 24, 48, 256),
-)
+# (requests kept in flight, token budget): a client holding that many requests open, as a server under load sees
+# them: new prompts join while others decode, so steps mix chunks and decodes of every age
+CALIBRATION_LOADS = ((1, 512), (4, 512), (16, 512), (48, 512), (8, 2048), (32, 2048))
+STEPS_PER_LOAD = 48
+PROMPT_TOKENS = (16, 1024)  # prompt lengths, log-uniform
+NEW_TOKENS = (8, 160)  # generated tokens, log-uniform
 
 
-def _timed_steps(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[tuple[int, float]]:
-    """Run the prompts to completion one step at a time: ``(index into step_stats, wall seconds)`` per step."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, detokenize=False)
-    for p in prompts:
-        engine.add_request(p, params)
-    timed = []
-    while engine.has_work():
-        start = time.perf_counter()
-        engine.step()
-        seconds = time.perf_counter() - start
-        timed.append((len(engine.step_stats) - 1, seconds))
+def _log_uniform(rng: np.random.Generator, lo: int, hi: int) -> int:
+    return int(round(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
+
+
+def _closed_loop(engine: Engine, rng: np.random.Generator, in_flight: int, steps: int) -> list[tuple[int, float]]:
+    """Keep ``in_flight`` requests open for ``steps`` steps: ``(index into step_stats, seconds)`` per step, each
+    from the start of one step to the start of the next (the engine loop's period, bookkeeping included)."""
+    vocab = engine.model.config.vocab_size
+    timed, open_ids = [], set()
+    start = time.perf_counter()
+    for _ in range(steps):
+        while len(open_ids) < in_flight:
+            params = SamplingParams(max_tokens=_log_uniform(rng, *NEW_TOKENS), temperature=0, ignore_eos=True,
+                                    detokenize=False)
+            prompt = rng.integers(100, vocab - 100, _log_uniform(rng, *PROMPT_TOKENS)).tolist()
+            open_ids.add(engine.add_request(prompt, params).request_id)
+        before = len(engine.step_stats)
+        out = engine.step()
+        open_ids -= {r.request_id for r in out.finished}
+        now = time.perf_counter()
+        if len(engine.step_stats) > before:  # a step retried request by request records nothing
+            timed.append((len(engine.step_stats) - 1, now - start))
+        start = now
+    for rid in open_ids:
+        engine.abort(rid)
     return timed
 
 
 def calibrate_engine_steps(engine: Engine, seed: int = 0) -> dict:
-    """Fit the step predictor's terms to whole steps of ``engine`` (which needs a cost table); its scheduler
-    settings are restored afterwards. Returns what ``engine_steps`` stores for the engine's dtype."""
+    """Fit the step predictor's terms to whole steps of ``engine`` (which needs a cost table) under closed-loop
+    loads; its scheduler settings are restored afterwards. Returns what ``engine_steps`` stores for its dtype.
+
+    The loads run twice and only the second pass is fitted: the first compiles kernels and maps memory for
+    the step sizes the second will see, as a server that has run a while has.
+    """
     if engine.predictor is None:
         raise ValueError("calibrating engine steps needs the engine's cost table (profile=TABLE).")
-    rng = np.random.default_rng(seed)
-    vocab = engine.model.config.vocab_size
     config = engine.scheduler.config
-    predictor = StepPredictor(engine.predictor.cost_model, engine.predictor.dtype)
-    # warm up: compiled kernels, mapped memory and packed weights are the steady state a server runs in
-    run_to_completion(engine, [engine.add_request(rng.integers(100, vocab - 100, 200).tolist(),
-                                                  SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False))
-                               for _ in range(4)])
+    tile_kv = engine.predictor.tile_kv
+    predictor = StepPredictor(engine.predictor.cost_model, engine.predictor.dtype, tile_kv=tile_kv)
     rows = []
     try:
-        for (lo, hi), count, new_tokens, budget in CALIBRATION_PHASES:
-            engine.scheduler.reconfigure(policy="chunked", max_num_batched_tokens=budget,
-                                         max_num_seqs=max(config.max_num_seqs, count))
-            prompts = [rng.integers(100, vocab - 100, int(rng.integers(lo, hi + 1))).tolist() for _ in range(count)]
-            first = len(engine.step_stats)
-            for index, seconds in _timed_steps(engine, prompts, new_tokens):
-                if index < first:
-                    continue  # a step that failed and was retried request by request records nothing
-                s = engine.step_stats[index]
-                rows.append((predictor.features(s.num_tokens, s.num_logit_rows, s.attention_pairs), seconds))
+        for measured in (False, True):
+            rng = np.random.default_rng(seed)
+            for in_flight, budget in CALIBRATION_LOADS:
+                engine.scheduler.reconfigure(policy="chunked", max_num_batched_tokens=budget,
+                                             max_num_seqs=max(config.max_num_seqs, in_flight))
+                for index, seconds in _closed_loop(engine, rng, in_flight, STEPS_PER_LOAD):
+                    s = engine.step_stats[index]
+                    if measured:
+                        rows.append((predictor.features(s.num_tokens, s.num_logit_rows, s.attention_pairs,
+                                                        s.decode_tiles), seconds))
     finally:
         engine.scheduler.config = config
     coef = predictor.fit(rows)
@@ -82,8 +90,7 @@ def calibrate_engine_steps(engine: Engine, seed: int = 0) -> dict:
     actual = np.array([a for _, a in rows])
     ape = np.abs(fitted - actual) / actual
     return {"coef": dict(zip(STEP_TERMS, map(float, coef))), "steps": len(rows),
-            "median_ape": float(np.median(ape)), "p90_ape": float(np.percentile(ape, 90)),
-            "max_tokens_per_step": int(max(s.num_tokens for s in engine.step_stats)),
+            "median_ape": float(np.median(ape)), "p90_ape": float(np.percentile(ape, 90)), "tile_kv": tile_kv,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

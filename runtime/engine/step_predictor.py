@@ -5,6 +5,7 @@ attention (which grows with context), norms and per-step overheads it does
 not. So a step's latency is modelled as
 
     seconds = a * table_gemm_seconds(tokens) + b * attention_pairs + c * tokens + e * sampled + d
+              + t * decode_key_tiles
 
 with non-negative coefficients fitted (scipy's NNLS, relative error) to the
 most recent measured steps and refitted as steps come in. The fit spans
@@ -28,7 +29,8 @@ from xytune.profiler.cost_model import CostModel
 MIN_FIT_STEPS = 12
 DRIFT_STEPS = 4  # the last steps whose measured/fitted ratio scales the next prediction
 # the fitted coefficients, named as a table's engine-step fit stores them (``xytune calibrate-steps``)
-STEP_TERMS = ("gemm_table_scale", "attention_s_per_mpair", "token_s_per_k", "logit_s_per_k", "step_s")
+STEP_TERMS = ("gemm_table_scale", "attention_s_per_mpair", "token_s_per_k", "logit_s_per_k", "step_s",
+              "decode_tile_s_per_100")
 
 
 def attention_pairs(chunks: list[tuple[int, int]]) -> float:
@@ -36,13 +38,21 @@ def attention_pairs(chunks: list[tuple[int, int]]) -> float:
     return float(sum(n * (before + (n + 1) / 2) for before, n in chunks))
 
 
+def decode_key_tiles(decode_keys: list[int], tile_kv: int) -> float:
+    """Key tiles the step's decodes read: Meta-Attention's split-KV cuts each decode's keys into ``tile_kv``
+    chunks and computes every chunk whole, so a batch of mixed context lengths costs more than its pairs say
+    (measured: 8 decodes of 16-1000 keys take 1.4x 8 decodes of 300 on a 2-core Xeon)."""
+    return float(sum(-(-k // tile_kv) for k in decode_keys))
+
+
 class StepPredictor:
     def __init__(self, cost_model: CostModel, dtype: str, alpha: float = 0.2, history: int = 4096,
-                 fit_window: int = 256, refit_every: int = 8):
+                 fit_window: int = 256, refit_every: int = 8, tile_kv: int = 256):
+        """``tile_kv``: Meta-Attention's key tile (what ``decode_key_tiles`` counts in)."""
         if dtype not in cost_model.dtypes:
             raise ValueError(f"the cost table has no {dtype} rows (it has {', '.join(cost_model.dtypes)}); "
                              "profile this dtype or serve in one it has.")
-        self.cost_model, self.dtype, self.alpha = cost_model, dtype, alpha
+        self.cost_model, self.dtype, self.alpha, self.tile_kv = cost_model, dtype, alpha, tile_kv
         self.scale = 1.0  # measured / table, a running ratio (the fallback and a health figure)
         self.calibrated = False
         self.coef: np.ndarray | None = None  # fitted (a, b, c, e, d)
@@ -58,10 +68,12 @@ class StepPredictor:
         """A predictor that starts from the table's engine-step fit when it has one for ``dtype`` (so the xy
         policy sizes its first steps from what whole steps took on that machine), else from the GEMM rows
         alone; either way it refits to the steps it sees."""
-        predictor = cls(cost_model, dtype, **kwargs)
         fit = cost_model.engine_steps(dtype)
+        if fit is not None and "tile_kv" in fit:
+            kwargs["tile_kv"] = int(fit["tile_kv"])  # the tiles the fit counted in
+        predictor = cls(cost_model, dtype, **kwargs)
         if fit is not None:
-            predictor.coef = np.array([float(fit["coef"][t]) for t in STEP_TERMS])
+            predictor.coef = np.array([float(fit["coef"].get(t, 0.0)) for t in STEP_TERMS])
         return predictor
 
     def fit(self, rows: list[tuple[np.ndarray, float]]) -> np.ndarray:
@@ -83,26 +95,27 @@ class StepPredictor:
             self._table_cache[key] = self.cost_model.predict_step(num_tokens, num_logits=key[1], dtype=self.dtype)
         return self._table_cache[key]
 
-    def features(self, num_tokens: int, num_logits: int, attn_pairs: float) -> np.ndarray:
+    def features(self, num_tokens: int, num_logits: int, attn_pairs: float, decode_tiles: float = 0.0) -> np.ndarray:
         """Table GEMM seconds, attention pairs, tokens (norms, rotary...), sampled rows (sampling, per-request
-        host work), one (per-step overhead)."""
+        host work), one (per-step overhead), decode key tiles (``decode_key_tiles``)."""
         return np.array([self.table_seconds(num_tokens, num_logits), attn_pairs * 1e-6, num_tokens * 1e-3,
-                         num_logits * 1e-3, 1.0])
+                         num_logits * 1e-3, 1.0, decode_tiles * 1e-2])
 
-    def predict(self, num_tokens: int, num_logits: int, attn_pairs: float = 0.0) -> float:
+    def predict(self, num_tokens: int, num_logits: int, attn_pairs: float = 0.0, decode_tiles: float = 0.0) -> float:
         if num_tokens < 1:
             return 0.0
-        f = self.features(num_tokens, num_logits, attn_pairs)
+        f = self.features(num_tokens, num_logits, attn_pairs, decode_tiles)
         if self.coef is None:
             return self.scale * f[0]
         return float(f @ self.coef) * self.drift
 
-    def observe(self, num_tokens: int, num_logits: int, actual_s: float, attn_pairs: float = 0.0) -> None:
+    def observe(self, num_tokens: int, num_logits: int, actual_s: float, attn_pairs: float = 0.0,
+                decode_tiles: float = 0.0) -> None:
         """Record a finished step (its prediction made before seeing it) and learn from it."""
         if num_tokens < 1 or actual_s <= 0:
             return
-        f = self.features(num_tokens, num_logits, attn_pairs)
-        self.records.append((num_tokens, self.predict(num_tokens, num_logits, attn_pairs), actual_s))
+        f = self.features(num_tokens, num_logits, attn_pairs, decode_tiles)
+        self.records.append((num_tokens, self.predict(num_tokens, num_logits, attn_pairs, decode_tiles), actual_s))
         if f[0] > 0:
             ratio = actual_s / f[0]
             self.scale = ratio if not self.calibrated else (1 - self.alpha) * self.scale + self.alpha * ratio

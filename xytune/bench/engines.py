@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from xytune.bench.serve import BenchPrompt, RequestResult, capacity, summarize
+from xytune.bench.serve import BenchPrompt, RequestResult, arrival_times, capacity, summarize
 from xytune.runtime.engine.protocol import AddRequest, RequestRejected, StepDone, StopEngine, drive
 from xytune.runtime.engine.sampling import SamplingParams
 from xytune.runtime.engine.scheduler import POLICIES
@@ -31,8 +31,7 @@ from xytune.runtime.llm import LLM
 
 def replay(engine, prompts: list[BenchPrompt], rate: float, seed: int) -> tuple[list[RequestResult], float]:
     """Run ``prompts`` (token ids) through ``engine`` with Poisson arrivals at ``rate``; results and wall time."""
-    rng = np.random.default_rng(seed)
-    due = np.cumsum(rng.exponential(1.0 / rate, size=len(prompts)))  # the arrivals bench serve sends
+    due = arrival_times(len(prompts), rate, seed)  # the arrivals bench serve sends
     start = time.perf_counter()
     sent, finished = 0, []
 

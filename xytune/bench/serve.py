@@ -70,6 +70,15 @@ def file_prompts(path: Path, n: int, default_max_tokens: int) -> list[BenchPromp
     return (out * (n // len(out) + 1))[:n]
 
 
+def arrival_times(n: int, rate: float, seed: int) -> np.ndarray:
+    """Seconds from the start at which ``n`` requests arrive: a seeded Poisson process at ``rate`` requests/s
+    (all at once for an infinite rate). Every benchmark and the simulator draw the same arrivals."""
+    rng = np.random.default_rng(seed)
+    if not np.isfinite(rate):
+        return np.zeros(n)
+    return np.cumsum(rng.exponential(1.0 / rate, size=n))
+
+
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 
 
@@ -129,8 +138,7 @@ async def run_rate(url: str, model: str, prompts: list[BenchPrompt], rate: float
     ``max_concurrency`` (as in ``vllm bench serve``): a request that arrives while that many are in flight
     waits for one to finish; its latencies count from when it was sent.
     """
-    rng = np.random.default_rng(seed)
-    gaps = rng.exponential(1.0 / rate, size=len(prompts)) if np.isfinite(rate) else np.zeros(len(prompts))
+    gaps = np.diff(arrival_times(len(prompts), rate, seed), prepend=0.0)
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=len(prompts) + 8)
     slots = asyncio.Semaphore(max_concurrency or len(prompts) or 1)

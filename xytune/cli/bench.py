@@ -247,6 +247,24 @@ def bench_kernels(
                                        indent=2, default=str))
 
 
+def token_prompts(dataset: str, num_prompts: int, input_len: int, output_len: int, seed: int,
+                  model: str | None = None, vocab_size: int | None = None) -> list:
+    """A trace's prompts as token ids: ``synthetic`` (seeded, over ``vocab_size`` or the model's vocabulary) or
+    a JSONL file, its text prompts tokenized with ``model``'s tokenizer."""
+    from xytune.bench import serve as load_client
+    from xytune.runtime.model.loader import load_checkpoint
+
+    if dataset == "synthetic":
+        vocab = vocab_size or load_checkpoint(model)[0].vocab_size
+        return load_client.synthetic_prompts(num_prompts, input_len, output_len, vocab, seed)
+    prompts = load_client.file_prompts(Path(dataset), num_prompts, output_len)
+    if all(isinstance(p.prompt, list) for p in prompts):
+        return prompts
+    tokenizer = load_checkpoint(model)[2]
+    return [replace(p, prompt=tokenizer.encode(p.prompt) if isinstance(p.prompt, str) else p.prompt)
+            for p in prompts]
+
+
 @bench_app.command("servers")
 def bench_servers(
     variant: list[str] = typer.Option(None, "--variant", help='NAME="serve flags" (repeatable) '
@@ -329,11 +347,9 @@ def bench_engines(
     import torch
 
     from xytune.bench import engines as engines_bench
-    from xytune.bench import serve as load_client
     from xytune.bench import servers as servers_bench
     from xytune.model_config import ModelLoadError
     from xytune.profiler.cost_model import CostModelError
-    from xytune.runtime.model.loader import load_checkpoint
 
     try:
         variants = engines_bench.parse_policies(policies)
@@ -346,21 +362,72 @@ def bench_engines(
                   max_num_batched_tokens=max_num_batched_tokens, tbt_slo_ms=tbt_slo_ms, ttft_slo_ms=ttft_slo_ms,
                   tpot_slo_ms=slo_tpot_ms, enable_prefix_caching=enable_prefix_caching)
     try:
-        llm_for_vocab = load_checkpoint(model)
-        if dataset == "synthetic":
-            vocab = llm_for_vocab[0].vocab_size
-            prompts = load_client.synthetic_prompts(num_prompts, input_len, output_len, vocab, seed)
-        else:
-            prompts = load_client.file_prompts(Path(dataset), num_prompts, output_len)
-            tokenizer = llm_for_vocab[2]
-            prompts = [replace(p, prompt=tokenizer.encode(p.prompt) if isinstance(p.prompt, str) else p.prompt)
-                       for p in prompts]
+        prompts = token_prompts(dataset, num_prompts, input_len, output_len, seed, model=model)
         with console.status("loading...") as status:
             result = engines_bench.run(variants, kwargs, prompts, rates, seed, slo_ttft_ms, slo_tpot_ms,
-                                       progress=status.update,
-                         repeats=repeats)
+                                       progress=status.update, repeats=repeats)
     except (ModelLoadError, CostModelError, ValueError, OSError) as exc:
         fail(str(exc))
     servers_bench.render(result, console)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+@bench_app.command("sim-vs-real")
+def bench_sim_vs_real(
+    policies: str = typer.Option("xy,chunked", help="Comma list of scheduling policies (POLICY@N: token budget N)."),
+    dataset: str = typer.Option("synthetic", help="synthetic or a JSONL file of {\"prompt\", \"max_tokens\"}."),
+    sweep_rates: str = typer.Option("1,2,3,4", help="Comma list of request rates."),
+    num_prompts: int = typer.Option(60, help="Requests per rate and policy."),
+    input_len: int = typer.Option(256, help="Mean prompt tokens (synthetic)."),
+    output_len: int = typer.Option(48, help="Mean new tokens (synthetic)."),
+    slo_ttft_ms: float = typer.Option(2000.0, help="Time-to-first-token SLO."),
+    slo_tpot_ms: float = typer.Option(120.0, help="Time-per-output-token SLO."),
+    model: str = typer.Option("smollm2-135m", help="smollm2-135m, a .gguf file or a Hugging Face folder."),
+    dtype: str = typer.Option("auto", help="float32 | bfloat16 | float16 | auto (the table's fastest)."),
+    profile: Path = typer.Option(..., help="Cost table of this machine, with its engine-step fit "
+                                 "(`xytune calibrate-steps`)."),
+    max_num_batched_tokens: int = typer.Option(512, help="Token budget of one step (every policy)."),
+    tbt_slo_ms: float = typer.Option(None, help="xy: a step-time target of its own [default: --slo-tpot-ms]."),
+    threads: int = typer.Option(None, help="CPU threads."),
+    seed: int = typer.Option(0, help="Seed of lengths, tokens and arrivals."),
+    repeats: int = typer.Option(1, help="Runs per rate (policies take turns each time); figures pool them."),
+    json_out: Path = typer.Option(None, "--json", help="Also write both results and the errors as JSON here."),
+):
+    """The serving simulator against the real engine on one trace: its error on TTFT/TPOT and capacity."""
+    # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
+    import torch
+
+    from xytune.bench import engines as engines_bench
+    from xytune.bench import sim_vs_real
+    from xytune.model_config import ModelLoadError
+    from xytune.profiler.cost_model import CostModel, CostModelError
+    from xytune.tune import Simulator, TuneError
+
+    try:
+        variants = engines_bench.parse_policies(policies)
+    except ValueError as exc:
+        fail(str(exc))
+    rates = _checked_rates(sweep_rates, num_prompts, input_len, output_len, repeats)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        cost_model = CostModel.load(profile).for_formats(("float",))
+        sim_dtype = cost_model.fastest_dtype() if dtype == "auto" else dtype
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sim = Simulator(cost_model, sim_dtype)
+        for w in caught:
+            console.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+        kwargs = dict(model=model, dtype=sim_dtype, profile=str(profile), max_num_batched_tokens=max_num_batched_tokens,
+                      tbt_slo_ms=tbt_slo_ms, tpot_slo_ms=slo_tpot_ms, ttft_slo_ms=slo_ttft_ms,
+                      enable_prefix_caching=False)
+        prompts = token_prompts(dataset, num_prompts, input_len, output_len, seed, model=model)
+        with console.status("loading...") as status:
+            result = sim_vs_real.run(variants, kwargs, sim, prompts, rates, seed, slo_ttft_ms, slo_tpot_ms, repeats,
+                                     progress=status.update)
+    except (ModelLoadError, CostModelError, TuneError, ValueError, OSError) as exc:
+        fail(str(exc))
+    sim_vs_real.render(result, console)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))

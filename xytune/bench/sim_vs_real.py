@@ -1,0 +1,92 @@
+"""``xytune bench sim-vs-real``: the serving simulator against the real engine, one trace, side by side.
+
+The same prompts, arrivals, policies and SLOs go through ``bench engines``
+(the real in-process engine, timed) and through the simulator on the same
+cost table (``xytune tune``'s model of the machine); the report is the
+simulator's error per rate on the latency percentiles and on capacity.
+The goals (issue "Autotune the serving settings"): capacity within one rate
+step, and TTFT/TPOT p50 and p90 within 15% at the rates below the knee
+(where the real engine meets the SLOs).
+"""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from xytune.bench import engines as engines_bench
+from xytune.bench.serve import BenchPrompt, capacity
+from xytune.tune import ATTAINMENT, Candidate, Simulator, Workload
+
+METRICS = ("median_ttft_ms", "p90_ttft_ms", "median_tpot_ms", "p90_tpot_ms")
+LATENCY_GOAL = 0.15
+
+
+def candidate_of(overrides: dict, max_num_batched_tokens: int, tbt_slo_ms: float | None) -> Candidate:
+    """The simulator's setting for one ``bench engines`` variant (LLM keyword overrides)."""
+    return Candidate(overrides["policy"], overrides.get("max_num_batched_tokens", max_num_batched_tokens), 256,
+                     tbt_slo_ms=tbt_slo_ms)
+
+
+def compare(real: dict, simulated: dict) -> dict:
+    """Per variant and rate, the simulator's relative error on each latency metric; capacity in rate steps."""
+    rates = real["rates"]
+    out = {}
+    for rv, sv in zip(real["variants"], simulated["variants"]):
+        rows = []
+        for r, s in zip(rv["rows"], sv["rows"]):
+            errors = {m: (s[m] - r[m]) / r[m] if r.get(m) and s.get(m) is not None else None for m in METRICS}
+            rows.append({"rate": r["request_rate"], "below_knee": r["slo_attainment"] >= ATTAINMENT,
+                         "attainment": (r["slo_attainment"], s["slo_attainment"]), "errors": errors,
+                         "real": {m: r.get(m) for m in METRICS}, "sim": {m: s.get(m) for m in METRICS}})
+        rc, sc = real["capacity"][rv["name"]], simulated["capacity"][sv["name"]]
+        steps = None if rc is None or sc is None else abs(rates.index(rc) - rates.index(sc))
+        below = [abs(e) for row in rows if row["below_knee"] for e in row["errors"].values() if e is not None]
+        out[rv["name"]] = {"rows": rows, "capacity": (rc, sc), "capacity_rate_steps": steps,
+                           "max_error_below_knee": max(below) if below else None,
+                           "capacity_goal_met": (rc is None and sc is None) or steps is not None and steps <= 1,
+                           "latency_goal_met": bool(below) and max(below) <= LATENCY_GOAL}
+    return out
+
+
+def run(policies: dict[str, dict], llm_kwargs: dict, sim: Simulator, prompts: list[BenchPrompt],
+        rates: list[float], seed: int, slo_ttft_ms: float, slo_tpot_ms: float, repeats: int = 1,
+        progress=None) -> dict:
+    """The real engines (``bench engines``), then the simulator on the same trace; both results and the errors."""
+    real = engines_bench.run(policies, llm_kwargs, prompts, rates, seed, slo_ttft_ms, slo_tpot_ms, progress, repeats)
+    if progress:
+        progress("simulating the same trace...")
+    workload = Workload(prompts, seed, kv_cache_gb=llm_kwargs.get("kv_cache_gb", 1.0),
+                        enable_prefix_caching=llm_kwargs.get("enable_prefix_caching", False))
+    variants = []
+    for name, overrides in policies.items():
+        c = candidate_of(overrides, llm_kwargs["max_num_batched_tokens"], llm_kwargs.get("tbt_slo_ms"))
+        variants.append({"name": name, "rows": sim.sweep(c, workload, rates, slo_ttft_ms, slo_tpot_ms, repeats)})
+    simulated = {"rates": rates, "capacity": {v["name"]: capacity(v["rows"]) for v in variants},
+                 "variants": variants, "step_model": sim.source}
+    return {"real": real, "simulated": simulated, "errors": compare(real, simulated)}
+
+
+def render(result: dict, console) -> None:
+    def pct(e):
+        return "-" if e is None else f"{e:+.0%}"
+
+    def pair(a, b):
+        return "-/-" if a is None or b is None else f"{a:.0f}/{b:.0f}"
+
+    console.print(f"simulator step model: {result['simulated']['step_model']}", highlight=False)
+    for name, v in result["errors"].items():
+        t = Table("rate req/s", "SLO met real/sim", "TTFT p50 ms real/sim", "err", "TTFT p90", "err",
+                  "TPOT p50", "err", "TPOT p90", "err", title=f"{name}: simulator against the real engine")
+        for row in v["rows"]:
+            cells = []
+            for m in METRICS:
+                cells += [pair(row["real"][m], row["sim"][m]), pct(row["errors"][m])]
+            ra, sa = row["attainment"]
+            t.add_row(f"{row['rate']:g}" + ("" if row["below_knee"] else " (past knee)"), f"{ra:.0%}/{sa:.0%}", *cells)
+        console.print(t)
+        rc, sc = v["capacity"]
+        worst = v["max_error_below_knee"]
+        console.print(f"capacity real {rc if rc is not None else 'none'} / simulated {sc if sc is not None else 'none'} "
+                      f"req/s ({'within' if v['capacity_goal_met'] else 'NOT within'} one rate step); largest "
+                      f"latency error below the knee {'-' if worst is None else f'{worst:.0%}'} (goal "
+                      f"{LATENCY_GOAL:.0%}: {'met' if v['latency_goal_met'] else 'not met'})", highlight=False)
