@@ -50,17 +50,22 @@ class TuneSettings:
     max_num_seqs: int
     long_prefill_token_threshold: int | None = None
     num_speculative_tokens: int | None = None
+    align: int | None = None  # xytune's xy policy only: chunk alignment
+    tbt_slo_ms: float | None = None  # xytune's xy policy only: its own step-time target
     why: object = ""
+    evidence: object = None  # what `xytune tune` simulated (every candidate's figures); not exported
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ExportError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}.")
         for name in ("max_num_batched_tokens", "max_num_seqs", "long_prefill_token_threshold",
-                     "num_speculative_tokens"):
+                     "num_speculative_tokens", "align"):
             value = getattr(self, name)
-            optional = name in ("long_prefill_token_threshold", "num_speculative_tokens")
+            optional = name in ("long_prefill_token_threshold", "num_speculative_tokens", "align")
             if (value is None and not optional) or (value is not None and (type(value) is not int or value < 1)):
                 raise ExportError(f"{name} must be a positive integer, not {value!r}.")
+        if self.tbt_slo_ms is not None and (type(self.tbt_slo_ms) not in (int, float) or not self.tbt_slo_ms > 0):
+            raise ExportError(f"tbt_slo_ms must be a positive number, not {self.tbt_slo_ms!r}.")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ExportError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                               f"max_num_seqs ({self.max_num_seqs}), as vLLM requires.")

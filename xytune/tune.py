@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import optuna
@@ -213,7 +213,7 @@ class Scored:
         cap = self.capacity or 0.0
         past = [r for r in self.rows if r["request_rate"] > cap]
         nxt = past[0] if past else self.rows[-1]
-        return cap, nxt["slo_attainment"], nxt["request_goodput"]
+        return cap, round(nxt["slo_attainment"], 3), round(nxt["request_goodput"], 2)
 
     def at_capacity(self) -> dict:
         cap = self.capacity
@@ -260,17 +260,19 @@ class TuneResult:
             return (f"no setting meets the SLOs for {ATTAINMENT:.0%} of requests at any swept rate; the closest, "
                     f"{w.candidate.name}, meets them for {best['slo_attainment']:.0%} at {best['request_rate']:g} "
                     f"req/s (TTFT p90 {_ms(best, 'p90_ttft_ms')}, TPOT p90 {_ms(best, 'p90_tpot_ms')})")
-        runner = next((s for s in self.ranked[1:] if s.candidate.policy != w.candidate.policy
-                       or s.key != w.key), None)
         cap = w.capacity
+        ties = [s for s in self.ranked[1:] if s.key == w.key]
         text = f"{w.candidate.name} serves up to {cap:g} req/s within the SLOs"
+        if ties:
+            text += f" (tied with {len(ties)} other setting{'s' if len(ties) > 1 else ''} on every simulated figure)"
+        runner = next((s for s in self.ranked[1:] if s.key != w.key), None)
         if runner is None:
             return text
         if (runner.capacity or 0) < cap:
             return f"{text}; the next best, {runner.candidate.name}, {runner.capacity or 0:g} req/s"
         _, att, good = w.key
-        return (f"{text}, as does {runner.candidate.name}; past that rate it keeps {att:.0%} of requests within "
-                f"the SLOs (goodput {good:.2f} req/s) against {runner.key[1]:.0%}")
+        return (f"{text}, as does {runner.candidate.name}, but past that rate it keeps {att:.0%} of requests "
+                f"within the SLOs (goodput {good:.2f} req/s) against {runner.key[1]:.0%} ({runner.key[2]:.2f})")
 
 
 def _ms(row: dict, key: str) -> str:
@@ -315,3 +317,45 @@ def _objective(s: Scored) -> float:
     """One number for Optuna: capacity first, the attainment past it breaking ties."""
     cap, att, good = s.key
     return cap + 1e-3 * att + 1e-6 * good
+
+
+def settings_json(result: TuneResult, table: str, slo_ttft_ms: float, slo_tpot_ms: float) -> dict:
+    """The winner as ``export.TuneSettings`` reads it (``xytune export --from-tune``); the evidence under why."""
+    c = result.winner.candidate
+    return {"policy": c.policy, "max_num_batched_tokens": c.max_num_batched_tokens, "max_num_seqs": c.max_num_seqs,
+            **({"num_speculative_tokens": c.num_speculative_tokens} if c.num_speculative_tokens else {}),
+            **({"align": c.align, **({"tbt_slo_ms": c.tbt_slo_ms} if c.tbt_slo_ms else {})} if c.policy == "xy"
+               else {}),
+            "why": f"xytune tune: {result.why()}",
+            "evidence": {"met": result.met, "table": table, "step_model": result.source, "slo_ttft_ms": slo_ttft_ms,
+                         "slo_tpot_ms": slo_tpot_ms, "rates": result.rates,
+                         "candidates": [{"setting": asdict(s.candidate), "capacity": s.capacity, "rows": s.rows}
+                                        for s in result.ranked]}}
+
+
+def plot_candidates(result: TuneResult, sim: Simulator, workload: Workload, slo_ttft_ms: float, slo_tpot_ms: float,
+                    out, top: int = 3):
+    """TTFT and TPOT p90 against rate for the ``top`` candidates over every swept rate, the SLOs drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for s in result.ranked[:top]:
+        rows = sim.sweep(s.candidate, workload, result.rates, slo_ttft_ms, slo_tpot_ms)
+        rates = [r["request_rate"] for r in rows]
+        for ax, key in zip(axes, ("p90_ttft_ms", "p90_tpot_ms")):
+            ax.plot(rates, [r[key] for r in rows], marker="o", label=s.candidate.name)
+    for ax, slo, name in zip(axes, (slo_ttft_ms, slo_tpot_ms), ("TTFT", "TPOT")):
+        ax.axhline(slo, color="red", linestyle="--", label=f"{name} SLO {slo:g} ms")
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel(f"predicted {name} p90 (ms)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"xytune tune: simulated on the table ({result.source})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
