@@ -21,7 +21,7 @@ import numpy as np
 
 from xytune.profiler.cost_model import CostModel
 
-from ..model.attention import meta_tiles_from_table
+from ..model.attention import meta_tile_sizes
 from .block_manager import BlockAllocator
 from .engine import SpecStats, StepStats, check_prompt
 from .sampling import SamplingParams
@@ -40,7 +40,7 @@ def step_model(cost_model: CostModel, dtype: str) -> tuple[StepPredictor, str]:
     """
     fit = cost_model.engine_steps(dtype)
     if fit is not None:
-        model = StepPredictor.from_table(cost_model, dtype, tile_kv=meta_tiles_from_table(cost_model, dtype)["tile_kv"])
+        model = StepPredictor.from_table(cost_model, dtype, tile_kv=meta_tile_sizes(cost_model, dtype)["tile_kv"])
         return model, f"engine-step fit ({fit['steps']} steps, median error {fit['median_ape']:.0%})"
     model = StepPredictor(cost_model, dtype)
     per_pair = cost_model.attention_seconds_per_pair(dtype) or 0.0
@@ -115,7 +115,7 @@ class SimulatedEngine:
         self.vocab_size = cost_model.geometry.vocab_size
         self.max_model_len = max_model_len or self.pool.capacity_tokens
         self.predictor = StepPredictor.from_table(cost_model, dtype,
-                                                  tile_kv=meta_tiles_from_table(cost_model, dtype)["tile_kv"])
+                                                  tile_kv=meta_tile_sizes(cost_model, dtype)["tile_kv"])
         self.acceptance_rate, self.draft_rate = acceptance_rate, draft_rate
         self.rng = np.random.default_rng(seed)
         self.now = 0.0

@@ -59,7 +59,7 @@ def _closed_loop(engine: Engine, rng: np.random.Generator, in_flight: int, steps
     return timed
 
 
-def calibrate_engine_steps(engine: Engine, seed: int = 0) -> dict:
+def calibrate_engine_steps(engine: Engine, seed: int = 0, steps_per_load: int = STEPS_PER_LOAD) -> dict:
     """Fit the step predictor's terms to whole steps of ``engine`` (which needs a cost table) under closed-loop
     loads; its scheduler settings are restored afterwards. Returns what ``engine_steps`` stores for its dtype.
 
@@ -78,7 +78,7 @@ def calibrate_engine_steps(engine: Engine, seed: int = 0) -> dict:
             for in_flight, budget in CALIBRATION_LOADS:
                 engine.scheduler.reconfigure(policy="chunked", max_num_batched_tokens=budget,
                                              max_num_seqs=max(config.max_num_seqs, in_flight))
-                for index, seconds in _closed_loop(engine, rng, in_flight, STEPS_PER_LOAD):
+                for index, seconds in _closed_loop(engine, rng, in_flight, steps_per_load):
                     s = engine.step_stats[index]
                     if measured:
                         rows.append((predictor.features(s.num_tokens, s.num_logit_rows, s.attention_pairs,
@@ -95,12 +95,14 @@ def calibrate_engine_steps(engine: Engine, seed: int = 0) -> dict:
 
 
 def calibrate_table(path: str, model: str | None = None, device: str | None = None, dtypes: list[str] | None = None,
-                    threads: int | None = None, progress=None) -> dict[str, dict]:
+                    threads: int | None = None, progress=None, steps_per_load: int = STEPS_PER_LOAD) -> dict[str, dict]:
     """Fit whole engine steps for each of ``dtypes`` (default: the table's) on this machine and store the fits in
     the table at ``path`` (``engine_steps``). The table must describe this device (its fingerprint is checked
     as a server's is) and ``model`` must have its geometry (default: the table's model)."""
     from ..llm import LLM  # the engine's whole stack; imported here so the simulator does not load it
 
+    if steps_per_load < 4:
+        raise ValueError("steps_per_load must be at least 4.")
     table = read_table(path)
     geometry = table.meta["geometry"]
     dtypes = dtypes or list(table.meta.get("sweep", {}).get("dtypes") or sorted(set(table.rows["dtype"])))
@@ -114,7 +116,7 @@ def calibrate_table(path: str, model: str | None = None, device: str | None = No
         if llm.model.config.hidden_size != geometry["hidden_size"] or llm.model.config.num_layers != geometry[
                 "num_layers"]:
             raise ValueError(f"{path} was profiled for {geometry['name']}; the model given has another geometry.")
-        fits[dtype] = {**calibrate_engine_steps(llm.engine), "model": llm.model_name}
+        fits[dtype] = {**calibrate_engine_steps(llm.engine, steps_per_load=steps_per_load), "model": llm.model_name}
         del llm
     table = read_table(path)  # re-read: nothing else of the table changes
     table.meta["engine_steps"] = {**(table.meta.get("engine_steps") or {}), **fits}

@@ -206,15 +206,21 @@ META_DEFAULTS = {"tile_q": 8, "tile_kv": 256, "prefill_tile": 128, "sdpa_min_key
 META_PRIMITIVES = {"attention.decode": "meta.attention_short", "attention.prefill": "meta.attention_long"}
 
 
-def meta_tiles_from_table(cost_model, dtype: str) -> dict:
-    """Meta-Attention's tile sizes and machine constants from the table, defaults where it has none."""
+def meta_tile_sizes(cost_model, dtype: str) -> dict:
+    """Meta-Attention's tile sizes the table measured best, defaults where it has none."""
     tiles = dict(META_DEFAULTS)
     if cost_model is not None:
         for target, primitive in META_PRIMITIVES.items():
             tiles.update(cost_model.best_config("attention", target, dtype, primitive) or {})
-        if cost_model.meta.get("fingerprint", {}).get("backend", "cpu") == "cpu":  # constants of the torch backend
-            tiles["group_cost_scores"] = cost_model.tuning("group_cost_scores", dtype)
-            tiles["float32_short_tiles"] = int(cost_model.tuning("float32_short_tiles", dtype))
+    return tiles
+
+
+def meta_tiles_from_table(cost_model, dtype: str) -> dict:
+    """Meta-Attention's tile sizes and machine constants from the table, defaults where it has none."""
+    tiles = meta_tile_sizes(cost_model, dtype)
+    if cost_model is not None and cost_model.meta.get("fingerprint", {}).get("backend", "cpu") == "cpu":
+        tiles["group_cost_scores"] = cost_model.tuning("group_cost_scores", dtype)  # constants of the torch backend
+        tiles["float32_short_tiles"] = int(cost_model.tuning("float32_short_tiles", dtype))
     return tiles
 
 

@@ -57,6 +57,9 @@ def profile(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     quantization: str = typer.Option("none", help="GEMM weight formats to time beside float: none | int8 | int4 | "
                                      "auto (all, so serve --quantization auto can choose from the table)."),
+    engine_steps: bool = typer.Option(None, "--engine-steps/--no-engine-steps", help="After the sweep, fit whole "
+                                      "engine steps into the table (`xytune calibrate-steps`; about a minute per "
+                                      "dtype) [default: on, off with --quick or --targets]."),
 ):
     """Sweep GEMM shape buckets and kernel configs on DEVICE into a Parquet cost table."""
     # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
@@ -106,6 +109,26 @@ def profile(
         fail(f"interrupted; the partial table ({len(sweep.table.rows)} rows) is saved in {out}; "
              "rerun with --resume to finish it.", code=130)
     console.print(f"[green]wrote[/] {out}: {len(table.rows)} rows")
+    if engine_steps if engine_steps is not None else not (quick or targets):
+        _calibrate_engine_steps(out, model, device, threads)
+
+
+def _calibrate_engine_steps(out: Path, model: str, device: str, threads: int | None) -> None:
+    """The table's engine-step fit, for `xytune tune`; a model that cannot be loaded here only skips it."""
+    from xytune.model_config import ModelLoadError
+    from xytune.profiler.cost_model import CostModelError
+    from xytune.runtime.engine.step_calibration import calibrate_table
+
+    try:
+        fits = calibrate_table(str(out), model, device, threads=threads,
+                               progress=lambda msg: console.print(msg, highlight=False))
+    except (ModelLoadError, CostModelError, ValueError, OSError) as exc:
+        console.print(f"[yellow]note:[/] no engine-step fit in {out} ({exc}); `xytune tune` will count the GEMM and "
+                      "attention rows only.", highlight=False, soft_wrap=True)
+        return
+    for dtype, fit in fits.items():
+        console.print(f"engine steps, {dtype}: {fit['steps']} fitted, median error {fit['median_ape']:.1%}",
+                      highlight=False)
 
 
 @app.command()

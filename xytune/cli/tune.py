@@ -17,17 +17,19 @@ def calibrate_steps(
     dtypes: str = typer.Option(None, "--dtypes", help="Comma list [default: the table's dtypes]."),
     device: str = typer.Option(None, help="cpu, cuda[:N], npu[:N] [default: the table's backend]."),
     threads: int = typer.Option(None, help="CPU threads [default: torch's]."),
+    steps_per_load: int = typer.Option(48, help="Steps timed under each of the six loads (fewer: quicker, rougher)."),
 ):
     """Run a fixed mix of real engine steps and store what whole steps take (GEMMs, attention, norms, sampling,
     scheduling) in the table, so `xytune tune` can simulate serving on it anywhere."""
+    from xytune.model_config import ModelLoadError
     from xytune.profiler.cost_model import CostModelError
     from xytune.profiler.table import TableError
     from xytune.runtime.engine.step_calibration import calibrate_table
 
     try:
         fits = calibrate_table(str(profile), model, device, dtypes.split(",") if dtypes else None, threads,
-                               progress=lambda msg: console.print(msg, highlight=False))
-    except (TableError, CostModelError, ValueError, OSError) as exc:
+                               progress=lambda msg: console.print(msg, highlight=False), steps_per_load=steps_per_load)
+    except (TableError, CostModelError, ModelLoadError, ValueError, OSError) as exc:
         fail(str(exc))
     for dtype, fit in fits.items():
         console.print(f"{dtype}: {fit['steps']} steps fitted, median error {fit['median_ape']:.1%}, "
