@@ -58,7 +58,7 @@ def profile(
     quantization: str = typer.Option("none", help="GEMM weight formats to time beside float: none | int8 | int4 | "
                                      "auto (all, so serve --quantization auto can choose from the table)."),
     engine_steps: bool = typer.Option(None, "--engine-steps/--no-engine-steps", help="After the sweep, fit whole "
-                                      "engine steps into the table (`xytune calibrate-steps`; about a minute per "
+                                      "engine steps into the table (`xytune calibrate-steps`; about 1.5 minutes per "
                                       "dtype) [default: on, off with --quick or --targets]."),
 ):
     """Sweep GEMM shape buckets and kernel configs on DEVICE into a Parquet cost table."""

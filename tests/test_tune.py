@@ -1,0 +1,168 @@
+"""`xytune tune`, `xytune calibrate-steps` and `bench sim-vs-real` end to end, and the search on its own."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import yaml
+from conftest import PROFILES, REFERENCE_TABLE, require_default_model
+from typer.testing import CliRunner
+
+from xytune.bench.serve import synthetic_prompts
+from xytune.bench.sim_vs_real import compare
+from xytune.cli import app
+from xytune.export import TuneSettings
+from xytune.profiler.cost_model import CostModel
+from xytune.profiler.devices import get_device
+from xytune.profiler.table import read_table, write_table
+from xytune.runtime.engine.step_predictor import STEP_TERMS
+from xytune.tune import ATTAINMENT, GRID_LIMIT, Candidate, SearchSpace, Simulator, Workload, tune
+
+FITTED = PROFILES / "cpu-intel-xeon-model167-amx-2c-smollm2-135m.parquet"  # carries an engine-step fit
+SLOS = ["--slo-ttft-ms", "2000", "--slo-tpot-ms", "120"]
+SMALL = ["--num-prompts", "30", "--sweep-rates", "1,2,4,8"]
+
+
+def xytune(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def made_here(src, dst):
+    """``src``'s rows under this machine's fingerprint: a table the engine loads here without a mismatch."""
+    table = read_table(src)
+    table.meta["fingerprint"] = get_device("cpu").fingerprint()
+    write_table(dst, table)
+    return dst
+
+
+def test_tune_recommends_settings_that_export_reads(tmp_path):
+    out, png, yml = tmp_path / "tune.json", tmp_path / "tune.png", tmp_path / "vllm.yaml"
+    run = xytune("tune", "--profile", FITTED, *SLOS, *SMALL, "--policies", "chunked,xy", "--json", out, "--plot", png)
+    assert run.exit_code == 0, run.output
+    assert "Recommended" in run.stdout and "serve with: xytune serve --policy" in run.stdout
+    settings = TuneSettings.read(out)
+    assert settings.policy in ("chunked", "xy") and settings.max_num_batched_tokens >= settings.max_num_seqs
+    evidence = settings.evidence
+    assert evidence["met"] and "engine-step fit" in evidence["step_model"]
+    best = evidence["candidates"][0]
+    assert best["capacity"] == max(c["capacity"] or 0 for c in evidence["candidates"])
+    assert best["setting"]["max_num_seqs"] == settings.max_num_seqs
+    met_rates = [r["request_rate"] for r in best["rows"] if r["slo_attainment"] >= ATTAINMENT]
+    assert best["capacity"] == max(met_rates)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    run = xytune("export", "--profile", FITTED, "--from-tune", out, "-o", yml)
+    assert run.exit_code == 0, run.output
+    config = yaml.safe_load(yml.read_text())
+    assert config["max-num-seqs"] == settings.max_num_seqs
+    assert config["max-num-batched-tokens"] == settings.max_num_batched_tokens
+
+
+def test_an_slo_no_setting_meets_says_so_and_shows_the_closest(tmp_path):
+    run = xytune("tune", "--profile", FITTED, "--slo-ttft-ms", "2000", "--slo-tpot-ms", "1", *SMALL,
+                 "--policies", "chunked", "--json", tmp_path / "t.json")
+    assert run.exit_code == 1, run.output
+    assert "No setting meets the SLOs" in run.stdout and "the closest" in run.stdout
+    assert "Traceback" not in run.output
+    assert json.loads((tmp_path / "t.json").read_text())["evidence"]["met"] is False
+
+
+def test_a_table_without_an_engine_step_fit_is_tuned_with_a_warning():
+    run = xytune("tune", "--profile", REFERENCE_TABLE, *SLOS, *SMALL, "--policies", "chunked")
+    assert run.exit_code == 0, run.output
+    assert "no engine-step fit" in run.stdout and "GEMM and attention rows only" in run.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--profile", "missing.parquet", *SLOS], "does not exist"),
+    (["--profile", FITTED, "--slo-ttft-ms", "0", "--slo-tpot-ms", "120", *SMALL], "must be positive"),
+    (["--profile", FITTED, *SLOS, "--policies", "fifo"], "--policies"),
+    (["--profile", FITTED, *SLOS, "--acceptance-rate", "1.5"], "--acceptance-rate"),
+    (["--profile", FITTED, *SLOS, "--sweep-rates", "1,x"], "--sweep-rates"),
+    (["--profile", FITTED, *SLOS, "--workload", "missing.jsonl"], "missing.jsonl"),
+    (["--profile", FITTED, *SLOS, "--dtype", "float16"], "no float16 rows"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    run = xytune("tune", *args)
+    assert run.exit_code == 2, run.output
+    assert message in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_the_search_space_follows_the_table_and_optuna_takes_the_large_ones():
+    model = CostModel(read_table(FITTED), formats=("float",))
+    space = SearchSpace.for_table(model, 120.0, (0, 2, 4))
+    candidates = space.candidates()
+    assert len(candidates) > GRID_LIMIT
+    assert all(c.max_num_batched_tokens >= c.max_num_seqs for c in candidates)
+    assert max(c.max_num_batched_tokens for c in candidates) <= max(model.meta["sweep"]["buckets"])
+    assert {c.tbt_slo_ms for c in candidates if c.policy == "xy"} == {None, 60.0}
+    sim = Simulator(model, "bfloat16")
+    work = Workload(synthetic_prompts(20, 128, 16, 49152, 0), acceptance_rate=0.7)
+    runs = [tune(sim, work, 2000, 120, space, rates=[1.0, 4.0, 16.0], trials=6, seed=3) for _ in range(2)]
+    assert runs[0].trials <= 6 and [s.candidate for s in runs[0].ranked] == [s.candidate for s in runs[1].ranked]
+    assert Candidate("chunked", 2048, 256) in [s.candidate for s in runs[0].ranked]  # vLLM's defaults go first
+
+
+def test_compare_reports_errors_below_the_knee_and_capacity_in_rate_steps():
+    def result(rows, cap):
+        return {"rates": [1.0, 2.0, 4.0], "capacity": {"v": cap}, "variants": [{"name": "v", "rows": rows}]}
+
+    def row(rate, att, ttft):
+        return {"request_rate": rate, "slo_attainment": att, "median_ttft_ms": ttft, "p90_ttft_ms": ttft,
+                "median_tpot_ms": 50.0, "p90_tpot_ms": 60.0}
+
+    real = result([row(1, 1.0, 100.0), row(2, 0.95, 200.0), row(4, 0.3, 900.0)], 2.0)
+    sim = result([row(1, 1.0, 110.0), row(2, 1.0, 180.0), row(4, 0.9, 500.0)], 4.0)
+    v = compare(real, sim)["v"]
+    assert v["rows"][0]["errors"]["median_ttft_ms"] == pytest.approx(0.10)
+    assert v["rows"][1]["errors"]["p90_ttft_ms"] == pytest.approx(-0.10)
+    assert v["max_error_below_knee"] == pytest.approx(0.10)  # the rate past the knee does not count
+    assert v["capacity_rate_steps"] == 1 and v["capacity_goal_met"] and v["latency_goal_met"]
+
+
+def test_calibrate_steps_stores_a_fit_the_engine_starts_from(tmp_path):
+    require_default_model()
+    table = made_here(FITTED, tmp_path / "here.parquet")
+    before = read_table(table).rows
+    run = xytune("calibrate-steps", "--profile", table, "--dtypes", "float32", "--steps-per-load", "4")
+    assert run.exit_code == 0, run.output
+    after = read_table(table)
+    fit = after.meta["engine_steps"]["float32"]
+    assert set(fit["coef"]) == set(STEP_TERMS) and fit["steps"] >= 6 * 3 and fit["median_ape"] < 1.0
+    assert after.meta["engine_steps"]["bfloat16"] == read_table(FITTED).meta["engine_steps"]["bfloat16"]  # kept
+    assert after.rows[before.columns].equals(before)  # the measurements are untouched
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from xytune.runtime.llm import LLM
+
+        llm = LLM(dtype="float32", profile=str(table), kv_cache_gb=0.25)
+    assert list(llm.engine.predictor.coef) == [fit["coef"][t] for t in STEP_TERMS]
+
+
+def test_calibrate_steps_refuses_a_table_from_another_machine(tmp_path):
+    require_default_model()
+    table = read_table(FITTED)
+    table.meta["fingerprint"] = {**table.meta["fingerprint"], "isa": ["sse2"], "cpu_model": "family 0 model 0"}
+    write_table(tmp_path / "other.parquet", table)
+    run = xytune("calibrate-steps", "--profile", tmp_path / "other.parquet", "--dtypes", "float32")
+    assert run.exit_code == 2, run.output
+    assert "different device" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert read_table(tmp_path / "other.parquet").meta["engine_steps"] == table.meta["engine_steps"]  # untouched
+
+
+def test_sim_vs_real_runs_one_trace_through_both(tmp_path):
+    require_default_model()
+    table = made_here(FITTED, tmp_path / "here.parquet")
+    out = tmp_path / "svr.json"
+    run = xytune("bench", "sim-vs-real", "--profile", table, "--policies", "chunked", "--num-prompts", "6",
+                 "--input-len", "32", "--output-len", "6", "--sweep-rates", "2,8", "--dtype", "float32",
+                 "--json", out)
+    assert run.exit_code == 0, run.output
+    result = json.loads(out.read_text())
+    real, sim = result["real"]["variants"][0]["rows"], result["simulated"]["variants"][0]["rows"]
+    assert [r["completed"] for r in real] == [r["completed"] for r in sim] == [6, 6]
+    assert [r["total_input_tokens"] for r in real] == [r["total_input_tokens"] for r in sim]
+    assert "simulator against the real engine" in run.stdout and "capacity real" in run.stdout
