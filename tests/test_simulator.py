@@ -119,13 +119,13 @@ def test_without_an_engine_step_fit_a_step_is_its_gemm_and_attention_rows():
 
 
 def test_a_fit_stored_with_the_table_is_what_the_simulator_and_the_engine_start_from():
-    model = table({"step_s": 0.02, "decode_tile_s_per_100": 0.5})
+    model = table({"step_s": 0.02, "split_tile_s_per_100": 0.5})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a table with a fit warns of nothing
         truth, source = step_model(model, "float32")
     assert "engine-step fit" in source
     tiles = decode_key_tiles([100, 300, 600], 256)
-    assert tiles == 1 + 2 + 3
+    assert tiles == 0 + 1 + 2  # the chunks past each decode's first
     assert truth.predict(3, 3, 0.0, tiles) == pytest.approx(0.02 + 0.005 * tiles, rel=1e-12)
     started = StepPredictor.from_table(model, "float32")
     assert started.tile_kv == 256 and started.predict(3, 3, 0.0, tiles) == truth.predict(3, 3, 0.0, tiles)
