@@ -21,6 +21,14 @@ self [N, K] int32 in [0, 15], N divisible by 16 -> uint8 [N, K / 2].
 ``_weight_int4pack_mm_for_cpu(Tensor self, Tensor mat2, int qGroupSize, Tensor qScaleAndZeros)``:
 qScaleAndZeros [K / group, N, 2] in self's dtype, dequantizing as ``(q - 8) * scale + zero``; K divisible
 by the group.
+
+On Ascend the same formats run ``torch_npu.npu_weight_quant_batchmatmul(Tensor x, Tensor weight, Tensor
+antiquant_scale, Tensor? antiquant_offset=None, Tensor? quant_scale=None, Tensor? quant_offset=None, Tensor?
+bias=None, int antiquant_group_size=0, int inner_precise=0)``, which computes ``x @ ((weight + offset) * scale)``
+(torch_npu 7.x API reference; x float16/bfloat16, scales in x's dtype): int8 takes the ``[N, K]`` codes as a
+transposed ``[K, N]`` view (recommended per channel) with ``[N]`` scales; int4 takes the Q4_1 codes shifted to
+-8..7 and packed by ``npu_convert_weight_to_int4pack(Tensor weight, int inner_k_tiles=0)`` (int32 ``[K, N]``
+-> ``[K, N / 8]``), with per-group ``[K / 32, N]`` scales ``d`` and offsets ``8 + m / d``.
 """
 
 from __future__ import annotations
@@ -53,17 +61,28 @@ class QuantizedWeight:
 
     format: str  # int8 | int4
     data: torch.Tensor  # int8 [N, K] or int4-packed uint8 [N, K / 2]
-    scales: torch.Tensor  # int8: [N]; int4: [K / group, N, 2] (scale, zero) in the activations' dtype
+    scales: torch.Tensor  # int8: [N]; int4: [K / group, N, 2] (scale, zero) in the activations' dtype (NPU: [K / group, N])
     shape: tuple[int, int]
     group_size: int  # along K; int8: K (one scale per row)
+    offsets: torch.Tensor | None = None  # NPU int4: [K / group, N] antiquant offsets
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
+        extra = () if self.offsets is None else (self.offsets,)
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scales, *extra))
 
 
 def int8_weight_ops_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def npu_weight_quant_available() -> bool:
+    """torch_npu with its weight-only quantized matmul and int4 packing (Ascend)."""
+    try:
+        import torch_npu  # optional: only on Ascend
+    except ImportError:
+        return False
+    return all(hasattr(torch_npu, op) for op in ("npu_weight_quant_batchmatmul", "npu_convert_weight_to_int4pack"))
 
 
 def int4_weight_ops_available() -> bool:
@@ -105,6 +124,12 @@ def quantize_int4(weight: torch.Tensor, group_size: int = GGUF_BLOCK) -> Quantiz
     if (why := int4_shape_failure(n, k, group_size)) is not None:
         raise ValueError(why)
     q, d, low = int4_codes(weight, group_size)
+    if weight.device.type == "npu":
+        import torch_npu  # optional: only on Ascend
+
+        packed = torch_npu.npu_convert_weight_to_int4pack((q - 8).t().contiguous())
+        return QuantizedWeight("int4", packed, d.t().to(weight.dtype).contiguous(), (n, k), group_size,
+                               (8.0 + low / d).t().to(weight.dtype).contiguous())
     zero = low + 8.0 * d  # the op dequantizes (q - 8) * scale + zero
     scale_zero = torch.stack([d.t(), zero.t()], dim=-1).to(weight.dtype).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
@@ -126,16 +151,29 @@ def format_bytes(fmt: str, n: int, k: int, elem_bytes: int, group_size: int = GG
 
 def bind_int8_weight(weight: torch.Tensor, bias: torch.Tensor | None = None,
                      quantized: QuantizedWeight | None = None) -> SegmentKernel:
-    """``_weight_int8pack_mm`` on the weight quantized once here (``quantized``: one made already)."""
+    """``_weight_int8pack_mm`` (CPU) or ``npu_weight_quant_batchmatmul`` (Ascend) on the weight quantized once
+    here (``quantized``: one made already)."""
     qw = quantized or quantize_int8(weight)
+    if qw.data.device.type == "npu":
+        import torch_npu  # optional: only on Ascend
+
+        codes = qw.data.t()  # [K, N] view of the [N, K] codes: the per-channel layout the op prefers
+        return lambda x, out, config: _into(out, _plus_bias(
+            torch_npu.npu_weight_quant_batchmatmul(x, codes, qw.scales), bias))
     return lambda x, out, config: _into(out, _plus_bias(
         torch.ops.aten._weight_int8pack_mm(x.contiguous(), qw.data, qw.scales), bias))
 
 
 def bind_int4_weight(weight: torch.Tensor, bias: torch.Tensor | None = None,
                      quantized: QuantizedWeight | None = None) -> SegmentKernel:
-    """``_weight_int4pack_mm_for_cpu`` on the weight quantized once here (``quantized``: one made already)."""
+    """``_weight_int4pack_mm_for_cpu`` (CPU) or ``npu_weight_quant_batchmatmul`` per group (Ascend) on the
+    weight quantized once here (``quantized``: one made already)."""
     qw = quantized or quantize_int4(weight)
+    if qw.data.device.type == "npu":
+        import torch_npu  # optional: only on Ascend
+
+        return lambda x, out, config: _into(out, _plus_bias(torch_npu.npu_weight_quant_batchmatmul(
+            x, qw.data, qw.scales, qw.offsets, antiquant_group_size=qw.group_size), bias))
     return lambda x, out, config: _into(out, _plus_bias(
         torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), qw.data, qw.group_size, qw.scales), bias))
 

@@ -145,8 +145,9 @@ class LLM:
         self.gemm, self.attention = gemm, attention
         if gemm == "smooth" and cost_model is None:
             raise ValueError("gemm smooth plans from a cost table: give profile=TABLE (--profile).")
-        if quantization != "none" and dev.type != "cpu":
-            raise ValueError(f"quantized GEMMs run on CPU only so far; use quantization none on {dev.type}.")
+        if quantization != "none" and dev.type not in ("cpu", "npu"):
+            raise ValueError(f"quantized GEMMs run on CPU and Ascend NPUs so far; use quantization none on "
+                             f"{dev.type}.")
         if quantization == "auto" and gemm != "smooth":
             raise ValueError("quantization auto picks formats from a cost table with gemm smooth: give "
                              "profile=TABLE (--profile).")

@@ -31,7 +31,7 @@ from xytune.kernels.smooth_gemm import Segment, SmoothGEMMPlanner, SmoothPlan, r
 from xytune.profiler.cost_model import CostModel  # noqa: E402
 from xytune.profiler.devices import DEFAULT_FLUSH_BYTES, DeviceError, fingerprint_mismatches, get_device  # noqa: E402
 from xytune.profiler.geometry import PRESETS  # noqa: E402
-from xytune.profiler.primitives import gemm_kernels  # noqa: E402
+from xytune.profiler.primitives import gemm_kernels, weight_format_of  # noqa: E402
 from xytune.profiler.table import CostTable, new_meta, read_table, write_table  # noqa: E402
 
 machine = torch_npu.npu  # the simulated Ascend host: tests change it with monkeypatch
@@ -259,3 +259,73 @@ def test_a_verify_moves_accepted_keys_with_indices_on_the_cache_device():
     frm, to = src[[5]], src[[2]]
     kv.k[0].index_copy_(1, to, kv.k[0].index_select(1, frm))
     assert torch.equal(kv.k[0][:, 14].cpu(), kv.k[0][:, 5].cpu())
+
+
+# -- weight-only quantized GEMMs (kernels/quantized.py) on torch_npu's npu_weight_quant_batchmatmul --
+
+def test_standin_weight_quant_matmul_is_the_documented_math_and_refuses_what_it_refuses():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 64, generator=gen).half()
+    codes = torch.randint(-8, 8, (64, 16), generator=gen, dtype=torch.int32)
+    scale = (torch.rand(2, 16, generator=gen) + 0.5).half()
+    offset = torch.randn(2, 16, generator=gen).half()
+    w = (codes.double() + offset.double().repeat_interleave(32, 0)) * scale.double().repeat_interleave(32, 0)
+    packed = torch_npu.npu_convert_weight_to_int4pack(codes.npu())
+    assert packed.shape == (64, 2) and packed.dtype == torch.int32
+    out = torch_npu.npu_weight_quant_batchmatmul(x.npu(), packed, scale.npu(), offset.npu(), antiquant_group_size=32)
+    torch.testing.assert_close(out.cpu().double(), x.double() @ w, rtol=2e-3, atol=2e-2)
+    int8 = codes.to(torch.int8).t().contiguous()  # [N, K] codes, passed as a [K, N] view
+    per_channel = scale[0].npu()
+    out = torch_npu.npu_weight_quant_batchmatmul(x.npu(), int8.npu().t(), per_channel)
+    torch.testing.assert_close(out.cpu().double(), x.double() @ (codes.double() * scale[0].double()), rtol=2e-3,
+                               atol=2e-2)
+    with pytest.raises(RuntimeError, match="float16/bfloat16"):
+        torch_npu.npu_weight_quant_batchmatmul(x.float().npu(), int8.npu().t(), per_channel.float())
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch_npu.npu_weight_quant_batchmatmul(x.npu(), packed, scale.npu(), antiquant_group_size=16)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'group_size'"):
+        torch_npu.npu_weight_quant_batchmatmul(x.npu(), packed, scale.npu(), group_size=32)
+
+
+@pytest.mark.parametrize("fmt, bound", [("int8", 0.02), ("int4", 0.15)])
+def test_quantized_gemms_on_the_npu_match_their_dequantized_weight(fmt, bound):
+    """Each format's NPU kernel computes x @ its own dequantized weight (to fp16 rounding), and stays within the
+    format's quantisation error of the float weight."""
+    from xytune.kernels.quantized import QUANTIZERS, int4_codes
+
+    g = PRESETS["smollm2-135m"].gemm("qkv")
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(g.n, g.k, generator=gen) / g.k ** 0.5).half()
+    b = torch.randn(g.n, generator=gen).half()
+    x = torch.randn(11, g.k, generator=gen).half()
+    qw = QUANTIZERS[fmt](w.npu())
+    kernels = gemm_kernels(None, b.npu(), quantized={fmt: qw})
+    name = f"npu.weight_quant_{fmt}"
+    assert set(kernels) == {name}
+    out = kernels[name](x.npu(), None, {}).cpu().double()
+    if fmt == "int8":
+        dequantized = qw.data.cpu().double() * qw.scales.cpu().double()[:, None]
+    else:
+        q, d, low = int4_codes(w.float())
+        dequantized = (q.double() * d.double().repeat_interleave(32, 1) + low.double().repeat_interleave(32, 1))
+    expected = x.double() @ dequantized.t() + b.double()
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=3e-2)
+    exact = x.double() @ w.double().t() + b.double()
+    assert (out - exact).norm() / exact.norm() < bound
+    assert qw.nbytes < w.numel() * w.element_size() * (0.6 if fmt == "int8" else 0.4)
+
+
+def test_profile_times_the_npu_quantized_primitives_beside_float(tmp_path):
+    out = tmp_path / "npu-q.parquet"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep_module, "measure_peaks",
+                   lambda device, dtypes: {"gemm_flops": {d: 1e14 for d in dtypes}, "copy_bytes_per_s": 1e12})
+        run = CliRunner().invoke(app, ["profile", "--device", "npu", "--targets", "qkv", "--buckets", "1,8",
+                                       "--dtypes", "float16", "--budget-ms", "1", "--no-progress",
+                                       "--quantization", "auto", "-o", str(out)])
+    assert run.exit_code == 0, run.output
+    table = read_table(out)
+    assert {"npu.weight_quant_int8", "npu.weight_quant_int4", "npu.matmul"} <= set(table.rows["primitive"])
+    assert not [p for p in table.meta.get("pruned", []) if p.get("primitive", "").startswith("npu.weight_quant")]
+    model = CostModel(table)
+    assert {"float", "int8", "int4"} <= {weight_format_of(p) for p in model.curves("gemm", 960, 576, "float16")}

@@ -80,3 +80,19 @@ def test_policies_side_by_side_on_the_engine_alone(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "xytune.cli", "bench", "engines", "--repeats", "0",
                           "--profile", str(REFERENCE)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--repeats" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_an_external_server_must_take_its_port_and_one_that_dies_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from xytune.bench.servers import parse_variant
+    from xytune.cli import app
+
+    with pytest.raises(ValueError, match=r"\{port\}"):
+        parse_variant("llama.cpp=llama-server -m model.gguf", external=True)
+    v = parse_variant("llama.cpp=llama-server -m model.gguf --port {port} -t 2", external=True)
+    assert v.external and v.args[-3:] == ["{port}", "-t", "2"]
+    dies = f"dead={sys.executable} -c \"import sys; sys.exit('cannot open model.gguf on port {{port}}')\""
+    run = CliRunner().invoke(app, ["bench", "servers", "--external", dies, "--num-prompts", "2", "--sweep-rates", "1"])
+    assert run.exit_code == 2, run.output
+    assert "server 'dead' exited: cannot open model.gguf on port" in run.stderr and "Traceback" not in run.stderr

@@ -18,6 +18,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -31,8 +32,9 @@ from xytune.bench.serve import BenchPrompt, capacity, run_rate, summarize
 @dataclass
 class Variant:
     name: str
-    args: list[str]
+    args: list[str]  # `xytune serve` flags, or the whole command of an external server (``external``)
     port: int = 0
+    external: bool = False  # any OpenAI-compatible server started by its own command, ``{port}`` filled in
     proc: subprocess.Popen | None = None
     rows: list[dict] = field(default_factory=list)
     server_metrics: dict = field(default_factory=dict)
@@ -42,11 +44,15 @@ class Variant:
         return f"http://127.0.0.1:{self.port}"
 
 
-def parse_variant(spec: str) -> Variant:
+def parse_variant(spec: str, external: bool = False) -> Variant:
+    """``NAME="serve flags"``, or with ``external`` ``NAME="command ... {port} ..."`` (say llama.cpp's
+    ``llama-server -m model.gguf --port {port}``)."""
     name, sep, args = spec.partition("=")
     if not sep or not name.strip():
-        raise ValueError(f"a variant is NAME=\"serve flags\", not {spec!r}")
-    return Variant(name.strip(), shlex.split(args))
+        raise ValueError(f"a variant is NAME=\"{'command' if external else 'serve flags'}\", not {spec!r}")
+    if external and "{port}" not in args:
+        raise ValueError(f"an external server's command must take its port as {{port}}: {spec!r}")
+    return Variant(name.strip(), shlex.split(args), external=external)
 
 
 def _free_port() -> int:
@@ -58,12 +64,20 @@ def _free_port() -> int:
 def start(variant: Variant, common: list[str], timeout_s: float = 300) -> None:
     """Start the variant's server and wait for /health; raise RuntimeError with its stderr if it dies."""
     variant.port = _free_port()
-    cmd = [sys.executable, "-m", "xytune.cli", "serve", "--port", str(variant.port), *common, *variant.args]
-    variant.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if variant.external:
+        cmd = [a.replace("{port}", str(variant.port)) for a in variant.args]
+    else:
+        cmd = [sys.executable, "-m", "xytune.cli", "serve", "--port", str(variant.port), *common, *variant.args]
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a server that logs a lot never blocks on it
+    try:
+        variant.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    except OSError as exc:
+        raise RuntimeError(f"server {variant.name!r} could not start: {exc}") from None
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if variant.proc.poll() is not None:
-            raise RuntimeError(f"server {variant.name!r} exited: {variant.proc.stderr.read().strip()[-500:]}")
+            log.seek(0)
+            raise RuntimeError(f"server {variant.name!r} exited: {log.read().strip()[-500:]}")
         try:
             if httpx.get(f"{variant.url}/health", timeout=1).status_code == 200:
                 return
@@ -82,7 +96,9 @@ def stop(variant: Variant) -> None:
 
 
 def scrape(variant: Variant) -> dict:
-    """The gauges of interest from the variant's /metrics."""
+    """The gauges of interest from the variant's /metrics (none from an external server)."""
+    if variant.external:
+        return {}
     wanted = ("xytune_cost_model_step_error_ratio", "xytune_spec_acceptance_rate", "xytune_spec_tokens_per_step",
               "xytune_prefix_cache_hit_rate", "xytune_preemptions_total")
     body = httpx.get(f"{variant.url}/metrics", timeout=10).text

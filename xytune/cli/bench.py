@@ -269,6 +269,9 @@ def token_prompts(dataset: str, num_prompts: int, input_len: int, output_len: in
 def bench_servers(
     variant: list[str] = typer.Option(None, "--variant", help='NAME="serve flags" (repeatable) '
                                       '[default: xy, chunked and prefill-first policies].'),
+    external: list[str] = typer.Option(None, "--external", help='NAME="command ... {port} ..." (repeatable): '
+                                       'another OpenAI-compatible server in the same turns, say llama.cpp\'s '
+                                       '"llama-server -m model.gguf --port {port}".'),
     sweep_rates: str = typer.Option("0.5,1,1.5,2,3", help="Comma list of request rates."),
     num_prompts: int = typer.Option(30, help="Requests per rate and variant."),
     dataset: str = typer.Option("synthetic", help="synthetic or a JSONL file of {\"prompt\", \"max_tokens\"}."),
@@ -289,8 +292,9 @@ def bench_servers(
     from xytune.runtime.model.loader import load_checkpoint
 
     try:
-        variants = [servers_bench.parse_variant(v) for v in (variant or ['xy=--policy xy', 'chunked=--policy chunked',
-                                                         'prefill-first=--policy prefill-first'])]
+        variants = [servers_bench.parse_variant(v) for v in (variant or ([] if external else [
+            'xy=--policy xy', 'chunked=--policy chunked', 'prefill-first=--policy prefill-first']))]
+        variants += [servers_bench.parse_variant(v, external=True) for v in external or []]
         common = ["--model", model, "--slo-tpot-ms", str(slo_tpot_ms), *shlex.split(serve_args)]
     except ValueError as exc:
         fail(str(exc))

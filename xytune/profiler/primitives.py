@@ -37,6 +37,7 @@ from xytune.kernels.quantized import (
     bind_int8_weight,
     int4_weight_ops_available,
     int8_weight_ops_available,
+    npu_weight_quant_available,
 )
 from xytune.kernels.sdpa_loop import request_masks, run_sdpa_loop
 from xytune.kernels.triton_gemm import triton_available
@@ -205,6 +206,11 @@ register_gemm("torch.int8pack_mm", bind_int8_weight, ("cpu",), weight_format="in
               available=int8_weight_ops_available)
 register_gemm("torch.int4pack_mm", bind_int4_weight, ("cpu",), weight_format="int4",
               available=int4_weight_ops_available)
+# Ascend: torch_npu's weight-only quantized matmul on the same formats (half-precision activations only)
+register_gemm("npu.weight_quant_int8", bind_int8_weight, ("npu",), ("bfloat16", "float16"), weight_format="int8",
+              available=npu_weight_quant_available)
+register_gemm("npu.weight_quant_int4", bind_int4_weight, ("npu",), ("bfloat16", "float16"), weight_format="int4",
+              available=npu_weight_quant_available)
 
 
 def weight_format_of(primitive: str) -> str:

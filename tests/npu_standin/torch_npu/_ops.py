@@ -47,8 +47,18 @@ FUSED_INFER_ATTENTION_SCORE = (
     "bool softmax_lse_flag=False) -> (Tensor, Tensor)"
 )
 
+# weight-only quantized matmul and int4 packing: the schemas torch_npu 7.x documents and the torchair converters
+# quote (op_plugin_functions.yaml, section custom:); y = x @ ((weight + antiquant_offset) * antiquant_scale) + bias
+WEIGHT_QUANT_BATCHMATMUL = (
+    "npu_weight_quant_batchmatmul(Tensor x, Tensor weight, Tensor antiquant_scale, Tensor? antiquant_offset=None, "
+    "Tensor? quant_scale=None, Tensor? quant_offset=None, Tensor? bias=None, int antiquant_group_size=0, "
+    "int inner_precise=0) -> Tensor"
+)
+CONVERT_WEIGHT_TO_INT4PACK = "npu_convert_weight_to_int4pack(Tensor weight, int inner_k_tiles=0) -> Tensor"
+
 _LIB = torch.library.Library("npu", "DEF")
-for _schema in (NPU_FORMAT_CAST, GET_NPU_FORMAT, FUSED_INFER_ATTENTION_SCORE):
+for _schema in (NPU_FORMAT_CAST, GET_NPU_FORMAT, FUSED_INFER_ATTENTION_SCORE, WEIGHT_QUANT_BATCHMATMUL,
+                CONVERT_WEIGHT_TO_INT4PACK):
     _LIB.define(_schema)
 
 
@@ -100,7 +110,75 @@ def run_npu_op(func, args, kwargs, cpu_args, cpu_kwargs, device: torch.device):
     if name == "npu::npu_fused_infer_attention_score":
         out, lse = fused_infer_attention_score(*cpu_args, **_options(func, cpu_kwargs))
         return NPUTensor(out, device), NPUTensor(lse, device)
+    if name == "npu::npu_convert_weight_to_int4pack":
+        return NPUTensor(convert_weight_to_int4pack(*cpu_args, **cpu_kwargs), device)
+    if name == "npu::npu_weight_quant_batchmatmul":
+        return NPUTensor(weight_quant_batchmatmul(*cpu_args, **cpu_kwargs), device)
     raise NotImplementedError(f"the torch_npu stand-in has no implementation of {name}")
+
+
+def convert_weight_to_int4pack(weight: torch.Tensor, inner_k_tiles: int = 0) -> torch.Tensor:
+    """int32 ``[K, N]`` holding int4 values (-8..7) -> int32 ``[K, N / 8]``, eight values a word (the real
+    layout is the NPU's own; only this stand-in's matmul reads it)."""
+    if weight.dtype != torch.int32 or weight.dim() != 2:
+        raise RuntimeError("npu_convert_weight_to_int4pack: weight must be a 2-D int32 tensor")
+    if weight.shape[-1] % 8:
+        raise RuntimeError(f"npu_convert_weight_to_int4pack: the last dimension ({weight.shape[-1]}) must be a "
+                           "multiple of 8")
+    if weight.min() < -8 or weight.max() > 7:
+        raise RuntimeError("npu_convert_weight_to_int4pack: values must be int4 (-8..7)")
+    nibbles = (weight & 0xF).reshape(weight.shape[0], -1, 8).to(torch.int64)
+    words = (nibbles << (4 * torch.arange(8))).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    nibbles = (packed.to(torch.int64)[..., None] >> (4 * torch.arange(8))) & 0xF
+    return torch.where(nibbles >= 8, nibbles - 16, nibbles).reshape(packed.shape[0], -1)
+
+
+def weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None, quant_offset=None,
+                             bias=None, antiquant_group_size=0, inner_precise=0) -> torch.Tensor:
+    """The documented A16W8 / A16W4 arithmetic with its shape and dtype checks (per-tensor, per-channel and
+    per-group scales in x's dtype; output quantisation and int64 scales are not modelled)."""
+    if quant_scale is not None or quant_offset is not None or antiquant_scale.dtype == torch.int64:
+        raise NotImplementedError("the torch_npu stand-in models float antiquant scales without output quantisation")
+    if x.dtype not in (torch.float16, torch.bfloat16) or x.dim() != 2:
+        raise RuntimeError(f"npu_weight_quant_batchmatmul: x must be a 2-D float16/bfloat16 tensor, got {x.dtype}")
+    if weight.dtype == torch.int8:
+        w = weight.to(torch.float32)
+    elif weight.dtype == torch.int32:
+        w = _unpack_int4(weight).to(torch.float32)
+    else:
+        raise RuntimeError(f"npu_weight_quant_batchmatmul: weight must be int8 or int32 (int4 pack), got {weight.dtype}")
+    k, n = w.shape
+    if x.shape[1] != k:
+        raise RuntimeError(f"npu_weight_quant_batchmatmul: x is [M, {x.shape[1]}] but weight is [{k}, {n}]")
+    if antiquant_scale.dtype != x.dtype:
+        raise RuntimeError("npu_weight_quant_batchmatmul: antiquant_scale must have x's dtype")
+    if antiquant_offset is not None and (antiquant_offset.shape != antiquant_scale.shape
+                                         or antiquant_offset.dtype != antiquant_scale.dtype):
+        raise RuntimeError("npu_weight_quant_batchmatmul: antiquant_offset must match antiquant_scale's shape and dtype")
+    g = antiquant_group_size
+    if g:
+        if g % 32 or not 32 <= g <= k - 1:
+            raise RuntimeError(f"npu_weight_quant_batchmatmul: antiquant_group_size must be a multiple of 32 in "
+                               f"[32, K-1], got {g}")
+        if tuple(antiquant_scale.shape) != (-(-k // g), n):
+            raise RuntimeError(f"npu_weight_quant_batchmatmul: per-group antiquant_scale must be "
+                               f"[{-(-k // g)}, {n}], got {list(antiquant_scale.shape)}")
+        expand = lambda t: t.to(torch.float32).repeat_interleave(g, dim=0)[:k]  # noqa: E731
+    elif tuple(antiquant_scale.shape) in ((n,), (1, n), (1,), (1, 1)):
+        expand = lambda t: t.to(torch.float32).reshape(1, -1)  # noqa: E731
+    else:
+        raise RuntimeError(f"npu_weight_quant_batchmatmul: antiquant_scale of shape {list(antiquant_scale.shape)} "
+                           f"is neither per-tensor, per-channel [{n}] nor per-group")
+    if antiquant_offset is not None:
+        w = w + expand(antiquant_offset)
+    y = x.to(torch.float32) @ (w * expand(antiquant_scale))
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
 
 
 def fused_infer_attention_score(query, key, value, **opts) -> tuple[torch.Tensor, torch.Tensor]:
