@@ -22,7 +22,7 @@ from xytune.tune import ATTAINMENT, GRID_LIMIT, Candidate, SearchSpace, Simulato
 
 FITTED = PROFILES / "cpu-intel-xeon-model167-amx-2c-smollm2-135m.parquet"  # carries an engine-step fit
 SLOS = ["--slo-ttft-ms", "2000", "--slo-tpot-ms", "120"]
-SMALL = ["--num-prompts", "30", "--sweep-rates", "1,2,4,8"]
+SMALL = ["--num-prompts", "30", "--sweep-rates", "1,2,4,8", "--trials", "8"]
 
 
 def xytune(*args):
