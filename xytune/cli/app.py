@@ -7,6 +7,8 @@ and exits 130.
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 from rich.console import Console
 
@@ -23,6 +25,17 @@ err_console = Console(stderr=True)
 def fail(message: str, code: int = 2) -> None:
     err_console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def warned(make, *args):
+    """``make(*args)``, its warnings printed as one yellow line each (a table without a fit, say), not as
+    Python's two-line warning text."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = make(*args)
+    for w in caught:
+        console.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+    return result
 
 
 def _version(value: bool):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, console, fail
+from .app import app, console, fail, warned
 
 bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="Benchmarks that print side-by-side measurements.")
@@ -418,11 +418,7 @@ def bench_sim_vs_real(
     try:
         cost_model = CostModel.load(profile).for_formats(("float",))
         sim_dtype = cost_model.fastest_dtype() if dtype == "auto" else dtype
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            sim = Simulator(cost_model, sim_dtype)
-        for w in caught:
-            console.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+        sim = warned(Simulator, cost_model, sim_dtype)
         kwargs = dict(model=model, dtype=sim_dtype, profile=str(profile), max_num_batched_tokens=max_num_batched_tokens,
                       tbt_slo_ms=tbt_slo_ms, tpot_slo_ms=slo_tpot_ms, ttft_slo_ms=slo_ttft_ms,
                       enable_prefix_caching=False)

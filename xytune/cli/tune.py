@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, console, fail
+from .app import app, console, fail, warned
 
 
 @app.command("calibrate-steps")
@@ -65,7 +65,6 @@ def tune(
 ):
     """Search the serving settings that carry the most load within the SLOs, by simulating the table's machine."""
     import json
-    import warnings
 
     from xytune.bench.serve import BenchPrompt
     from xytune.model_config import ModelLoadError
@@ -90,11 +89,7 @@ def tune(
         if not len(table.rows):
             fail(f"{profile} holds no measurements.")
         cost_model = CostModel(table, formats=("float",))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            sim = Simulator(cost_model, dtype or cost_model.fastest_dtype())
-        for w in caught:
-            console.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+        sim = warned(Simulator, cost_model, dtype or cost_model.fastest_dtype())
         if workload == "synthetic":
             prompts = token_prompts("synthetic", num_prompts, input_len, output_len, seed,
                                     vocab_size=cost_model.geometry.vocab_size)
