@@ -142,14 +142,18 @@ def test_calibrate_steps_stores_a_fit_the_engine_starts_from(tmp_path):
     assert list(llm.engine.predictor.coef) == [fit["coef"][t] for t in STEP_TERMS]
 
 
-def test_calibrate_steps_refuses_a_table_from_another_machine(tmp_path):
-    require_default_model()
-    table = read_table(FITTED)
-    table.meta["fingerprint"] = {**table.meta["fingerprint"], "isa": ["sse2"], "cpu_model": "family 0 model 0"}
+@pytest.mark.parametrize("change", [{"isa": ["sse2"], "cpu_model": "family 0 model 0"},  # another machine
+                                    {"cpu_model": None}])  # a table from before the fingerprint held the model
+def test_calibrate_steps_refuses_a_table_it_cannot_match_to_this_machine(tmp_path, change):
+    """Found by hand: the model-207 table, whose fingerprint predates cpu_model, took this machine's fit."""
+    table = read_table(made_here(FITTED, tmp_path / "here.parquet"))
+    fp = {**table.meta["fingerprint"], **change}
+    table.meta["fingerprint"] = {k: v for k, v in fp.items() if v is not None}
     write_table(tmp_path / "other.parquet", table)
     run = xytune("calibrate-steps", "--profile", tmp_path / "other.parquet", "--dtypes", "float32")
     assert run.exit_code == 2, run.output
-    assert "different device" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert "different device" in run.stderr and "cpu_model" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
     assert read_table(tmp_path / "other.parquet").meta["engine_steps"] == table.meta["engine_steps"]  # untouched
 
 

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from xytune.profiler.devices import IDENTITY_KEYS, get_device
 from xytune.profiler.table import read_table, write_table
 
 from .engine import Engine
@@ -106,7 +107,16 @@ def calibrate_table(path: str, model: str | None = None, device: str | None = No
     table = read_table(path)
     geometry = table.meta["geometry"]
     dtypes = dtypes or list(table.meta.get("sweep", {}).get("dtypes") or sorted(set(table.rows["dtype"])))
-    device = device or table.meta.get("fingerprint", {}).get("backend", "cpu")
+    table_fp = table.meta.get("fingerprint", {})
+    device = device or table_fp.get("backend", "cpu")
+    # the fit is a fact about the machine that timed the rows: a table whose machine this one cannot be shown
+    # to be (a differing identity key, or one the older table lacks) is refused, not given this machine's steps
+    here = get_device(device, threads=threads).fingerprint()
+    unsure = [f"{key}: table has {table_fp.get(key)!r}, this device has {here.get(key)!r}" for key in IDENTITY_KEYS
+              if table_fp.get(key) != here.get(key)]
+    if unsure:
+        raise ValueError(f"{path} was profiled on a different device, or one it cannot be matched to "
+                         f"({'; '.join(unsure)}); calibrate on the machine that made it, or profile this one.")
     fits = {}
     for dtype in dtypes:
         if progress:
