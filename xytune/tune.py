@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import optuna
@@ -26,6 +26,7 @@ from xytune.runtime.engine.kv_cache import bytes_per_block
 from xytune.runtime.engine.scheduler import POLICIES, SchedulerConfig
 from xytune.runtime.engine.simulator import SimulatedEngine, TraceRequest, step_model
 from xytune.runtime.engine.speculative import SpeculativeConfig
+from xytune.runtime.engine.step_predictor import StepPredictor
 
 ATTAINMENT = 0.9  # the share of requests that must meet both SLOs at a rate the candidate can serve
 GRID_LIMIT = 48  # spaces up to this many candidates are simulated whole; larger ones are sampled
@@ -105,7 +106,7 @@ class Simulator:
 
     cost_model: CostModel
     dtype: str
-    truth: object = field(default=None)  # StepPredictor from simulator.step_model, shared by every candidate
+    truth: StepPredictor | None = None  # from simulator.step_model, shared by every candidate
     source: str = ""
 
     def __post_init__(self):
