@@ -127,11 +127,12 @@ def test_calibrate_steps_stores_a_fit_the_engine_starts_from(tmp_path):
     require_default_model()
     table = made_here(FITTED, tmp_path / "here.parquet")
     before = read_table(table).rows
-    run = xytune("calibrate-steps", "--profile", table, "--dtypes", "float32", "--steps-per-load", "4")
+    run = xytune("calibrate-steps", "--profile", table, "--dtypes", "float32", "--steps-per-load", "4", "--quick")
     assert run.exit_code == 0, run.output
     after = read_table(table)
     fit = after.meta["engine_steps"]["float32"]
     assert set(fit["coef"]) == set(STEP_TERMS) and fit["steps"] >= 6 * 3 and fit["median_ape"] < 1.0
+    assert fit["grid"] == "quick"
     assert after.meta["engine_steps"]["bfloat16"] == read_table(FITTED).meta["engine_steps"]["bfloat16"]  # kept
     assert after.rows[before.columns].equals(before)  # the measurements are untouched
     with warnings.catch_warnings():

@@ -20,7 +20,7 @@ from .model_runner import ModelRunner, ModelRunnerOutput
 from .sampling import SamplingParams, make_generator, text_token_ids
 from .scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput, Status
 from .speculative import SpeculativeConfig
-from .step_predictor import decode_key_tiles
+from .step_predictor import PlanReuse, decode_terms
 
 log = logging.getLogger("xytune.engine")
 
@@ -74,7 +74,9 @@ class StepStats:
     num_verify_tokens: int = 0
     num_logit_rows: int = 0
     attention_pairs: float = 0.0  # the step predictor's features, kept for fitting whole steps
-    decode_tiles: float = 0.0
+    decode_tiles: float = 0.0  # the decodes' split key tiles and the keys their tiles span (decode_terms)
+    decode_keys: float = 0.0
+    planned_requests: int = 0  # requests whose attention the step planned afresh (step_predictor.PlanReuse)
 
 
 @dataclass
@@ -136,6 +138,7 @@ class Engine:
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
         self.step_stats: list[StepStats] = []
+        self.plans = PlanReuse()
 
     # -- requests ------------------------------------------------------------
 
@@ -176,13 +179,15 @@ class Engine:
             return StepOutput([], [])
         start = time.perf_counter()
         num_decode, num_verify = work.num_decode_tokens, work.num_verify_tokens  # before the step advances them
+        planned = self.plans.planned(tuple(r.request_id for r, _ in work.scheduled),
+                                     all(n == 1 for _, n in work.scheduled))
         try:
             out = self.runner.execute(work)
         except Exception:  # noqa: BLE001 - one request's failure must not take the others (or the engine) down
             result = self._step_each_alone(work)
         else:
             result = self._update_from_output(work.scheduled, out)
-            self._record_step(out, time.perf_counter() - start, num_decode, num_verify)
+            self._record_step(out, time.perf_counter() - start, num_decode, num_verify, planned)
         for req in result.finished:
             self.requests.pop(req.request_id, None)
         return result
@@ -248,16 +253,18 @@ class Engine:
             req.draft = None
         return StepOutput(updated, finished)
 
-    def _record_step(self, out: ModelRunnerOutput, seconds: float, num_decode: int, num_verify: int) -> None:
+    def _record_step(self, out: ModelRunnerOutput, seconds: float, num_decode: int, num_verify: int,
+                     planned: int) -> None:
         """Step statistics, and the step predictor's observation of what this step really took."""
-        predicted, tiles = None, 0.0
+        predicted, tiles, keys = None, 0.0, 0.0
         if self.predictor is not None:
-            tiles = decode_key_tiles(out.decode_keys, self.predictor.tile_kv)
-            predicted = self.predictor.predict(out.num_tokens, out.num_logit_rows, out.attention_pairs, tiles)
-            self.predictor.observe(out.num_tokens, out.num_logit_rows, seconds, out.attention_pairs, tiles)
+            tiles, keys = decode_terms(out.decode_keys, self.predictor.tile_kv)
+            shape = (out.num_tokens, out.num_logit_rows, out.attention_pairs, out.decode_keys, planned)
+            predicted = self.predictor.predict(*shape)
+            self.predictor.observe(*shape[:2], seconds, *shape[2:])
         self.step_stats.append(StepStats(out.num_tokens, out.num_tokens - num_decode - num_verify, num_decode,
                                          seconds, predicted, num_verify, out.num_logit_rows, out.attention_pairs,
-                                         tiles))
+                                         tiles, keys, planned))
 
     def _finish_reason(self, req: Request, tok: int) -> str | None:
         p = req.params

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .step_predictor import attention_pairs, decode_key_tiles
+from .step_predictor import attention_pairs
 
 if TYPE_CHECKING:  # the scheduler owns this policy; only annotations name its types
     from .scheduler import Request, Scheduler
@@ -98,13 +98,14 @@ class XYPolicy:
         the step then takes the prefill that maximises throughput (``_throughput_budget``)."""
         busy = sum(n for _, n in scheduled)  # decode and verify tokens, each with a logits row
         decode_pairs = attention_pairs([(r.num_computed, n) for r, n in scheduled])
-        tiles = decode_key_tiles([r.num_computed + 1 for r, n in scheduled if n == 1], self.sched.predictor.tile_kv)
+        decode_keys = [r.num_computed + 1 for r, n in scheduled if n == 1]
         head = next((r for r in sorted(self.sched.running, key=lambda r: r.arrival) if r.remaining > 1), None)
         context = head.num_computed if head is not None else 0  # the next chunk most likely extends this prompt
 
         def predicted(p: int) -> float:
             pairs = decode_pairs + (attention_pairs([(context, p)]) if p else 0.0)
-            return self.sched.predictor.predict(busy + p, busy + (1 if p else 0), pairs, tiles)
+            return self.sched.predictor.predict(busy + p, busy + (1 if p else 0), pairs, decode_keys,
+                                                planned=len(scheduled) + (1 if p else 0))  # as if planned afresh
 
         if predicted(0) > self.sched.config.step_slo_s:
             return self.throughput_budget(busy, budget, predicted)

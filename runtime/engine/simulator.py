@@ -27,7 +27,7 @@ from .engine import SpecStats, StepStats, check_prompt
 from .sampling import SamplingParams
 from .scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput
 from .speculative import Draft, SpeculativeConfig
-from .step_predictor import StepPredictor, attention_pairs, decode_key_tiles
+from .step_predictor import STEP_TERMS, PlanReuse, StepPredictor, attention_pairs, decode_terms
 
 
 def step_model(cost_model: CostModel, dtype: str) -> tuple[StepPredictor, str]:
@@ -44,7 +44,7 @@ def step_model(cost_model: CostModel, dtype: str) -> tuple[StepPredictor, str]:
         return model, f"engine-step fit ({fit['steps']} steps, median error {fit['median_ape']:.0%})"
     model = StepPredictor(cost_model, dtype)
     per_pair = cost_model.attention_seconds_per_pair(dtype) or 0.0
-    model.coef = np.array([1.0, per_pair * cost_model.geometry.num_layers * 1e6, 0.0, 0.0, 0.0, 0.0])
+    model.coef = np.array([1.0, per_pair * cost_model.geometry.num_layers * 1e6] + [0.0] * (len(STEP_TERMS) - 2))
     warnings.warn("the table has no engine-step fit (run `xytune calibrate-steps` on the machine that made it): "
                   "simulated steps count its GEMM and attention rows only, so they are faster than real ones",
                   stacklevel=2)
@@ -123,6 +123,7 @@ class SimulatedEngine:
                                    clock=lambda: self.now, proposer=self._propose)
         self.spec = SpecStats()
         self.steps: list[StepStats] = []
+        self.plans = PlanReuse()
         self._token_times: dict[int, list[float]] = {}  # id(request) -> when each of its tokens came out
 
     def _propose(self, token_ids: list[int], cfg: SpeculativeConfig, budget: int) -> Draft | None:
@@ -176,14 +177,15 @@ class SimulatedEngine:
         tokens = sum(n for _, n in scheduled)
         pairs = attention_pairs([(r.num_computed, n) for r, n in scheduled])
         decode_keys = [r.num_computed + 1 for r, n in scheduled if n == 1]
-        seconds = self.truth.predict(tokens, logits, pairs, decode_key_tiles(decode_keys, self.truth.tile_kv))
-        tiles = decode_key_tiles(decode_keys, self.predictor.tile_kv)
-        predicted = self.predictor.predict(tokens, logits, pairs, tiles)
+        planned = self.plans.planned(tuple(id(r) for r, _ in scheduled), len(decode_keys) == len(scheduled))
+        seconds = self.truth.predict(tokens, logits, pairs, decode_keys, planned)
+        predicted = self.predictor.predict(tokens, logits, pairs, decode_keys, planned)
         num_decode, num_verify = work.num_decode_tokens, work.num_verify_tokens
         self.now += seconds
-        self.predictor.observe(tokens, logits, seconds, pairs, tiles)
+        self.predictor.observe(tokens, logits, seconds, pairs, decode_keys, planned)
         self.steps.append(StepStats(tokens, tokens - num_decode - num_verify, num_decode, seconds, predicted,
-                                    num_verify, logits, pairs, tiles))
+                                    num_verify, logits, pairs, *decode_terms(decode_keys, self.predictor.tile_kv),
+                                    planned))
         finished = []
         for req, n in scheduled:
             if req.draft is not None:

@@ -4,16 +4,24 @@ The cost table times GEMMs and attention alone. A step of the engine also
 runs norms, rotary, sampling and the scheduler's own Python, and on a small
 CPU those are a large share. The serving simulator (``xytune tune``) must
 predict whole steps from the table alone, possibly on another machine, so
-the machine that made the table runs a fixed mix of real steps once (large
-and small prefill chunks, decode batches of 1 to 64 at growing contexts,
-mixed steps) and the step predictor's terms are fitted to their wall time,
-scheduling and bookkeeping included. The fit goes into the table's metadata
-under ``engine_steps``, per dtype.
+the machine that made the table runs real steps once and the step
+predictor's terms are fitted to their wall time, scheduling and bookkeeping
+included. The fit goes into the table's metadata under ``engine_steps``, per
+dtype.
+
+Two kinds of steps are fitted together. A grid of step shapes varied one at
+a time (decode batches at short and long contexts, prefill chunks of every
+size, a long prompt's chunks at growing context, decodes beside a chunk)
+tells the terms apart: under load alone, prefill tokens, attention pairs and
+decodes grow together and the fit could trade one for another. Closed-loop
+loads (new prompts joining while others decode) then weigh in the mixes a
+server really sees.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,7 +35,9 @@ from .step_predictor import STEP_TERMS, StepPredictor
 # (requests kept in flight, token budget): a client holding that many requests open, as a server under load sees
 # them: new prompts join while others decode, so steps mix chunks and decodes of every age
 CALIBRATION_LOADS = ((1, 512), (4, 512), (16, 512), (48, 512), (8, 2048), (32, 2048))
-STEPS_PER_LOAD = 48
+STEPS_PER_LOAD = 32
+GRID_MAX_TOKENS = 256  # a grid request's limit: it still decodes when the last of its batch is prefilled
+GRID_BUDGET = 2048
 PROMPT_TOKENS = (16, 1024)  # prompt lengths, log-uniform
 NEW_TOKENS = (8, 160)  # generated tokens, log-uniform
 
@@ -36,18 +46,20 @@ def _log_uniform(rng: np.random.Generator, lo: int, hi: int) -> int:
     return int(round(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
 
 
+def _new_request(engine: Engine, rng: np.random.Generator, prompt_tokens: int, max_tokens: int) -> str:
+    vocab = engine.model.config.vocab_size
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, detokenize=False)
+    return engine.add_request(rng.integers(100, vocab - 100, prompt_tokens).tolist(), params).request_id
+
+
 def _closed_loop(engine: Engine, rng: np.random.Generator, in_flight: int, steps: int) -> list[tuple[int, float]]:
     """Keep ``in_flight`` requests open for ``steps`` steps: ``(index into step_stats, seconds)`` per step, each
     from the start of one step to the start of the next (the engine loop's period, bookkeeping included)."""
-    vocab = engine.model.config.vocab_size
     timed, open_ids = [], set()
     start = time.perf_counter()
     for _ in range(steps):
         while len(open_ids) < in_flight:
-            params = SamplingParams(max_tokens=_log_uniform(rng, *NEW_TOKENS), temperature=0, ignore_eos=True,
-                                    detokenize=False)
-            prompt = rng.integers(100, vocab - 100, _log_uniform(rng, *PROMPT_TOKENS)).tolist()
-            open_ids.add(engine.add_request(prompt, params).request_id)
+            open_ids.add(_new_request(engine, rng, _log_uniform(rng, *PROMPT_TOKENS), _log_uniform(rng, *NEW_TOKENS)))
         before = len(engine.step_stats)
         out = engine.step()
         open_ids -= {r.request_id for r in out.finished}
@@ -60,11 +72,87 @@ def _closed_loop(engine: Engine, rng: np.random.Generator, in_flight: int, steps
     return timed
 
 
-def calibrate_engine_steps(engine: Engine, seed: int = 0, steps_per_load: int = STEPS_PER_LOAD) -> dict:
-    """Fit the step predictor's terms to whole steps of ``engine`` (which needs a cost table) under closed-loop
-    loads; its scheduler settings are restored afterwards. Returns what ``engine_steps`` stores for its dtype.
+def _timed_step(engine: Engine, timed: list) -> None:
+    """One step, appended to ``timed`` as ``(index into step_stats, seconds)`` (a retried step records none)."""
+    before, start = len(engine.step_stats), time.perf_counter()
+    engine.step()
+    if len(engine.step_stats) > before:
+        timed.append((len(engine.step_stats) - 1, time.perf_counter() - start))
 
-    The loads run twice and only the second pass is fitted: the first compiles kernels and maps memory for
+
+def _prefill_all(engine: Engine) -> None:
+    """Run (untimed) until every request has its prompt in the cache and is decoding."""
+    while engine.scheduler.waiting or any(r.remaining > 1 for r in engine.scheduler.running):
+        engine.step()
+
+
+@dataclass(frozen=True)
+class StepGrid:
+    """Step shapes varied one at a time: decode batches x prompt contexts; prefill chunks (one prompt each,
+    context 0); a long prompt in chunks (tokens fixed, context growing); a decode batch beside each of a few
+    chunk sizes."""
+
+    decode_batches: tuple[int, ...] = (1, 4, 16, 32)
+    decode_contexts: tuple[int, ...] = (32, 384, 1024)
+    decode_steps: int = 4  # decode steps timed per (batch, context)
+    prefill_chunks: tuple[int, ...] = (16, 64, 256, 1024, 2048)
+    prefill_repeats: int = 3
+    long_prompt: tuple[int, int] = (2048, 512)  # (prompt tokens, chunk)
+    mixed_batches: tuple[int, ...] = (4, 24)
+    mixed_chunks: tuple[int, ...] = (64, 512)
+    mixed_context: int = 256
+
+
+FULL_GRID = StepGrid()
+# a quarter of the prompt tokens: a first look at a new machine, or a test
+QUICK_GRID = StepGrid(decode_batches=(1, 8), decode_contexts=(32, 512), decode_steps=2, prefill_chunks=(16, 256, 1024),
+                      prefill_repeats=1, long_prompt=(1024, 512), mixed_batches=(4,), mixed_chunks=(64,))
+
+
+def _abort_all(engine: Engine) -> None:
+    for rid in list(engine.requests):
+        engine.abort(rid)
+
+
+def _grid(engine: Engine, rng: np.random.Generator, grid: StepGrid) -> list[tuple[int, float]]:
+    """The grid's steps (``StepGrid``), ``(index into step_stats, seconds)`` per step."""
+    timed: list[tuple[int, float]] = []
+    engine.scheduler.reconfigure(max_num_batched_tokens=GRID_BUDGET)
+    for context in grid.decode_contexts:
+        for batch in grid.decode_batches:
+            for _ in range(batch):  # generating past the prefill of the others (aborted once timed)
+                _new_request(engine, rng, context, GRID_MAX_TOKENS)
+            _prefill_all(engine)
+            for _ in range(grid.decode_steps):
+                _timed_step(engine, timed)
+            _abort_all(engine)
+    for chunk in grid.prefill_chunks:
+        for _ in range(grid.prefill_repeats):
+            _new_request(engine, rng, chunk, 1)  # its one step prefills the prompt and samples its only token
+            _timed_step(engine, timed)
+    for batch in grid.mixed_batches:
+        for _ in range(batch):
+            _new_request(engine, rng, grid.mixed_context, GRID_MAX_TOKENS)
+        _prefill_all(engine)
+        for chunk in grid.mixed_chunks:
+            _new_request(engine, rng, chunk, 1)  # joins the decodes for one step
+            _timed_step(engine, timed)
+        _abort_all(engine)
+    prompt, chunk = grid.long_prompt
+    engine.scheduler.reconfigure(max_num_batched_tokens=chunk)
+    _new_request(engine, rng, prompt, 1)
+    for _ in range(-(-prompt // chunk)):
+        _timed_step(engine, timed)
+    return timed
+
+
+def calibrate_engine_steps(engine: Engine, seed: int = 0, steps_per_load: int = STEPS_PER_LOAD,
+                           grid: StepGrid = FULL_GRID) -> dict:
+    """Fit the step predictor's terms to whole steps of ``engine`` (which needs a cost table): the grid and the
+    closed-loop loads; its scheduler settings are restored afterwards. Returns what ``engine_steps`` stores
+    for its dtype.
+
+    Everything runs twice and only the second pass is fitted: the first compiles kernels and maps memory for
     the step sizes the second will see, as a server that has run a while has.
     """
     if engine.predictor is None:
@@ -76,15 +164,20 @@ def calibrate_engine_steps(engine: Engine, seed: int = 0, steps_per_load: int = 
     try:
         for measured in (False, True):
             rng = np.random.default_rng(seed)
+            engine.scheduler.reconfigure(policy="chunked", max_num_seqs=max(config.max_num_seqs,
+                                                                            *grid.decode_batches, *grid.mixed_batches))
+            timed = _grid(engine, rng, grid)
             for in_flight, budget in CALIBRATION_LOADS:
                 engine.scheduler.reconfigure(policy="chunked", max_num_batched_tokens=budget,
                                              max_num_seqs=max(config.max_num_seqs, in_flight))
-                for index, seconds in _closed_loop(engine, rng, in_flight, steps_per_load):
+                timed += _closed_loop(engine, rng, in_flight, steps_per_load)
+            if measured:
+                for index, seconds in timed:
                     s = engine.step_stats[index]
-                    if measured:
-                        rows.append((predictor.features(s.num_tokens, s.num_logit_rows, s.attention_pairs,
-                                                        s.decode_tiles), seconds))
+                    rows.append((predictor.features(s.num_tokens, s.num_logit_rows, s.attention_pairs,
+                                                    s.decode_tiles, s.decode_keys, s.planned_requests), seconds))
     finally:
+        _abort_all(engine)
         engine.scheduler.config = config
     coef = predictor.fit(rows)
     fitted = np.array([float(f @ coef) for f, _ in rows])
@@ -96,7 +189,8 @@ def calibrate_engine_steps(engine: Engine, seed: int = 0, steps_per_load: int = 
 
 
 def calibrate_table(path: str, model: str | None = None, device: str | None = None, dtypes: list[str] | None = None,
-                    threads: int | None = None, progress=None, steps_per_load: int = STEPS_PER_LOAD) -> dict[str, dict]:
+                    threads: int | None = None, progress=None, steps_per_load: int = STEPS_PER_LOAD,
+                    quick: bool = False) -> dict[str, dict]:
     """Fit whole engine steps for each of ``dtypes`` (default: the table's) on this machine and store the fits in
     the table at ``path`` (``engine_steps``). The table must describe this device (its fingerprint is checked
     as a server's is) and ``model`` must have its geometry (default: the table's model)."""
@@ -126,7 +220,9 @@ def calibrate_table(path: str, model: str | None = None, device: str | None = No
         if llm.model.config.hidden_size != geometry["hidden_size"] or llm.model.config.num_layers != geometry[
                 "num_layers"]:
             raise ValueError(f"{path} was profiled for {geometry['name']}; the model given has another geometry.")
-        fits[dtype] = {**calibrate_engine_steps(llm.engine, steps_per_load=steps_per_load), "model": llm.model_name}
+        grid = QUICK_GRID if quick else FULL_GRID
+        fits[dtype] = {**calibrate_engine_steps(llm.engine, steps_per_load=steps_per_load, grid=grid),
+                       "model": llm.model_name, "grid": "quick" if quick else "full"}
         del llm
     table = read_table(path)  # re-read: nothing else of the table changes
     table.meta["engine_steps"] = {**(table.meta.get("engine_steps") or {}), **fits}

@@ -5,7 +5,7 @@ attention (which grows with context), norms and per-step overheads it does
 not. So a step's latency is modelled as
 
     seconds = a * table_gemm_seconds(tokens) + b * attention_pairs + c * tokens + e * sampled + d
-              + t * decode_key_tiles
+              + t * decode_key_tiles + k * decode_keys + r * planned_requests
 
 with non-negative coefficients fitted (scipy's NNLS, relative error) to the
 most recent measured steps and refitted as steps come in. The fit spans
@@ -20,6 +20,7 @@ measurement are kept for reports.
 from __future__ import annotations
 
 from collections import deque
+from typing import Sequence
 
 import numpy as np
 from scipy.optimize import nnls
@@ -30,7 +31,7 @@ MIN_FIT_STEPS = 12
 DRIFT_STEPS = 4  # the last steps whose measured/fitted ratio scales the next prediction
 # the fitted coefficients, named as a table's engine-step fit stores them (``xytune calibrate-steps``)
 STEP_TERMS = ("gemm_table_scale", "attention_s_per_mpair", "token_s_per_k", "logit_s_per_k", "step_s",
-              "split_tile_s_per_100")
+              "split_tile_s_per_100", "decode_key_s_per_m", "plan_s_per_k_requests")
 
 
 def attention_pairs(chunks: list[tuple[int, int]]) -> float:
@@ -47,6 +48,36 @@ def decode_key_tiles(decode_keys: list[int], tile_kv: int) -> float:
     return float(sum(-(-k // tile_kv) - 1 for k in decode_keys if k > tile_kv))
 
 
+def decode_terms(decode_keys: Sequence[int], tile_kv: int) -> tuple[float, float]:
+    """A step's decode terms from the keys each decode attends: its split tiles (``decode_key_tiles``) and the
+    keys its tiles span. Meta-Attention runs a decode batch's tiles as one batched GEMM, each tile as wide as
+    the batch's longest key range up to ``tile_kv`` (kernels/meta_attention/short.py), so one long request
+    widens every short one's tile: the keys computed are tiles x width, not the keys attended. A decode also
+    reads each key for one query row where a prefill chunk reuses it across its rows: on a 2-core Xeon a
+    decode key cost about 3 us against 0.2-0.5 us per prefill pair (``step_calibration``'s grid), so the
+    decode keys get a term beside the pairs."""
+    if not decode_keys:
+        return 0.0, 0.0
+    width = min(tile_kv, -(-max(decode_keys) // 16) * 16)
+    return decode_key_tiles(decode_keys, tile_kv), float(width * sum(-(-k // width) for k in decode_keys))
+
+
+class PlanReuse:
+    """Which steps plan their attention afresh. Meta-Attention advances a decode-only step's plan by one key per
+    request when the next step decodes exactly the same requests (``make_meta_attention``); any other step plans
+    every request again, which on a 2-core Xeon added 0.6-1.3 ms per request to a decode step (bf16, 8-24
+    requests). Engine and simulator both ask this."""
+
+    def __init__(self):
+        self.previous: tuple | None = None  # the last decode-only step's requests
+
+    def planned(self, request_ids: tuple, decode_only: bool) -> int:
+        """Requests this step plans (0 when it advances the last plan)."""
+        reused = decode_only and request_ids == self.previous
+        self.previous = request_ids if decode_only else None
+        return 0 if reused else len(request_ids)
+
+
 class StepPredictor:
     def __init__(self, cost_model: CostModel, dtype: str, alpha: float = 0.2, history: int = 4096,
                  fit_window: int = 256, refit_every: int = 8, tile_kv: int = 256):
@@ -57,7 +88,7 @@ class StepPredictor:
         self.cost_model, self.dtype, self.alpha, self.tile_kv = cost_model, dtype, alpha, tile_kv
         self.scale = 1.0  # measured / table, a running ratio (the fallback and a health figure)
         self.calibrated = False
-        self.coef: np.ndarray | None = None  # fitted (a, b, c, e, d)
+        self.coef: np.ndarray | None = None  # fitted, one per STEP_TERMS
         self.refit_every = refit_every
         self._table_cache: dict[tuple[int, int], float] = {}
         self._fit_rows: deque[tuple[np.ndarray, float]] = deque(maxlen=fit_window)
@@ -97,27 +128,38 @@ class StepPredictor:
             self._table_cache[key] = self.cost_model.predict_step(num_tokens, num_logits=key[1], dtype=self.dtype)
         return self._table_cache[key]
 
-    def features(self, num_tokens: int, num_logits: int, attn_pairs: float, decode_tiles: float = 0.0) -> np.ndarray:
+    def features(self, num_tokens: int, num_logits: int, attn_pairs: float, decode_tiles: float = 0.0,
+                 decode_keys: float = 0.0, planned: int = 0) -> np.ndarray:
         """Table GEMM seconds, attention pairs, tokens (norms, rotary...), sampled rows (sampling, per-request
-        host work), one (per-step overhead), split decode key tiles (``decode_key_tiles``)."""
+        host work), one (per-step overhead), the decodes' split tiles and keys (``decode_terms``), and the
+        requests whose attention is planned afresh (``PlanReuse``)."""
         return np.array([self.table_seconds(num_tokens, num_logits), attn_pairs * 1e-6, num_tokens * 1e-3,
-                         num_logits * 1e-3, 1.0, decode_tiles * 1e-2])
+                         num_logits * 1e-3, 1.0, decode_tiles * 1e-2, decode_keys * 1e-6, planned * 1e-3])
 
-    def predict(self, num_tokens: int, num_logits: int, attn_pairs: float = 0.0, decode_tiles: float = 0.0) -> float:
+    def _features(self, num_tokens: int, num_logits: int, attn_pairs: float, decode_keys: Sequence[int],
+                  planned: int):
+        return self.features(num_tokens, num_logits, attn_pairs, *decode_terms(decode_keys, self.tile_kv), planned)
+
+    def predict(self, num_tokens: int, num_logits: int, attn_pairs: float = 0.0,
+                decode_keys: Sequence[int] = (), planned: int = 0) -> float:
+        """Seconds a step takes: ``attn_pairs`` its (query, key) pairs, ``decode_keys`` the keys each of its
+        single-token rows attends, ``planned`` the requests it plans afresh."""
         if num_tokens < 1:
             return 0.0
-        f = self.features(num_tokens, num_logits, attn_pairs, decode_tiles)
+        return self._predict(self._features(num_tokens, num_logits, attn_pairs, decode_keys, planned))
+
+    def _predict(self, f: np.ndarray) -> float:
         if self.coef is None:
             return self.scale * f[0]
         return float(f @ self.coef) * self.drift
 
     def observe(self, num_tokens: int, num_logits: int, actual_s: float, attn_pairs: float = 0.0,
-                decode_tiles: float = 0.0) -> None:
+                decode_keys: Sequence[int] = (), planned: int = 0) -> None:
         """Record a finished step (its prediction made before seeing it) and learn from it."""
         if num_tokens < 1 or actual_s <= 0:
             return
-        f = self.features(num_tokens, num_logits, attn_pairs, decode_tiles)
-        self.records.append((num_tokens, self.predict(num_tokens, num_logits, attn_pairs, decode_tiles), actual_s))
+        f = self._features(num_tokens, num_logits, attn_pairs, decode_keys, planned)
+        self.records.append((num_tokens, self._predict(f), actual_s))
         if f[0] > 0:
             ratio = actual_s / f[0]
             self.scale = ratio if not self.calibrated else (1 - self.alpha) * self.scale + self.alpha * ratio

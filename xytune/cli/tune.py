@@ -17,10 +17,13 @@ def calibrate_steps(
     dtypes: str = typer.Option(None, "--dtypes", help="Comma list [default: the table's dtypes]."),
     device: str = typer.Option(None, help="cpu, cuda[:N], npu[:N] [default: the table's backend]."),
     threads: int = typer.Option(None, help="CPU threads [default: torch's]."),
-    steps_per_load: int = typer.Option(48, help="Steps timed under each of the six loads (fewer: quicker, rougher)."),
+    steps_per_load: int = typer.Option(32, help="Steps timed under each of the six loads (fewer: quicker, rougher)."),
+    quick: bool = typer.Option(False, "--quick", help="A small grid of step shapes: a quarter of the time, a rougher "
+                               "fit (a first look at a machine)."),
 ):
-    """Run a fixed mix of real engine steps and store what whole steps take (GEMMs, attention, norms, sampling,
-    scheduling) in the table, so `xytune tune` can simulate serving on it anywhere."""
+    """Run real engine steps (a grid of step shapes, then closed-loop loads) and store what whole steps take
+    (GEMMs, attention, norms, sampling, scheduling) in the table, so `xytune tune` can simulate serving on it
+    anywhere."""
     from xytune.model_config import ModelLoadError
     from xytune.profiler.cost_model import CostModelError
     from xytune.profiler.table import TableError
@@ -28,7 +31,8 @@ def calibrate_steps(
 
     try:
         fits = calibrate_table(str(profile), model, device, dtypes.split(",") if dtypes else None, threads,
-                               progress=lambda msg: console.print(msg, highlight=False), steps_per_load=steps_per_load)
+                               progress=lambda msg: console.print(msg, highlight=False), steps_per_load=steps_per_load,
+                               quick=quick)
     except (TableError, CostModelError, ModelLoadError, ValueError, OSError) as exc:
         fail(str(exc))
     for dtype, fit in fits.items():
