@@ -11,6 +11,7 @@ import torch
 from xytune.kernels.gemm import packing_failure
 from xytune.kernels.quantized import QUANTIZATIONS, WEIGHT_FORMATS, format_bytes
 from xytune.kernels.smooth_gemm import SmoothGEMMPlanner
+from xytune.kernels.triton_gemm import triton_available
 from xytune.profiler.cost_model import CostModel
 from xytune.profiler.primitives import weight_format_of
 
@@ -85,11 +86,12 @@ def within_budget(formats: list[str], n: int, k: int, elem_bytes: int, share_byt
 
 
 def load_quantized(model: LlamaModel, quantization: str, cost_model, dtype: str, planner_for,
-                   weight_memory_gb: float | None = None) -> dict[str, int]:
+                   weight_memory_gb: float | None = None, int4_blocks=None) -> dict[str, int]:
     """Load every weight GEMM of ``model`` in the formats ``quantization`` asks for; bytes held per format.
 
     ``weight_memory_gb`` (auto): the budget of all GEMM weights, shared among them in proportion to their
-    size; a weight over its share drops its largest formats first."""
+    size; a weight over its share drops its largest formats first. ``int4_blocks``: the checkpoint's own 4-bit
+    codes (``GGUFInt4Blocks``), which an int4 weight takes as they are where it has them."""
     linears = model_linears(model)
     elem = torch.empty(0, dtype=model.dtype).element_size()
     total_float = sum(lin.out_features * lin.in_features * elem for lin in linears)
@@ -98,7 +100,8 @@ def load_quantized(model: LlamaModel, quantization: str, cost_model, dtype: str,
         formats = weight_formats(quantization, cost_model, n, k, dtype, planner_for is not None)
         if quantization == "auto" and weight_memory_gb is not None:
             formats = within_budget(formats, n, k, elem, weight_memory_gb * 2**30 * n * k * elem / total_float)
-        lin.load_formats(formats, planner_for)
+        codes = int4_blocks.codes(lin.sources) if int4_blocks is not None and "int4" in formats else None
+        lin.load_formats(formats, planner_for, codes)
     held: dict[str, int] = {}
     for lin in linears:
         for fmt, nbytes in lin.weight_bytes.items():
@@ -117,11 +120,13 @@ class LLM:
                  tbt_slo_ms: float | None = None, ttft_slo_ms: float = 2000.0, enable_prefix_caching: bool = True,
                  speculative: str | None = None, num_speculative_tokens: int = 4, attention: str = "meta",
                  meta_tiles: dict | None = None, tpot_slo_ms: float = 200.0, quantization: str = "none",
-                 weight_memory_gb: float | None = None):
+                 weight_memory_gb: float | None = None, int4_from_checkpoint: bool = True):
         """``attention`` reference | meta; ``meta_tiles`` Meta-Attention's tile sizes (default: from ``profile``);
         ``gemm`` auto | packed | plain | smooth (SmoothGEMM planned from ``profile``; auto: smooth when a
         profile is given, else packed); ``quantization`` none (float weights: outputs equal transformers) |
-        int8 | int4 | auto (see ``weight_formats``); ``weight_memory_gb`` auto's budget for the GEMM weights."""
+        int8 | int4 | auto (see ``weight_formats``); ``weight_memory_gb`` auto's budget for the GEMM weights;
+        ``int4_from_checkpoint``: int4 weights are a GGUF file's own Q4_0/Q4_1 blocks where it has them (the
+        weights llama.cpp runs), else quantized from the float weights."""
         if threads is not None:
             torch.set_num_threads(threads)
         if kv_cache_gb <= 0:
@@ -131,7 +136,7 @@ class LLM:
         if quantization not in QUANTIZATIONS:  # before the slow load
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}.")
         dev = torch.device(device)
-        config, state, self.tokenizer, self.model_name = load_checkpoint(model)
+        config, state, self.tokenizer, self.model_name, int4_blocks = load_checkpoint(model)
         cost_model = predictor = None
         if profile is not None:
             cost_model = CostModel.load(profile, device=device if dev.type != "cpu" else None,
@@ -145,9 +150,12 @@ class LLM:
         self.gemm, self.attention = gemm, attention
         if gemm == "smooth" and cost_model is None:
             raise ValueError("gemm smooth plans from a cost table: give profile=TABLE (--profile).")
-        if quantization != "none" and dev.type not in ("cpu", "npu"):
-            raise ValueError(f"quantized GEMMs run on CPU and Ascend NPUs so far; use quantization none on "
+        if quantization != "none" and dev.type not in ("cpu", "npu", "cuda"):
+            raise ValueError(f"quantized GEMMs run on CPU, CUDA and Ascend NPUs; use quantization none on "
                              f"{dev.type}.")
+        if quantization != "none" and dev.type == "cuda" and not triton_available():
+            raise ValueError("quantized GEMMs on CUDA run in Triton, which is not installed (pip install "
+                             "'xytune[cuda]'); use quantization none.")
         if quantization == "auto" and gemm != "smooth":
             raise ValueError("quantization auto picks formats from a cost table with gemm smooth: give "
                              "profile=TABLE (--profile).")
@@ -174,19 +182,24 @@ class LLM:
                                           for lin in model_linears(self.model))}
         if quantization != "none":
             self.weight_bytes = load_quantized(self.model, quantization, cost_model, dtype_name,
-                                               planner_for if gemm == "smooth" else None, weight_memory_gb)
+                                               planner_for if gemm == "smooth" else None, weight_memory_gb,
+                                               int4_blocks if int4_from_checkpoint else None)
         if cost_model is not None:  # steps are predicted with the formats the weights were loaded in
             predictor = StepPredictor.from_table(cost_model.for_formats(tuple(self.weight_bytes)), dtype_name,
                                                  tile_kv=self.meta_tiles["tile_kv"])
-        log.info("GEMM weights (quantization %s): %s", quantization,
-                 ", ".join(f"{fmt} {nbytes / 2**20:.1f} MiB" for fmt, nbytes in self.weight_bytes.items()))
+        self.int4_from_checkpoint = sum(lin.int4_from_checkpoint for lin in model_linears(self.model))
+        log.info("GEMM weights (quantization %s): %s%s", quantization,
+                 ", ".join(f"{fmt} {nbytes / 2**20:.1f} MiB" for fmt, nbytes in self.weight_bytes.items()),
+                 f" ({self.int4_from_checkpoint} int4 weights are the checkpoint's own blocks)"
+                 if self.int4_from_checkpoint else "")
         per_block = bytes_per_block(config.num_layers, block_size, config.num_kv_heads, config.head_dim, self.dtype)
         num_blocks = int(kv_cache_gb * 2**30 // per_block)
         spec = SpeculativeConfig(speculative, num_speculative_tokens) if speculative else None
         self.engine = Engine(self.model, self.tokenizer, num_blocks, block_size,
                              SchedulerConfig(max_num_batched_tokens, max_num_seqs, policy, tbt_slo_ms,
                                              ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms), predictor,
-                             enable_prefix_caching=enable_prefix_caching, speculative=spec)
+                             enable_prefix_caching=enable_prefix_caching, speculative=spec,
+                             attention_paths=self.attention_paths)
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:

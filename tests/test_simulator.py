@@ -16,7 +16,13 @@ from xytune.runtime.engine.block_manager import BlockAllocator
 from xytune.runtime.engine.scheduler import SchedulerConfig
 from xytune.runtime.engine.simulator import SimulatedEngine, TraceRequest, step_model
 from xytune.runtime.engine.speculative import SpeculativeConfig
-from xytune.runtime.engine.step_predictor import STEP_TERMS, PlanReuse, StepPredictor, decode_key_tiles, decode_terms
+from xytune.runtime.engine.step_predictor import (
+    STEP_TERMS,
+    AttentionRequests,
+    StepPredictor,
+    decode_key_tiles,
+    decode_terms,
+)
 
 GEOMETRY = PRESETS["smollm2-135m"]
 
@@ -120,7 +126,7 @@ def test_without_an_engine_step_fit_a_step_is_its_gemm_and_attention_rows():
 
 def test_a_fit_stored_with_the_table_is_what_the_simulator_and_the_engine_start_from():
     model = table({"step_s": 0.02, "split_tile_s_per_100": 0.5, "decode_key_s_per_m": 2.0,
-                   "plan_s_per_k_requests": 1.0})
+                   "plan_s_per_k_requests": 1.0, "loop_s_per_k_requests": 3.0})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a table with a fit warns of nothing
         truth, source = step_model(model, "float32")
@@ -130,19 +136,30 @@ def test_a_fit_stored_with_the_table_is_what_the_simulator_and_the_engine_start_
     assert tiles == decode_key_tiles(keys, 256) == 0 + 1 + 2  # the chunks past each decode's first
     assert spanned == 256 * (1 + 2 + 3)  # every tile as wide as the longest range allows: 256
     assert decode_terms([40, 70], 256) == (0.0, 80 * 2)  # short contexts shrink the tile to the longest, 16-aligned
+    assert decode_terms([40, 70], 256, padded=False) == (0.0, 40 + 70)  # one call per request: its own keys
     expected = 0.02 + 0.005 * tiles + 2.0e-6 * spanned + 1.0e-3 * 3
     assert truth.predict(3, 3, 0.0, keys, planned=3) == pytest.approx(expected, rel=1e-12)
+    looped = 0.02 + 0.005 * tiles + 2.0e-6 * sum(keys) + 3.0e-3 * 3
+    assert truth.predict(3, 3, 0.0, keys, looped=3) == pytest.approx(looped, rel=1e-12)
     started = StepPredictor.from_table(model, "float32")
     assert started.tile_kv == 256 and started.predict(3, 3, 0.0, keys, 3) == truth.predict(3, 3, 0.0, keys, 3)
 
 
 def test_a_decode_step_of_the_same_requests_as_the_last_reuses_its_plan():
-    plans = PlanReuse()
-    assert plans.planned(("a", "b"), decode_only=True) == 2  # nothing to advance yet
-    assert plans.planned(("a", "b"), decode_only=True) == 0  # advanced
-    assert plans.planned(("a", "b", "c"), decode_only=False) == 3  # a prefill chunk joined: planned afresh
-    assert plans.planned(("a", "b"), decode_only=True) == 2  # the plan before it was not kept
-    assert plans.planned(("b", "a"), decode_only=True) == 2  # another order is another plan
+    meta = AttentionRequests()
+    assert meta.count(("a", "b"), decode_only=True) == (2, 0)  # nothing to advance yet
+    assert meta.count(("a", "b"), decode_only=True) == (0, 0)  # advanced
+    assert meta.count(("a", "b", "c"), decode_only=False) == (3, 0)  # a prefill chunk joined: planned afresh
+    assert meta.count(("a", "b"), decode_only=True) == (2, 0)  # the plan before it was not kept
+    assert meta.count(("b", "a"), decode_only=True) == (2, 0)  # another order is another plan
+
+
+def test_a_step_on_the_sdpa_loop_path_runs_every_request_alone_and_keeps_no_plan():
+    mixed_loop = AttentionRequests({"decode": "meta", "prefill": "loop"})  # the model-167 table in bf16
+    assert mixed_loop.count(("a", "b"), decode_only=True) == (2, 0)
+    assert mixed_loop.count(("a", "b", "c"), decode_only=False) == (0, 3)
+    assert mixed_loop.count(("a", "b"), decode_only=True) == (2, 0)
+    assert mixed_loop.would_count(4, decode_only=False) == (0, 4) and mixed_loop.would_count(4, True) == (4, 0)
 
 
 def test_reset_prefix_cache_forgets_only_blocks_nobody_holds():

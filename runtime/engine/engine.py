@@ -20,7 +20,7 @@ from .model_runner import ModelRunner, ModelRunnerOutput
 from .sampling import SamplingParams, make_generator, text_token_ids
 from .scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput, Status
 from .speculative import SpeculativeConfig
-from .step_predictor import PlanReuse, decode_terms
+from .step_predictor import AttentionRequests, decode_terms
 
 log = logging.getLogger("xytune.engine")
 
@@ -76,7 +76,8 @@ class StepStats:
     attention_pairs: float = 0.0  # the step predictor's features, kept for fitting whole steps
     decode_tiles: float = 0.0  # the decodes' split key tiles and the keys their tiles span (decode_terms)
     decode_keys: float = 0.0
-    planned_requests: int = 0  # requests whose attention the step planned afresh (step_predictor.PlanReuse)
+    planned_requests: int = 0  # requests the attention planned afresh, or ran one by one (AttentionRequests)
+    looped_requests: int = 0
 
 
 @dataclass
@@ -121,14 +122,17 @@ def check_prompt(prompt_ids: list[int], max_model_len: int, vocab_size: int,
 class Engine:
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer, num_blocks: int, block_size: int = 16,
                  scheduler_config: SchedulerConfig | None = None, predictor=None,
-                 enable_prefix_caching: bool = False, speculative: SpeculativeConfig | None = None):
+                 enable_prefix_caching: bool = False, speculative: SpeculativeConfig | None = None,
+                 attention_paths: dict[str, str] | None = None):
+        """``attention_paths``: the model's attention path per step class (``attention_paths_from_table``), so
+        the step predictor counts the requests a step handles one by one (``AttentionRequests``)."""
         keep_freed_memory()
         self.model, self.tokenizer = model, tokenizer
         self.kv = model.new_kv_cache(num_blocks, block_size, enable_prefix_caching)
         self.predictor = predictor  # StepPredictor: step latency from the cost table, calibrated online
         self.max_model_len = min(model.config.max_position_embeddings, self.kv.capacity_tokens)
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig(), self.kv, predictor, speculative,
-                                   self.max_model_len)
+                                   self.max_model_len, attention=AttentionRequests(attention_paths))
         self.spec = SpecStats()
         eos = set(model.config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
@@ -138,7 +142,6 @@ class Engine:
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
         self.step_stats: list[StepStats] = []
-        self.plans = PlanReuse()
 
     # -- requests ------------------------------------------------------------
 
@@ -179,15 +182,15 @@ class Engine:
             return StepOutput([], [])
         start = time.perf_counter()
         num_decode, num_verify = work.num_decode_tokens, work.num_verify_tokens  # before the step advances them
-        planned = self.plans.planned(tuple(r.request_id for r, _ in work.scheduled),
-                                     all(n == 1 for _, n in work.scheduled))
+        host = self.scheduler.attention.count(tuple(r.request_id for r, _ in work.scheduled),
+                                             all(n == 1 for _, n in work.scheduled))
         try:
             out = self.runner.execute(work)
         except Exception:  # noqa: BLE001 - one request's failure must not take the others (or the engine) down
             result = self._step_each_alone(work)
         else:
             result = self._update_from_output(work.scheduled, out)
-            self._record_step(out, time.perf_counter() - start, num_decode, num_verify, planned)
+            self._record_step(out, time.perf_counter() - start, num_decode, num_verify, *host)
         for req in result.finished:
             self.requests.pop(req.request_id, None)
         return result
@@ -254,17 +257,17 @@ class Engine:
         return StepOutput(updated, finished)
 
     def _record_step(self, out: ModelRunnerOutput, seconds: float, num_decode: int, num_verify: int,
-                     planned: int) -> None:
+                     planned: int, looped: int) -> None:
         """Step statistics, and the step predictor's observation of what this step really took."""
         predicted, tiles, keys = None, 0.0, 0.0
         if self.predictor is not None:
-            tiles, keys = decode_terms(out.decode_keys, self.predictor.tile_kv)
-            shape = (out.num_tokens, out.num_logit_rows, out.attention_pairs, out.decode_keys, planned)
+            tiles, keys = decode_terms(out.decode_keys, self.predictor.tile_kv, padded=not looped)
+            shape = (out.num_tokens, out.num_logit_rows, out.attention_pairs, out.decode_keys, planned, looped)
             predicted = self.predictor.predict(*shape)
             self.predictor.observe(*shape[:2], seconds, *shape[2:])
         self.step_stats.append(StepStats(out.num_tokens, out.num_tokens - num_decode - num_verify, num_decode,
                                          seconds, predicted, num_verify, out.num_logit_rows, out.attention_pairs,
-                                         tiles, keys, planned))
+                                         tiles, keys, planned, looped))
 
     def _finish_reason(self, req: Request, tok: int) -> str | None:
         p = req.params

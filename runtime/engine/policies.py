@@ -104,8 +104,8 @@ class XYPolicy:
 
         def predicted(p: int) -> float:
             pairs = decode_pairs + (attention_pairs([(context, p)]) if p else 0.0)
-            return self.sched.predictor.predict(busy + p, busy + (1 if p else 0), pairs, decode_keys,
-                                                planned=len(scheduled) + (1 if p else 0))  # as if planned afresh
+            host = self.sched.attention.would_count(len(scheduled) + (1 if p else 0), decode_only=not p)
+            return self.sched.predictor.predict(busy + p, busy + (1 if p else 0), pairs, decode_keys, *host)
 
         if predicted(0) > self.sched.config.step_slo_s:
             return self.throughput_budget(busy, budget, predicted)

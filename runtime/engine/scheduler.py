@@ -22,6 +22,7 @@ from .kv_cache import KVCache
 from .policies import XYPolicy
 from .sampling import SamplingParams
 from .speculative import Draft, SpeculativeConfig, propose_ngram
+from .step_predictor import AttentionRequests
 
 
 class Status(enum.Enum):
@@ -128,16 +129,18 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCache, predictor=None,
                  speculative: SpeculativeConfig | None = None, max_model_len: int | None = None,
-                 clock=time.perf_counter, proposer=propose_ngram):
+                 clock=time.perf_counter, proposer=propose_ngram, attention: AttentionRequests | None = None):
         """``clock``: seconds now (the serving simulator passes its virtual clock); ``proposer``: the draft of a
         decoding request, ``(token ids, SpeculativeConfig, budget) -> Draft | None`` (the simulator's drafts
-        stand in for n-gram hits on text it does not have).
+        stand in for n-gram hits on text it does not have); ``attention``: how the model's attention handles a
+        step's requests (the step predictor counts them; default Meta-Attention throughout).
 
         ``kv`` needs only ``allocator``, ``block_size`` and ``capacity_tokens``: the simulator's block pool
         has no tensors."""
         if config.policy == "xy" and predictor is None:
             raise ValueError("the xy policy needs a cost table (a StepPredictor).")
         self.config, self.kv, self.predictor = config, kv, predictor
+        self.attention = attention or AttentionRequests()
         self.clock, self.proposer = clock, proposer
         self.blocks = BlockManager(kv.allocator, kv.block_size)
         self.xy = XYPolicy(self)

@@ -21,13 +21,13 @@ import numpy as np
 
 from xytune.profiler.cost_model import CostModel
 
-from ..model.attention import meta_tile_sizes
+from ..model.attention import attention_paths_from_table, meta_tile_sizes
 from .block_manager import BlockAllocator
 from .engine import SpecStats, StepStats, check_prompt
 from .sampling import SamplingParams
 from .scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput
 from .speculative import Draft, SpeculativeConfig
-from .step_predictor import STEP_TERMS, PlanReuse, StepPredictor, attention_pairs, decode_terms
+from .step_predictor import STEP_TERMS, AttentionRequests, StepPredictor, attention_pairs, decode_terms
 
 
 def step_model(cost_model: CostModel, dtype: str) -> tuple[StepPredictor, str]:
@@ -119,11 +119,11 @@ class SimulatedEngine:
         self.acceptance_rate, self.draft_rate = acceptance_rate, draft_rate
         self.rng = np.random.default_rng(seed)
         self.now = 0.0
+        paths = attention_paths_from_table(cost_model, dtype, cost_model.geometry.num_layers)
         self.scheduler = Scheduler(scheduler_config, self.pool, self.predictor, speculative, self.max_model_len,
-                                   clock=lambda: self.now, proposer=self._propose)
+                                   clock=lambda: self.now, proposer=self._propose, attention=AttentionRequests(paths))
         self.spec = SpecStats()
         self.steps: list[StepStats] = []
-        self.plans = PlanReuse()
         self._token_times: dict[int, list[float]] = {}  # id(request) -> when each of its tokens came out
 
     def _propose(self, token_ids: list[int], cfg: SpeculativeConfig, budget: int) -> Draft | None:
@@ -177,15 +177,15 @@ class SimulatedEngine:
         tokens = sum(n for _, n in scheduled)
         pairs = attention_pairs([(r.num_computed, n) for r, n in scheduled])
         decode_keys = [r.num_computed + 1 for r, n in scheduled if n == 1]
-        planned = self.plans.planned(tuple(id(r) for r, _ in scheduled), len(decode_keys) == len(scheduled))
-        seconds = self.truth.predict(tokens, logits, pairs, decode_keys, planned)
-        predicted = self.predictor.predict(tokens, logits, pairs, decode_keys, planned)
+        host = self.scheduler.attention.count(tuple(id(r) for r, _ in scheduled), len(decode_keys) == len(scheduled))
+        seconds = self.truth.predict(tokens, logits, pairs, decode_keys, *host)
+        predicted = self.predictor.predict(tokens, logits, pairs, decode_keys, *host)
         num_decode, num_verify = work.num_decode_tokens, work.num_verify_tokens
         self.now += seconds
-        self.predictor.observe(tokens, logits, seconds, pairs, decode_keys, planned)
+        self.predictor.observe(tokens, logits, seconds, pairs, decode_keys, *host)
         self.steps.append(StepStats(tokens, tokens - num_decode - num_verify, num_decode, seconds, predicted,
-                                    num_verify, logits, pairs, *decode_terms(decode_keys, self.predictor.tile_kv),
-                                    planned))
+                                    num_verify, logits, pairs,
+                                    *decode_terms(decode_keys, self.predictor.tile_kv, padded=not host[1]), *host))
         finished = []
         for req, n in scheduled:
             if req.draft is not None:

@@ -15,7 +15,8 @@ size, a long prompt's chunks at growing context, decodes beside a chunk)
 tells the terms apart: under load alone, prefill tokens, attention pairs and
 decodes grow together and the fit could trade one for another. Closed-loop
 loads (new prompts joining while others decode) then weigh in the mixes a
-server really sees.
+server really sees. Every step runs as a server's loop runs it
+(``ServingLoop``): tokens detokenized, updates published.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import numpy as np
 from xytune.profiler.devices import IDENTITY_KEYS, get_device
 from xytune.profiler.table import read_table, write_table
 
-from .engine import Engine
+from .engine import Engine, StepOutput
+from .protocol import StepPublisher
 from .sampling import SamplingParams
 from .step_predictor import STEP_TERMS, StepPredictor
 
@@ -46,44 +48,60 @@ def _log_uniform(rng: np.random.Generator, lo: int, hi: int) -> int:
     return int(round(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
 
 
-def _new_request(engine: Engine, rng: np.random.Generator, prompt_tokens: int, max_tokens: int) -> str:
-    vocab = engine.model.config.vocab_size
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, detokenize=False)
-    return engine.add_request(rng.integers(100, vocab - 100, prompt_tokens).tolist(), params).request_id
+class ServingLoop:
+    """The engine stepped as a server's loop steps it (``protocol.drive``): every request detokenizes its tokens
+    and each step's updates are published, so a fitted step costs what a serving step costs."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.publisher = engine, StepPublisher()
+
+    def add(self, rng: np.random.Generator, prompt_tokens: int, max_tokens: int) -> str:
+        vocab = self.engine.model.config.vocab_size
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        return self.engine.add_request(rng.integers(100, vocab - 100, prompt_tokens).tolist(), params).request_id
+
+    def step(self) -> StepOutput:
+        out = self.engine.step()
+        self.publisher.publish(self.engine, out)
+        return out
+
+    def timed_step(self, timed: list) -> None:
+        """One step, appended to ``timed`` as ``(index into step_stats, seconds)`` (a retried step records none)."""
+        before, start = len(self.engine.step_stats), time.perf_counter()
+        self.step()
+        if len(self.engine.step_stats) > before:
+            timed.append((len(self.engine.step_stats) - 1, time.perf_counter() - start))
+
+    def prefill_all(self) -> None:
+        """Run (untimed) until every request has its prompt in the cache and is decoding."""
+        sched = self.engine.scheduler
+        while sched.waiting or any(r.remaining > 1 for r in sched.running):
+            self.step()
+
+    def abort_all(self) -> None:
+        for rid in list(self.engine.requests):
+            self.engine.abort(rid)
+            self.publisher.forget(rid)
 
 
-def _closed_loop(engine: Engine, rng: np.random.Generator, in_flight: int, steps: int) -> list[tuple[int, float]]:
+def _closed_loop(loop: ServingLoop, rng: np.random.Generator, in_flight: int, steps: int) -> list[tuple[int, float]]:
     """Keep ``in_flight`` requests open for ``steps`` steps: ``(index into step_stats, seconds)`` per step, each
-    from the start of one step to the start of the next (the engine loop's period, bookkeeping included)."""
+    from the start of one step to the start of the next (the loop's period, bookkeeping included)."""
+    engine = loop.engine
     timed, open_ids = [], set()
     start = time.perf_counter()
     for _ in range(steps):
         while len(open_ids) < in_flight:
-            open_ids.add(_new_request(engine, rng, _log_uniform(rng, *PROMPT_TOKENS), _log_uniform(rng, *NEW_TOKENS)))
+            open_ids.add(loop.add(rng, _log_uniform(rng, *PROMPT_TOKENS), _log_uniform(rng, *NEW_TOKENS)))
         before = len(engine.step_stats)
-        out = engine.step()
+        out = loop.step()
         open_ids -= {r.request_id for r in out.finished}
         now = time.perf_counter()
         if len(engine.step_stats) > before:  # a step retried request by request records nothing
             timed.append((len(engine.step_stats) - 1, now - start))
         start = now
-    for rid in open_ids:
-        engine.abort(rid)
+    loop.abort_all()
     return timed
-
-
-def _timed_step(engine: Engine, timed: list) -> None:
-    """One step, appended to ``timed`` as ``(index into step_stats, seconds)`` (a retried step records none)."""
-    before, start = len(engine.step_stats), time.perf_counter()
-    engine.step()
-    if len(engine.step_stats) > before:
-        timed.append((len(engine.step_stats) - 1, time.perf_counter() - start))
-
-
-def _prefill_all(engine: Engine) -> None:
-    """Run (untimed) until every request has its prompt in the cache and is decoding."""
-    while engine.scheduler.waiting or any(r.remaining > 1 for r in engine.scheduler.running):
-        engine.step()
 
 
 @dataclass(frozen=True)
@@ -109,40 +127,36 @@ QUICK_GRID = StepGrid(decode_batches=(1, 8), decode_contexts=(32, 512), decode_s
                       prefill_repeats=1, long_prompt=(1024, 512), mixed_batches=(4,), mixed_chunks=(64,))
 
 
-def _abort_all(engine: Engine) -> None:
-    for rid in list(engine.requests):
-        engine.abort(rid)
-
-
-def _grid(engine: Engine, rng: np.random.Generator, grid: StepGrid) -> list[tuple[int, float]]:
+def _grid(loop: ServingLoop, rng: np.random.Generator, grid: StepGrid) -> list[tuple[int, float]]:
     """The grid's steps (``StepGrid``), ``(index into step_stats, seconds)`` per step."""
     timed: list[tuple[int, float]] = []
-    engine.scheduler.reconfigure(max_num_batched_tokens=GRID_BUDGET)
+    sched = loop.engine.scheduler
+    sched.reconfigure(max_num_batched_tokens=GRID_BUDGET)
     for context in grid.decode_contexts:
         for batch in grid.decode_batches:
             for _ in range(batch):  # generating past the prefill of the others (aborted once timed)
-                _new_request(engine, rng, context, GRID_MAX_TOKENS)
-            _prefill_all(engine)
+                loop.add(rng, context, GRID_MAX_TOKENS)
+            loop.prefill_all()
             for _ in range(grid.decode_steps):
-                _timed_step(engine, timed)
-            _abort_all(engine)
+                loop.timed_step(timed)
+            loop.abort_all()
     for chunk in grid.prefill_chunks:
         for _ in range(grid.prefill_repeats):
-            _new_request(engine, rng, chunk, 1)  # its one step prefills the prompt and samples its only token
-            _timed_step(engine, timed)
+            loop.add(rng, chunk, 1)  # its one step prefills the prompt and samples its only token
+            loop.timed_step(timed)
     for batch in grid.mixed_batches:
         for _ in range(batch):
-            _new_request(engine, rng, grid.mixed_context, GRID_MAX_TOKENS)
-        _prefill_all(engine)
+            loop.add(rng, grid.mixed_context, GRID_MAX_TOKENS)
+        loop.prefill_all()
         for chunk in grid.mixed_chunks:
-            _new_request(engine, rng, chunk, 1)  # joins the decodes for one step
-            _timed_step(engine, timed)
-        _abort_all(engine)
+            loop.add(rng, chunk, 1)  # joins the decodes for one step
+            loop.timed_step(timed)
+        loop.abort_all()
     prompt, chunk = grid.long_prompt
-    engine.scheduler.reconfigure(max_num_batched_tokens=chunk)
-    _new_request(engine, rng, prompt, 1)
+    sched.reconfigure(max_num_batched_tokens=chunk)
+    loop.add(rng, prompt, 1)
     for _ in range(-(-prompt // chunk)):
-        _timed_step(engine, timed)
+        loop.timed_step(timed)
     return timed
 
 
@@ -160,24 +174,25 @@ def calibrate_engine_steps(engine: Engine, seed: int = 0, steps_per_load: int = 
     config = engine.scheduler.config
     tile_kv = engine.predictor.tile_kv
     predictor = StepPredictor(engine.predictor.cost_model, engine.predictor.dtype, tile_kv=tile_kv)
-    rows = []
+    rows, loop = [], ServingLoop(engine)
     try:
         for measured in (False, True):
             rng = np.random.default_rng(seed)
             engine.scheduler.reconfigure(policy="chunked", max_num_seqs=max(config.max_num_seqs,
                                                                             *grid.decode_batches, *grid.mixed_batches))
-            timed = _grid(engine, rng, grid)
+            timed = _grid(loop, rng, grid)
             for in_flight, budget in CALIBRATION_LOADS:
                 engine.scheduler.reconfigure(policy="chunked", max_num_batched_tokens=budget,
                                              max_num_seqs=max(config.max_num_seqs, in_flight))
-                timed += _closed_loop(engine, rng, in_flight, steps_per_load)
+                timed += _closed_loop(loop, rng, in_flight, steps_per_load)
             if measured:
                 for index, seconds in timed:
                     s = engine.step_stats[index]
                     rows.append((predictor.features(s.num_tokens, s.num_logit_rows, s.attention_pairs,
-                                                    s.decode_tiles, s.decode_keys, s.planned_requests), seconds))
+                                                    s.decode_tiles, s.decode_keys, s.planned_requests,
+                                                    s.looped_requests), seconds))
     finally:
-        _abort_all(engine)
+        loop.abort_all()
         engine.scheduler.config = config
     coef = predictor.fit(rows)
     fitted = np.array([float(f @ coef) for f, _ in rows])

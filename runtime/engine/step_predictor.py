@@ -5,7 +5,7 @@ attention (which grows with context), norms and per-step overheads it does
 not. So a step's latency is modelled as
 
     seconds = a * table_gemm_seconds(tokens) + b * attention_pairs + c * tokens + e * sampled + d
-              + t * decode_key_tiles + k * decode_keys + r * planned_requests
+              + t * decode_key_tiles + k * decode_keys + r * planned_requests + l * looped_requests
 
 with non-negative coefficients fitted (scipy's NNLS, relative error) to the
 most recent measured steps and refitted as steps come in. The fit spans
@@ -31,7 +31,7 @@ MIN_FIT_STEPS = 12
 DRIFT_STEPS = 4  # the last steps whose measured/fitted ratio scales the next prediction
 # the fitted coefficients, named as a table's engine-step fit stores them (``xytune calibrate-steps``)
 STEP_TERMS = ("gemm_table_scale", "attention_s_per_mpair", "token_s_per_k", "logit_s_per_k", "step_s",
-              "split_tile_s_per_100", "decode_key_s_per_m", "plan_s_per_k_requests")
+              "split_tile_s_per_100", "decode_key_s_per_m", "plan_s_per_k_requests", "loop_s_per_k_requests")
 
 
 def attention_pairs(chunks: list[tuple[int, int]]) -> float:
@@ -48,34 +48,52 @@ def decode_key_tiles(decode_keys: list[int], tile_kv: int) -> float:
     return float(sum(-(-k // tile_kv) - 1 for k in decode_keys if k > tile_kv))
 
 
-def decode_terms(decode_keys: Sequence[int], tile_kv: int) -> tuple[float, float]:
+def decode_terms(decode_keys: Sequence[int], tile_kv: int, padded: bool = True) -> tuple[float, float]:
     """A step's decode terms from the keys each decode attends: its split tiles (``decode_key_tiles``) and the
     keys its tiles span. Meta-Attention runs a decode batch's tiles as one batched GEMM, each tile as wide as
     the batch's longest key range up to ``tile_kv`` (kernels/meta_attention/short.py), so one long request
-    widens every short one's tile: the keys computed are tiles x width, not the keys attended. A decode also
-    reads each key for one query row where a prefill chunk reuses it across its rows: on a 2-core Xeon a
-    decode key cost about 3 us against 0.2-0.5 us per prefill pair (``step_calibration``'s grid), so the
-    decode keys get a term beside the pairs."""
+    widens every short one's tile: the keys computed are tiles x width, not the keys attended (``padded``
+    False: a step whose requests run one by one, which computes their own keys). A decode also reads each
+    key for one query row where a prefill chunk reuses it across its rows: on a 2-core Xeon a decode key
+    cost about 3 us against 0.2-0.5 us per prefill pair (``step_calibration``'s grid), so the decode keys
+    get a term beside the pairs."""
     if not decode_keys:
         return 0.0, 0.0
+    if not padded:
+        return decode_key_tiles(decode_keys, tile_kv), float(sum(decode_keys))
     width = min(tile_kv, -(-max(decode_keys) // 16) * 16)
     return decode_key_tiles(decode_keys, tile_kv), float(width * sum(-(-k // width) for k in decode_keys))
 
 
-class PlanReuse:
-    """Which steps plan their attention afresh. Meta-Attention advances a decode-only step's plan by one key per
-    request when the next step decodes exactly the same requests (``make_meta_attention``); any other step plans
-    every request again, which on a 2-core Xeon added 0.6-1.3 ms per request to a decode step (bf16, 8-24
-    requests). Engine and simulator both ask this."""
+class AttentionRequests:
+    """The requests a step's attention handles one by one on the host, which its pairs do not count.
 
-    def __init__(self):
-        self.previous: tuple | None = None  # the last decode-only step's requests
+    The engine runs a step's attention on Meta-Attention or, where the table measured it faster for the
+    step's class (decode-only or with a prefill chunk), as one SDPA call per request
+    (``attention_paths_from_table``). A loop step pays a call per request and layer: on a 2-core Xeon in
+    bf16 (whose table loops steps with prefill) a step with 25 decodes beside a chunk took 96 ms where the
+    fit without this term said 74. A Meta-Attention step plans every request, unless it decodes exactly the
+    requests of the decode-only step before, whose plan it advances by one key each (``make_meta_attention``).
+    Engine and simulator both count with this."""
 
-    def planned(self, request_ids: tuple, decode_only: bool) -> int:
-        """Requests this step plans (0 when it advances the last plan)."""
+    def __init__(self, paths: dict[str, str] | None = None):
+        """``paths``: step class (decode | prefill) -> meta | loop; default meta for both."""
+        self.paths = paths or {"decode": "meta", "prefill": "meta"}
+        self.previous: tuple | None = None  # the last decode-only Meta-Attention step's requests
+
+    def would_count(self, num_requests: int, decode_only: bool) -> tuple[int, int]:
+        """``count`` for a step being sized (nothing remembered): a Meta-Attention step as if planned afresh."""
+        looped = self.paths["decode" if decode_only else "prefill"] == "loop"
+        return (0, num_requests) if looped else (num_requests, 0)
+
+    def count(self, request_ids: tuple, decode_only: bool) -> tuple[int, int]:
+        """(requests planned afresh, requests run one call each) of this step."""
+        if self.paths["decode" if decode_only else "prefill"] == "loop":
+            self.previous = None
+            return 0, len(request_ids)
         reused = decode_only and request_ids == self.previous
         self.previous = request_ids if decode_only else None
-        return 0 if reused else len(request_ids)
+        return (0 if reused else len(request_ids)), 0
 
 
 class StepPredictor:
@@ -129,24 +147,26 @@ class StepPredictor:
         return self._table_cache[key]
 
     def features(self, num_tokens: int, num_logits: int, attn_pairs: float, decode_tiles: float = 0.0,
-                 decode_keys: float = 0.0, planned: int = 0) -> np.ndarray:
+                 decode_keys: float = 0.0, planned: int = 0, looped: int = 0) -> np.ndarray:
         """Table GEMM seconds, attention pairs, tokens (norms, rotary...), sampled rows (sampling, per-request
         host work), one (per-step overhead), the decodes' split tiles and keys (``decode_terms``), and the
-        requests whose attention is planned afresh (``PlanReuse``)."""
+        requests the attention plans afresh or runs one by one (``AttentionRequests``)."""
         return np.array([self.table_seconds(num_tokens, num_logits), attn_pairs * 1e-6, num_tokens * 1e-3,
-                         num_logits * 1e-3, 1.0, decode_tiles * 1e-2, decode_keys * 1e-6, planned * 1e-3])
+                         num_logits * 1e-3, 1.0, decode_tiles * 1e-2, decode_keys * 1e-6, planned * 1e-3,
+                         looped * 1e-3])
 
     def _features(self, num_tokens: int, num_logits: int, attn_pairs: float, decode_keys: Sequence[int],
-                  planned: int):
-        return self.features(num_tokens, num_logits, attn_pairs, *decode_terms(decode_keys, self.tile_kv), planned)
+                  planned: int, looped: int):
+        terms = decode_terms(decode_keys, self.tile_kv, padded=not looped)
+        return self.features(num_tokens, num_logits, attn_pairs, *terms, planned, looped)
 
     def predict(self, num_tokens: int, num_logits: int, attn_pairs: float = 0.0,
-                decode_keys: Sequence[int] = (), planned: int = 0) -> float:
+                decode_keys: Sequence[int] = (), planned: int = 0, looped: int = 0) -> float:
         """Seconds a step takes: ``attn_pairs`` its (query, key) pairs, ``decode_keys`` the keys each of its
-        single-token rows attends, ``planned`` the requests it plans afresh."""
+        single-token rows attends, ``planned`` and ``looped`` its requests planned afresh or run one by one."""
         if num_tokens < 1:
             return 0.0
-        return self._predict(self._features(num_tokens, num_logits, attn_pairs, decode_keys, planned))
+        return self._predict(self._features(num_tokens, num_logits, attn_pairs, decode_keys, planned, looped))
 
     def _predict(self, f: np.ndarray) -> float:
         if self.coef is None:
@@ -154,11 +174,11 @@ class StepPredictor:
         return float(f @ self.coef) * self.drift
 
     def observe(self, num_tokens: int, num_logits: int, actual_s: float, attn_pairs: float = 0.0,
-                decode_keys: Sequence[int] = (), planned: int = 0) -> None:
+                decode_keys: Sequence[int] = (), planned: int = 0, looped: int = 0) -> None:
         """Record a finished step (its prediction made before seeing it) and learn from it."""
         if num_tokens < 1 or actual_s <= 0:
             return
-        f = self._features(num_tokens, num_logits, attn_pairs, decode_keys, planned)
+        f = self._features(num_tokens, num_logits, attn_pairs, decode_keys, planned, looped)
         self.records.append((num_tokens, self._predict(f), actual_s))
         if f[0] > 0:
             ratio = actual_s / f[0]
