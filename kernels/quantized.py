@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .gemm import SegmentKernel, _into, _plus_bias
+from .triton_gemm import triton_weight_quant_gemm
 
 GGUF_BLOCK = 32  # Q8_0, Q4_0 and Q4_1 blocks hold 32 weights along K
 WEIGHT_FORMATS = ("float", "int8", "int4")  # a GEMM primitive's weight format (``Primitive.weight_format``)
@@ -61,10 +62,12 @@ class QuantizedWeight:
 
     format: str  # int8 | int4
     data: torch.Tensor  # int8 [N, K] or int4-packed uint8 [N, K / 2]
-    scales: torch.Tensor  # int8: [N]; int4: [K / group, N, 2] (scale, zero) in the activations' dtype (NPU: [K / group, N])
+    # int8: [N]; int4: [K / group, N, 2] (scale, zero) in the activations' dtype (NPU: [K / group, N];
+    # CUDA: [N, K / group])
+    scales: torch.Tensor
     shape: tuple[int, int]
     group_size: int  # along K; int8: K (one scale per row)
-    offsets: torch.Tensor | None = None  # NPU int4: [K / group, N] antiquant offsets
+    offsets: torch.Tensor | None = None  # int4: NPU [K / group, N] antiquant offsets, CUDA [N, K / group] minimums
 
     @property
     def nbytes(self) -> int:
@@ -123,17 +126,40 @@ def quantize_int4(weight: torch.Tensor, group_size: int = GGUF_BLOCK) -> Quantiz
     n, k = weight.shape
     if (why := int4_shape_failure(n, k, group_size)) is not None:
         raise ValueError(why)
-    q, d, low = int4_codes(weight, group_size)
-    if weight.device.type == "npu":
+    return int4_weight(*int4_codes(weight, group_size), weight.dtype, weight.device)
+
+
+def int4_weight(q: torch.Tensor, d: torch.Tensor, low: torch.Tensor, dtype: torch.dtype,
+                device: torch.device | str) -> QuantizedWeight:
+    """Q4_1 codes ``q [N, K]`` (0..15) with each group's step ``d`` and minimum ``low`` ``[N, K / group]`` in the
+    layout ``device``'s kernel takes, scales in ``dtype``: torch's packed int4 (CPU), torch_npu's int4 pack
+    (Ascend) or nibble pairs (CUDA, ``triton_weight_quant_gemm``). The codes come from a float weight
+    (``int4_codes``) or straight from a GGUF file's Q4_0/Q4_1 blocks (``gguf_int4_codes``)."""
+    n, k = q.shape
+    group_size = k // d.shape[1]
+    device = torch.device(device)
+    q, d, low = q.to(device=device, dtype=torch.int32), d.to(device, torch.float32), low.to(device, torch.float32)
+    if device.type == "npu":
         import torch_npu  # optional: only on Ascend
 
         packed = torch_npu.npu_convert_weight_to_int4pack((q - 8).t().contiguous())
-        return QuantizedWeight("int4", packed, d.t().to(weight.dtype).contiguous(), (n, k), group_size,
-                               (8.0 + low / d).t().to(weight.dtype).contiguous())
+        return QuantizedWeight("int4", packed, d.t().to(dtype).contiguous(), (n, k), group_size,
+                               (8.0 + low / d).t().to(dtype).contiguous())
+    if device.type == "cuda":
+        return int4_nibbles(q, d, low, dtype)
     zero = low + 8.0 * d  # the op dequantizes (q - 8) * scale + zero
-    scale_zero = torch.stack([d.t(), zero.t()], dim=-1).to(weight.dtype).contiguous()
+    scale_zero = torch.stack([d.t(), zero.t()], dim=-1).to(dtype).contiguous()
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
     return QuantizedWeight("int4", packed, scale_zero, (n, k), group_size)
+
+
+def int4_nibbles(q: torch.Tensor, d: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> QuantizedWeight:
+    """The Triton kernel's int4 layout: codes two to a byte along K (even k in the low nibble), with per-group
+    steps and minimums ``[N, K / group]`` in ``dtype`` (as GGUF keeps them in float16)."""
+    n, k = q.shape
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).contiguous()
+    return QuantizedWeight("int4", packed, d.to(dtype).contiguous(), (n, k), k // d.shape[1],
+                           low.to(dtype).contiguous())
 
 
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
@@ -149,11 +175,22 @@ def format_bytes(fmt: str, n: int, k: int, elem_bytes: int, group_size: int = GG
     return n * k // 2 + (k // group_size) * n * 2 * elem_bytes
 
 
+def _bind_triton(qw: QuantizedWeight, bias: torch.Tensor | None, bits: int) -> SegmentKernel:
+    def run(x, out, config):
+        if out is None:
+            out = torch.empty(x.shape[0], qw.shape[0], dtype=x.dtype, device=x.device)
+        triton_weight_quant_gemm(x, qw.data, qw.scales, out, bits, qw.group_size, qw.offsets, **config)
+        return _plus_bias(out, bias)
+    return run
+
+
 def bind_int8_weight(weight: torch.Tensor, bias: torch.Tensor | None = None,
                      quantized: QuantizedWeight | None = None) -> SegmentKernel:
-    """``_weight_int8pack_mm`` (CPU) or ``npu_weight_quant_batchmatmul`` (Ascend) on the weight quantized once
-    here (``quantized``: one made already)."""
+    """``_weight_int8pack_mm`` (CPU), the Triton weight-only GEMM (CUDA) or ``npu_weight_quant_batchmatmul``
+    (Ascend) on the weight quantized once here (``quantized``: one made already)."""
     qw = quantized or quantize_int8(weight)
+    if qw.data.device.type == "cuda":
+        return _bind_triton(qw, bias, 8)
     if qw.data.device.type == "npu":
         import torch_npu  # optional: only on Ascend
 
@@ -166,9 +203,12 @@ def bind_int8_weight(weight: torch.Tensor, bias: torch.Tensor | None = None,
 
 def bind_int4_weight(weight: torch.Tensor, bias: torch.Tensor | None = None,
                      quantized: QuantizedWeight | None = None) -> SegmentKernel:
-    """``_weight_int4pack_mm_for_cpu`` (CPU) or ``npu_weight_quant_batchmatmul`` per group (Ascend) on the
-    weight quantized once here (``quantized``: one made already)."""
+    """``_weight_int4pack_mm_for_cpu`` (CPU), the Triton weight-only GEMM on nibbles (CUDA) or
+    ``npu_weight_quant_batchmatmul`` per group (Ascend) on the weight quantized once here (``quantized``: one
+    made already)."""
     qw = quantized or quantize_int4(weight)
+    if qw.data.device.type == "cuda":
+        return _bind_triton(qw, bias, 4)
     if qw.data.device.type == "npu":
         import torch_npu  # optional: only on Ascend
 

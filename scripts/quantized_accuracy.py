@@ -24,7 +24,9 @@ import torch
 from xytune.runtime.engine.sampling import SamplingParams
 from xytune.runtime.llm import LLM
 
-FORMATS = ("none", "int8", "int4")
+# name -> LLM options; int4 takes the GGUF's own Q4_1 blocks, "int4-requant" re-quantizes their float weights
+FORMATS = {"none": {"quantization": "none", "gemm": "plain"}, "int8": {"quantization": "int8"},
+           "int4": {"quantization": "int4"}, "int4-requant": {"quantization": "int4", "int4_from_checkpoint": False}}
 
 
 def zen() -> list[str]:
@@ -39,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     lines = zen()
     text = "\n".join(lines)
-    llms = {f: LLM(dtype=args.dtype, quantization=f, gemm="plain" if f == "none" else "auto") for f in FORMATS}
+    llms = {f: LLM(dtype=args.dtype, **options) for f, options in FORMATS.items()}
     if args.dtype != "float32":  # the agreement is always against the float32 model
         llms = {"float32": LLM(dtype="float32", gemm="plain"), **llms}
     greedy = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
@@ -63,7 +65,7 @@ def main() -> None:
             result["formats"][f]["decode_tok_s"].append(len(out.outputs[0].token_ids) / (time.perf_counter() - start))
     for f, r in result["formats"].items():
         s = r["decode_tok_s"]
-        print(f"{f:5s} weights {sum(r['weight_mib'].values()):7.1f} MiB  perplexity {r['perplexity']:7.3f}  "
+        print(f"{f:12s} weights {sum(r['weight_mib'].values()):7.1f} MiB  perplexity {r['perplexity']:7.3f}  "
               f"greedy prefix {r['greedy_prefix_mean']:5.1f}/64 (all 64: {r['greedy_all_64']}/20)  "
               f"decode {np.median(s):6.1f} tok/s (min {min(s):.1f}, max {max(s):.1f})")
     if args.json:

@@ -180,3 +180,36 @@ def test_step_predictions_count_only_the_weight_formats_loaded(tmp_path):
         sum(g.count * min(quantized_small(p, 1, g.n, g.k) for p in ("torch.linear", "torch.int8pack_mm"))
             for g in gemms))
     assert cost_model.predict_step(1, dtype="float32") < floats.predict_step(1, dtype="float32")
+
+
+def test_a_gguf_files_own_q4_blocks_are_its_float_weights_exactly():
+    require_default_model()
+    from xytune.runtime.model.loader import load_checkpoint
+
+    ckpt = load_checkpoint("smollm2-135m")
+    layer = "model.layers.0."
+    q_proj, down = layer + "self_attn.q_proj.weight", layer + "mlp.down_proj.weight"  # Q rows are permuted back
+    for name in (q_proj, down):
+        q, d, m = ckpt.int4_blocks.codes([name])
+        assert q.dtype == torch.uint8 and int(q.max()) <= 15 and d.shape == m.shape == (q.shape[0], q.shape[1] // 32)
+        dequant = q.float() * d.repeat_interleave(32, dim=1) + m.repeat_interleave(32, dim=1)
+        assert torch.equal(dequant, ckpt.state[name])  # gguf-py's own dequantization, bit for bit
+    qkv = [layer + f"self_attn.{x}_proj.weight" for x in "qkv"]
+    q, d, m = ckpt.int4_blocks.codes(qkv)  # a fused weight: its parts stacked along N
+    assert q.shape == torch.cat([ckpt.state[n] for n in qkv]).shape
+    assert ckpt.int4_blocks.codes(["model.embed_tokens.weight"]) is None  # stored as Q8_0, not in 4-bit blocks
+    # an int4 weight made from those blocks computes with the checkpoint's weight itself (float32 activations)
+    w, x = ckpt.state[down], torch.randn(3, ckpt.state[down].shape[1], generator=torch.Generator().manual_seed(0))
+    lin = Linear(w.clone(), mode="plain", sources=(down,))
+    lin.load_formats(["int4"], int4_codes=ckpt.int4_blocks.codes([down]))
+    assert lin.int4_from_checkpoint
+    torch.testing.assert_close(lin(x), x @ w.T, rtol=1e-4, atol=1e-4)  # float32 sums of 1536 in another order
+
+
+def test_llm_int4_takes_the_checkpoints_blocks_where_it_has_them():
+    require_default_model()
+    own = LLM(dtype="float32", kv_cache_gb=0.05, quantization="int4")
+    layers = own.model.config.num_layers
+    assert own.int4_from_checkpoint == 4 * layers  # qkv, o, gate_up and down of every layer; lm_head is Q8_0
+    assert LLM(dtype="float32", kv_cache_gb=0.05, quantization="int4", int4_from_checkpoint=False
+               ).int4_from_checkpoint == 0

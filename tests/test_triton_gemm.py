@@ -104,3 +104,54 @@ def test_pipeline_and_epilogue_share_shared_memory(monkeypatch):
     assert 128 * 256 // (32 * 8) == ACC_REGISTERS_PER_THREAD
     assert triton_gemm_invalid(BIG, config, "float16", Device("cuda")) is None
     assert "shared memory" in triton_gemm_invalid(BIG, _config(128, 256, 64, 8, 5), "float16", Device("cuda"))
+
+
+# The weight-only quantized kernel (CUDA's int8 and int4 primitives) under the interpreter, on the very codes the
+# CPU kernels take, against the weight they dequantize to; odd M, N and K tails included.
+WEIGHT_QUANT_CHECK = r"""
+import torch
+
+from xytune.kernels.quantized import _bind_triton, int4_codes, int4_nibbles, quantize_int8
+from xytune.kernels.triton_gemm import triton_weight_quant_gemm
+
+torch.manual_seed(0)
+config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+for m, n, k in [(5, 48, 96), (17, 70, 160)]:
+    w, x, bias = torch.randn(n, k), torch.randn(m, k), torch.randn(n)
+    q8 = quantize_int8(w)
+    out = torch.empty(m, n)
+    triton_weight_quant_gemm(x, q8.data, q8.scales, out, 8, k, **config)
+    torch.testing.assert_close(out, x @ (q8.data.double() * q8.scales.double()[:, None]).float().T,
+                               rtol=1e-4, atol=1e-4)
+    q, d, low = int4_codes(w)
+    q4 = int4_nibbles(q, d, low, torch.float32)
+    assert q4.data.dtype == torch.uint8 and q4.data.shape == (n, k // 2) and q4.nbytes == n * k // 2 + 2 * 4 * n * k // 32
+    dequant = q.float() * d.repeat_interleave(32, dim=1) + low.repeat_interleave(32, dim=1)
+    y = _bind_triton(q4, bias, 4)(x, None, config)  # the bound kernel, bias and all
+    torch.testing.assert_close(y, x @ dequant.T + bias, rtol=1e-4, atol=1e-4)
+    assert (dequant - w).abs().max() <= d.max() / 2 + 1e-6  # and the codes are w's to half a step
+# half-precision activations: the dequantized tile is cast to them before the dot, as on a GPU
+x, w = torch.randn(3, 64).half(), torch.randn(32, 64)
+q, d, low = int4_codes(w)
+q4 = int4_nibbles(q, d, low, torch.float16)
+y = torch.empty(3, 32, dtype=torch.float16)
+triton_weight_quant_gemm(x, q4.data, q4.scales, y, 4, 32, q4.offsets, **config)
+dequant = (q.float() * d.half().float().repeat_interleave(32, 1) + low.half().float().repeat_interleave(32, 1))
+torch.testing.assert_close(y.float(), x.float() @ dequant.half().float().T, rtol=1e-2, atol=2e-2)
+print("ok")
+"""
+
+
+def test_weight_quant_gemm_matches_the_dequantized_weight_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", WEIGHT_QUANT_CHECK], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_cuda_has_weight_quant_primitives_for_both_formats():
+    for name, fmt in (("triton.weight_quant_int8", "int8"), ("triton.weight_quant_int4", "int4")):
+        p = primitives.REGISTRY[name]
+        assert p.backends == ("cuda",) and p.weight_format == fmt and p.invalid is triton_gemm_invalid
+        assert set(p.space) == {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"}

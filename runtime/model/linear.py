@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from xytune.kernels.gemm import bind_linear, bind_onednn_packed, pack_weight
-from xytune.kernels.quantized import QUANTIZED_BINDS, QUANTIZERS, WEIGHT_FORMATS, int4_shape_failure
+from xytune.kernels.quantized import QUANTIZED_BINDS, QUANTIZERS, WEIGHT_FORMATS, int4_shape_failure, int4_weight
 from xytune.kernels.smooth_gemm import run_smooth_gemm
 from xytune.profiler.primitives import gemm_kernels
 
@@ -19,9 +19,12 @@ class Linear:
     """``y = x @ W.T + b`` for a fixed weight ``W [N, K]``."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, mode: str = "packed",
-                 batch_hint: int = 32, planner=None):
+                 batch_hint: int = 32, planner=None, sources: tuple[str, ...] = ()):
         """``mode`` smooth runs SmoothGEMM: ``planner`` picks the segments; it is a SmoothGEMMPlanner for
-        this shape or ``planner_for(n, k, kernel_names)`` making one over the kernels this weight has."""
+        this shape or ``planner_for(n, k, kernel_names)`` making one over the kernels this weight has.
+        ``sources``: the checkpoint tensors stacked (along N) into this weight, so their own quantized blocks
+        can be found."""
+        self.sources = sources
         if mode not in GEMM_MODES:
             raise ValueError(f"gemm mode must be one of {GEMM_MODES}, not {mode!r}")
         if mode == "smooth" and planner is None:
@@ -34,12 +37,14 @@ class Linear:
             else bind_linear(weight, bias)
         self.planner, self.kernels = None, None
         self.quantized = {}
+        self.int4_from_checkpoint = False
         if mode == "smooth":
             self.kernels = gemm_kernels(weight, bias, self.packed)
             self.planner = planner(*weight.shape, set(self.kernels)) if callable(planner) else planner
 
-    def load_formats(self, formats, planner=None) -> None:
-        """Hold the weight in ``formats`` (of WEIGHT_FORMATS), each quantized once here from the float weight.
+    def load_formats(self, formats, planner=None, int4_codes=None) -> None:
+        """Hold the weight in ``formats`` (of WEIGHT_FORMATS), each made once here: int4 from ``int4_codes``
+        (``(q, d, m)``, the checkpoint's own Q4 blocks) when given, else quantized from the float weight.
 
         The float weight (and its packed layout) is dropped unless ``float`` is among them, or no quantized
         format can take this shape (int4 packing needs N % 16 == 0 and K % 32 == 0: the weight stays float).
@@ -49,8 +54,15 @@ class Linear:
         if unknown or not formats:
             raise ValueError(f"weight formats must be some of {WEIGHT_FORMATS}, not {sorted(formats)}")
         n, k = self.out_features, self.in_features
-        self.quantized = {f: QUANTIZERS[f](self.weight) for f in formats
-                          if f != "float" and not (f == "int4" and int4_shape_failure(n, k))}
+        self.quantized = {}
+        for f in formats:
+            if f == "float" or (f == "int4" and int4_shape_failure(n, k)):
+                continue
+            if f == "int4" and int4_codes is not None:
+                self.quantized[f] = int4_weight(*int4_codes, self.weight.dtype, self.weight.device)
+            else:
+                self.quantized[f] = QUANTIZERS[f](self.weight)
+        self.int4_from_checkpoint = "int4" in self.quantized and int4_codes is not None
         if "float" not in formats and self.quantized:
             self.weight, self.packed = None, None
         if planner is not None:

@@ -70,8 +70,8 @@ class LlamaModel:
         self.config, self.dtype, self.device = config, dtype, torch.device(device)
         self.attention = attention
 
-        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-            return Linear(weight, bias, gemm, planner=planner_for if gemm == "smooth" else None)
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None, *sources: str) -> Linear:
+            return Linear(weight, bias, gemm, planner=planner_for if gemm == "smooth" else None, sources=sources)
 
         def take(name: str) -> torch.Tensor:
             if name not in state:
@@ -80,22 +80,26 @@ class LlamaModel:
 
         self.embed = take("model.embed_tokens.weight")
         self.norm = take("model.norm.weight")
-        lm_head = self.embed if config.tie_word_embeddings or "lm_head.weight" not in state \
-            else take("lm_head.weight")
-        self.lm_head = linear(lm_head)
+        tied = config.tie_word_embeddings or "lm_head.weight" not in state
+        head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        self.lm_head = linear(self.embed if tied else take(head_name), None, head_name)
         self.layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
-            qkv = [take(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
+            qkv_names = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
+            qkv = [take(name) for name in qkv_names]
             bias = None
             if config.qkv_bias:
                 bias = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
-            gate_up = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+            gate_up_names = (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+            gate_up = torch.cat([take(name) for name in gate_up_names])
+            o_name, down_name = p + "self_attn.o_proj.weight", p + "mlp.down_proj.weight"
             self.layers.append(Layer(
-                ln1=take(p + "input_layernorm.weight"), qkv=linear(torch.cat(qkv).contiguous(), bias),
-                o=linear(take(p + "self_attn.o_proj.weight")),
-                ln2=take(p + "post_attention_layernorm.weight"), gate_up=linear(gate_up.contiguous()),
-                down=linear(take(p + "mlp.down_proj.weight")),
+                ln1=take(p + "input_layernorm.weight"), qkv=linear(torch.cat(qkv).contiguous(), bias, *qkv_names),
+                o=linear(take(o_name), None, o_name),
+                ln2=take(p + "post_attention_layernorm.weight"),
+                gate_up=linear(gate_up.contiguous(), None, *gate_up_names),
+                down=linear(take(down_name), None, down_name),
             ))
         inv = rope_inv_freq(config)
         pos = torch.arange(config.max_position_embeddings, dtype=torch.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -12,7 +13,7 @@ from xytune.profiler.geometry import DEFAULT_MODEL, GeometryError, smollm2_gguf_
 from xytune.profiler.probe import fastest_dtype
 
 from .tokenizer import Tokenizer
-from .weights import load_gguf, load_hf_folder
+from .weights import GGUFInt4Blocks, load_gguf, load_hf_folder
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,13 +51,20 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
-def load_checkpoint(model: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, str]:
-    """(config, state dict in HF names, tokenizer, display name)."""
+class Checkpoint(NamedTuple):
+    config: ModelConfig
+    state: dict[str, torch.Tensor]  # float weights in HF names
+    tokenizer: Tokenizer
+    name: str  # as the user gave it
+    int4_blocks: GGUFInt4Blocks | None = None  # a GGUF file's own 4-bit codes (None: a Hugging Face folder)
+
+
+def load_checkpoint(model: str) -> Checkpoint:
     path = resolve_model_path(model)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path} is not a .gguf file or a Hugging Face folder.")
-        config, state, reader = load_gguf(path)
-        return config, state, Tokenizer.from_gguf(reader, path.parent), model
+        config, state, reader, blocks = load_gguf(path)
+        return Checkpoint(config, state, Tokenizer.from_gguf(reader, path.parent), model, blocks)
     config, state = load_hf_folder(path)
-    return config, state, Tokenizer.from_folder(path), model
+    return Checkpoint(config, state, Tokenizer.from_folder(path), model)

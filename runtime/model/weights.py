@@ -49,14 +49,55 @@ def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], object]:
-    """(config, float32 state dict in HF names, the GGUFReader for the tokenizer)."""
+# ggml's 4-bit blocks of 32 weights along K: a float16 step d (Q4_1: and a float16 minimum m), then 16 bytes whose
+# low nibbles are weights 0-15 and high nibbles weights 16-31 (ggml-common.h block_q4_0 / block_q4_1);
+# w = q * d + m, with m = -8 d for Q4_0
+_INT4_BLOCKS = {gguf.GGMLQuantizationType.Q4_0: False, gguf.GGMLQuantizationType.Q4_1: True}  # -> has m
+
+
+class GGUFInt4Blocks:
+    """The 4-bit codes of a GGUF file's Q4_0/Q4_1 tensors, read on demand, so an int4 weight can be the file's
+    own blocks (exactly what llama.cpp computes with) instead of a re-quantization of their dequantized floats."""
+
+    def __init__(self):
+        self._tensors: dict[str, tuple[object, bool, int | None]] = {}  # HF name -> (tensor, has m, heads)
+
+    def add(self, name: str, tensor, heads: int | None) -> None:
+        if tensor.tensor_type in _INT4_BLOCKS:
+            self._tensors[name] = (tensor, _INT4_BLOCKS[tensor.tensor_type], heads)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def codes(self, names) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(q [N, K] uint8 in 0..15, d, m [N, K / 32] float32)`` of ``names`` stacked along N (a fused weight's
+        parts), or None unless every one of them is stored in 4-bit blocks."""
+        if not names or any(n not in self._tensors for n in names):
+            return None
+        parts = [self._codes(*self._tensors[n]) for n in names]
+        return tuple(torch.from_numpy(np.concatenate(p)) for p in zip(*parts))
+
+    @staticmethod
+    def _codes(tensor, has_min: bool, heads: int | None):
+        rows = tensor.data.shape[0]
+        blocks = np.asarray(tensor.data).reshape(rows, -1, 20 if has_min else 18)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if has_min else -8.0 * d
+        nibbles = blocks[..., 4:] if has_min else blocks[..., 2:]
+        q = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=-1).reshape(rows, -1)
+        if heads is not None:  # Q/K rows as the float weights have them
+            q, d, m = (_unpermute_rows(a, heads) for a in (q, d, m))
+        return np.ascontiguousarray(q), np.ascontiguousarray(d), np.ascontiguousarray(m)
+
+
+def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], object, GGUFInt4Blocks]:
+    """(config, float32 state dict in HF names, the GGUFReader for the tokenizer, the 4-bit tensors' codes)."""
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}).") from None
     config = gguf_config(reader)
-    state = {}
+    state, blocks = {}, GGUFInt4Blocks()
     for t in reader.tensors:
         name = _hf_name(t.name)
         if name is None:
@@ -67,12 +108,16 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], object]
             raise ModelLoadError(f"{path}: tensor {t.name} uses quantization {t.tensor_type.name}, which cannot be "
                                  f"dequantized here (supported: {', '.join(GGUF_TYPES_DOCUMENTED)} and others "
                                  "gguf-py knows).") from None
+        heads = None
         if config.architecture == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
-            w = _unpermute_rows(w, config.num_heads)
+            heads = config.num_heads
         elif config.architecture == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
-            w = _unpermute_rows(w, config.num_kv_heads)
+            heads = config.num_kv_heads
+        if heads is not None:
+            w = _unpermute_rows(w, heads)
         state[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # writable copy
-    return config, state, reader
+        blocks.add(name, t, heads)
+    return config, state, reader, blocks
 
 
 def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

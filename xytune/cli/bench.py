@@ -87,6 +87,42 @@ def bench_runtime(
         json_out.write_text(json.dumps(results, indent=2))
 
 
+@bench_app.command("floor")
+def bench_floor(
+    dtype: str = typer.Option("bfloat16", help="Activations: float32 | bfloat16."),
+    quantization: str = typer.Option("none,int8,int4", help="Comma list of weight formats to take turns: none "
+                                     "(float) | int8 | int4 | auto (auto needs --profile)."),
+    profile: Path = typer.Option(None, help="Cost table: SmoothGEMM picks each weight's kernel per M from it."),
+    steps: int = typer.Option(48, help="Decode steps timed per turn."),
+    repeats: int = typer.Option(3, help="Turns of every format (medians and ranges reported)."),
+    threads: int = typer.Option(None, help="CPU threads."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON here."),
+):
+    """A batch-1 decode step (and its weight GEMMs alone) against the time to read its weights once at the
+    measured memory bandwidth, per weight format."""
+    from xytune.bench import floor as floor_bench
+    from xytune.kernels.quantized import QUANTIZATIONS
+    from xytune.model_config import ModelLoadError
+    from xytune.profiler.cost_model import CostModelError
+
+    formats = [q.strip() for q in quantization.split(",") if q.strip()]
+    if not formats or any(q not in QUANTIZATIONS for q in formats):
+        fail(f"--quantization must be a comma list of {', '.join(QUANTIZATIONS)}, not {quantization!r}.")
+    if dtype not in ("float32", "bfloat16") or steps < 4 or repeats < 1:
+        fail("--dtype must be float32 or bfloat16, --steps >= 4, --repeats >= 1.")
+    if profile is not None and not profile.is_file():
+        fail(f"--profile {profile}: no such file.")
+    try:
+        with console.status("timing decode steps and GEMMs, formats taking turns..."):
+            results = floor_bench.run_bench(dtype, formats, steps, repeats, str(profile) if profile else None,
+                                            threads)
+    except (ModelLoadError, CostModelError, ValueError) as exc:
+        fail(str(exc))
+    floor_bench.render(results, console)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
 def _checked_rates(sweep_rates: str, num_prompts: int, input_len: int, output_len: int,
                    repeats: int = 1) -> list[float]:
     """The rates of a benchmark sweep, checked with the trace sizes (one line and exit 2 when bad)."""

@@ -36,9 +36,10 @@ def measure_gemm_peak(device: Device, dtype: str, policy: TimingPolicy = PEAK_TI
     return 2.0 * n**3 / best
 
 
-def measure_copy_bandwidth(device: Device, policy: TimingPolicy = PEAK_TIMING) -> float:
-    """Bytes/s of a large device-to-device copy (read + write counted)."""
-    numel = (64 if device.backend == "cpu" else 1024) * 2**20 // 4
+def measure_copy_bandwidth(device: Device, policy: TimingPolicy = PEAK_TIMING, nbytes: int | None = None) -> float:
+    """Bytes/s of a large device-to-device copy of ``nbytes`` (default 64 MiB on CPU, 1 GiB else; read + write
+    counted)."""
+    numel = (nbytes or (64 if device.backend == "cpu" else 1024) * 2**20) // 4
     src = torch.ones(numel, dtype=torch.float32, device=device.torch_device)
     dst = torch.empty_like(src)
     samples = measure(lambda: dst.copy_(src), device, policy)

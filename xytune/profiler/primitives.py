@@ -268,6 +268,14 @@ register_gemm("triton.tiled_gemm", bind_triton, ("cuda",), ("float16", "bfloat16
               space={"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (32, 64, 128, 256), "BLOCK_K": (32, 64, 128),
                      "num_warps": (2, 4, 8), "num_stages": (2, 3, 4, 5)},
               invalid=triton_gemm_invalid, available=triton_available)
+# CUDA weight-only quantized GEMMs: the same formats dequantized tile by tile in Triton (kernels/triton_gemm.py);
+# decode's small M is what they are for, so the M tiles stay small
+WEIGHT_QUANT_TILES = {"BLOCK_M": (16, 32, 64), "BLOCK_N": (32, 64, 128), "BLOCK_K": (32, 64, 128),
+                      "num_warps": (2, 4, 8), "num_stages": (2, 3, 4)}
+register_gemm("triton.weight_quant_int8", bind_int8_weight, ("cuda",), ("float16", "bfloat16"), weight_format="int8",
+              space=WEIGHT_QUANT_TILES, invalid=triton_gemm_invalid, available=triton_available)
+register_gemm("triton.weight_quant_int4", bind_int4_weight, ("cuda",), ("float16", "bfloat16"), weight_format="int4",
+              space=WEIGHT_QUANT_TILES, invalid=triton_gemm_invalid, available=triton_available)
 # Ascend NPU: torch_npu matmul with the weight in ND or FRACTAL_NZ layout
 register_gemm("npu.matmul", bind_npu_matmul, ("npu",), space={"weight_format": ("ND", "NZ")})
 
