@@ -20,9 +20,9 @@ def test_the_bytes_read_are_each_weight_in_the_format_it_runs_at_m1():
     model = float32.model
     small = model.embed.shape[1] * 4 + sum(layer.ln1.numel() * 4 + layer.ln2.numel() * 4 for layer in model.layers)
     assert bytes_read_at_m1(float32) == float32.weight_bytes["float"] + small
-    assert {format_at_m1(lin) for lin in model_linears(int4.model)} == {"int4"}
-    assert bytes_read_at_m1(int4) == int4.weight_bytes["int4"] + small
-    assert bytes_read_at_m1(int4) < bytes_read_at_m1(float32) / 5  # half a byte a weight plus the group scales
+    assert {format_at_m1(lin) for lin in model_linears(int4.model)} == {"int4", "int8"}  # lm_head: Q8_0 in the file
+    assert bytes_read_at_m1(int4) == int4.weight_bytes["int4"] + int4.weight_bytes["int8"] + small
+    assert bytes_read_at_m1(int4) < bytes_read_at_m1(float32) / 4.5  # half a byte a weight, a byte for lm_head
 
 
 def test_bench_floor_prints_and_writes_every_format_side_by_side(tmp_path):

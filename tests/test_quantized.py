@@ -206,10 +206,13 @@ def test_a_gguf_files_own_q4_blocks_are_its_float_weights_exactly():
     torch.testing.assert_close(lin(x), x @ w.T, rtol=1e-4, atol=1e-4)  # float32 sums of 1536 in another order
 
 
-def test_llm_int4_takes_the_checkpoints_blocks_where_it_has_them():
+def test_llm_int4_serves_the_gguf_at_its_own_precision():
     require_default_model()
     own = LLM(dtype="float32", kv_cache_gb=0.05, quantization="int4")
     layers = own.model.config.num_layers
-    assert own.int4_from_checkpoint == 4 * layers  # qkv, o, gate_up and down of every layer; lm_head is Q8_0
-    assert LLM(dtype="float32", kv_cache_gb=0.05, quantization="int4", int4_from_checkpoint=False
-               ).int4_from_checkpoint == 0
+    assert own.int4_from_checkpoint == 4 * layers  # qkv, o, gate_up and down of every layer: their Q4_1 blocks
+    head = own.model.lm_head  # the Q8_0 embedding it shares stays 8-bit, as llama.cpp runs it
+    assert set(head.quantized) == {"int8"} and head.weight is None
+    assert own.weight_bytes["int8"] == head.weight_bytes["int8"]
+    every = LLM(dtype="float32", kv_cache_gb=0.05, quantization="int4", int4_from_checkpoint=False)
+    assert every.int4_from_checkpoint == 0 and set(every.weight_bytes) == {"int4"}

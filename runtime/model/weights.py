@@ -49,6 +49,7 @@ def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+EIGHT_BIT_TYPES = (gguf.GGMLQuantizationType.Q8_0,)
 # ggml's 4-bit blocks of 32 weights along K: a float16 step d (Q4_1: and a float16 minimum m), then 16 bytes whose
 # low nibbles are weights 0-15 and high nibbles weights 16-31 (ggml-common.h block_q4_0 / block_q4_1);
 # w = q * d + m, with m = -8 d for Q4_0
@@ -61,10 +62,17 @@ class GGUFInt4Blocks:
 
     def __init__(self):
         self._tensors: dict[str, tuple[object, bool, int | None]] = {}  # HF name -> (tensor, has m, heads)
+        self._eight_bit: set[str] = set()
 
     def add(self, name: str, tensor, heads: int | None) -> None:
         if tensor.tensor_type in _INT4_BLOCKS:
             self._tensors[name] = (tensor, _INT4_BLOCKS[tensor.tensor_type], heads)
+        elif tensor.tensor_type in EIGHT_BIT_TYPES:
+            self._eight_bit.add(name)
+
+    def stored_at_8_bits(self, names) -> bool:
+        """Whether the file keeps these tensors in 8-bit blocks (Q8_0), which int4 would round further."""
+        return bool(names) and all(n in self._eight_bit for n in names)
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
