@@ -25,6 +25,18 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _x_tile(x_ptr, rm, kk, M, K, stride_xm, stride_xk):
+        """The activations' [BLOCK_M, BLOCK_K] tile, rows and columns past M and K read as 0 (virtual padding)."""
+        return tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+                       mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+
+    @triton.jit
+    def _store_tile(y_ptr, acc, rm, rn, M, N, stride_ym, stride_yn):
+        """The float32 accumulator into the output's dtype, the tail masked."""
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.jit
     def _gemm_kernel(
         x_ptr, w_ptr, y_ptr, M, N, K,
         stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
@@ -38,14 +50,11 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-                        mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            x = _x_tile(x_ptr, rm, kk, M, K, stride_xm, stride_xk)
             w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
                         mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
             acc += tl.dot(x, w, input_precision=PRECISION)
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
-                 acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
-
+        _store_tile(y_ptr, acc, rm, rn, M, N, stride_ym, stride_yn)
 
     @triton.jit
     def _weight_quant_gemm_kernel(
@@ -64,8 +73,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-                        mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            x = _x_tile(x_ptr, rm, kk, M, K, stride_xm, stride_xk)
             w_mask = (rn[None, :] < N) & (kk[:, None] < K)
             if BITS == 8:
                 w = tl.load(q_ptr + rn[None, :] * stride_qn + kk[:, None], mask=w_mask, other=0).to(tl.float32)
@@ -79,8 +87,7 @@ if triton is not None:
             acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
         if BITS == 8:
             acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
-                 acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+        _store_tile(y_ptr, acc, rm, rn, M, N, stride_ym, stride_yn)
 
 
 # ``tl.dot``'s ``input_precision`` for every dtype. For float32 inputs Triton's default is TF32 (10-bit

@@ -59,12 +59,16 @@ print("ok")
 """
 
 
-def test_float32_gemm_is_ieee_and_matches_torch():
+def run_interpreted(script: str) -> None:
+    """``script`` in a process of its own under TRITON_INTERPRET=1; it prints ok at its end."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", FLOAT32_CHECK], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_float32_gemm_is_ieee_and_matches_torch():
+    run_interpreted(FLOAT32_CHECK)
 
 
 def _config(bm, bn, bk, warps, stages):
@@ -143,11 +147,7 @@ print("ok")
 
 
 def test_weight_quant_gemm_matches_the_dequantized_weight_under_the_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", WEIGHT_QUANT_CHECK], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    run_interpreted(WEIGHT_QUANT_CHECK)
 
 
 def test_cuda_has_weight_quant_primitives_for_both_formats():
