@@ -262,9 +262,8 @@ class Engine:
         predicted, tiles, keys = None, 0.0, 0.0
         if self.predictor is not None:
             tiles, keys = decode_terms(out.decode_keys, self.predictor.tile_kv, padded=not looped)
-            shape = (out.num_tokens, out.num_logit_rows, out.attention_pairs, out.decode_keys, planned, looped)
-            predicted = self.predictor.predict(*shape)
-            self.predictor.observe(*shape[:2], seconds, *shape[2:])
+            predicted = self.predictor.observe(out.num_tokens, out.num_logit_rows, seconds, out.attention_pairs,
+                                               out.decode_keys, planned, looped)
         self.step_stats.append(StepStats(out.num_tokens, out.num_tokens - num_decode - num_verify, num_decode,
                                          seconds, predicted, num_verify, out.num_logit_rows, out.attention_pairs,
                                          tiles, keys, planned, looped))

@@ -179,10 +179,9 @@ class SimulatedEngine:
         decode_keys = [r.num_computed + 1 for r, n in scheduled if n == 1]
         host = self.scheduler.attention.count(tuple(id(r) for r, _ in scheduled), len(decode_keys) == len(scheduled))
         seconds = self.truth.predict(tokens, logits, pairs, decode_keys, *host)
-        predicted = self.predictor.predict(tokens, logits, pairs, decode_keys, *host)
         num_decode, num_verify = work.num_decode_tokens, work.num_verify_tokens
         self.now += seconds
-        self.predictor.observe(tokens, logits, seconds, pairs, decode_keys, *host)
+        predicted = self.predictor.observe(tokens, logits, seconds, pairs, decode_keys, *host)
         self.steps.append(StepStats(tokens, tokens - num_decode - num_verify, num_decode, seconds, predicted,
                                     num_verify, logits, pairs,
                                     *decode_terms(decode_keys, self.predictor.tile_kv, padded=not host[1]), *host))

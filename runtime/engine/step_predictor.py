@@ -174,12 +174,15 @@ class StepPredictor:
         return float(f @ self.coef) * self.drift
 
     def observe(self, num_tokens: int, num_logits: int, actual_s: float, attn_pairs: float = 0.0,
-                decode_keys: Sequence[int] = (), planned: int = 0, looped: int = 0) -> None:
-        """Record a finished step (its prediction made before seeing it) and learn from it."""
-        if num_tokens < 1 or actual_s <= 0:
-            return
+                decode_keys: Sequence[int] = (), planned: int = 0, looped: int = 0) -> float:
+        """Record a finished step and learn from it; returns what ``predict`` said of it before this."""
+        if num_tokens < 1:
+            return 0.0
         f = self._features(num_tokens, num_logits, attn_pairs, decode_keys, planned, looped)
-        self.records.append((num_tokens, self._predict(f), actual_s))
+        predicted = self._predict(f)
+        if actual_s <= 0:
+            return predicted
+        self.records.append((num_tokens, predicted, actual_s))
         if f[0] > 0:
             ratio = actual_s / f[0]
             self.scale = ratio if not self.calibrated else (1 - self.alpha) * self.scale + self.alpha * ratio
@@ -190,6 +193,7 @@ class StepPredictor:
             self.drift = float(np.median(self._drift))
         if len(self._fit_rows) >= MIN_FIT_STEPS and len(self.records) % self.refit_every == 0:
             self._refit()
+        return predicted
 
     def _refit(self) -> None:
         self.fit(list(self._fit_rows))
