@@ -121,6 +121,15 @@ def test_compare_reports_errors_below_the_knee_and_capacity_in_rate_steps():
     assert v["rows"][1]["errors"]["p90_ttft_ms"] == pytest.approx(-0.10)
     assert v["max_error_below_knee"] == pytest.approx(0.10)  # the rate past the knee does not count
     assert v["capacity_rate_steps"] == 1 and v["capacity_goal_met"] and v["latency_goal_met"]
+    assert v["max_real_spread_below_knee"] is None and v["rows"][0]["real_spread"] == {}  # one run: no spread
+
+    # two real runs of each rate: their own distance apart, over the pooled figure, below the knee only
+    real["variants"][0]["rows"][0]["repeats"] = [row(1, 1.0, 90.0), row(1, 1.0, 115.0)]
+    real["variants"][0]["rows"][2]["repeats"] = [row(4, 0.2, 500.0), row(4, 0.4, 1300.0)]
+    v = compare(real, sim)["v"]
+    assert v["rows"][0]["real_spread"]["median_ttft_ms"] == pytest.approx(0.25)
+    assert v["rows"][0]["real_spread"]["median_tpot_ms"] == 0.0
+    assert v["max_real_spread_below_knee"] == pytest.approx(0.25)
 
 
 def test_calibrate_steps_stores_a_fit_the_engine_starts_from(tmp_path):
@@ -164,10 +173,11 @@ def test_sim_vs_real_runs_one_trace_through_both(tmp_path):
     out = tmp_path / "svr.json"
     run = xytune("bench", "sim-vs-real", "--profile", table, "--policies", "chunked", "--num-prompts", "6",
                  "--input-len", "32", "--output-len", "6", "--sweep-rates", "2,8", "--dtype", "float32",
-                 "--json", out)
+                 "--repeats", "2", "--json", out)
     assert run.exit_code == 0, run.output
     result = json.loads(out.read_text())
     real, sim = result["real"]["variants"][0]["rows"], result["simulated"]["variants"][0]["rows"]
-    assert [r["completed"] for r in real] == [r["completed"] for r in sim] == [6, 6]
+    assert [r["completed"] for r in real] == [r["completed"] for r in sim] == [12, 12]  # two repeats pooled
     assert [r["total_input_tokens"] for r in real] == [r["total_input_tokens"] for r in sim]
+    assert [[rep["completed"] for rep in r["repeats"]] for r in real] == [[6, 6], [6, 6]]  # and each on its own
     assert "simulator against the real engine" in run.stdout and "capacity real" in run.stdout

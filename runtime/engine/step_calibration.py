@@ -106,13 +106,16 @@ def _closed_loop(loop: ServingLoop, rng: np.random.Generator, in_flight: int, st
 
 @dataclass(frozen=True)
 class StepGrid:
-    """Step shapes varied one at a time: decode batches x prompt contexts; prefill chunks (one prompt each,
+    """Step shapes varied one at a time: decode batches x prompt contexts; decode batches of short requests
+    beside one long one (whose tiles pad the short ones': ``decode_terms``); prefill chunks (one prompt each,
     context 0); a long prompt in chunks (tokens fixed, context growing); a decode batch beside each of a few
     chunk sizes."""
 
     decode_batches: tuple[int, ...] = (1, 4, 16, 32)
     decode_contexts: tuple[int, ...] = (32, 384, 1024)
-    decode_steps: int = 4  # decode steps timed per (batch, context)
+    decode_steps: int = 4  # decode steps timed per (batch, context), and per skewed batch
+    skewed_decodes: tuple[tuple[int, int, int], ...] = ((15, 32, 384), (15, 64, 1024), (31, 128, 512))
+    # (short requests, their context, the long one's context)
     prefill_chunks: tuple[int, ...] = (16, 64, 256, 1024, 2048)
     prefill_repeats: int = 3
     long_prompt: tuple[int, int] = (2048, 512)  # (prompt tokens, chunk)
@@ -123,8 +126,9 @@ class StepGrid:
 
 FULL_GRID = StepGrid()
 # a quarter of the prompt tokens: a first look at a new machine, or a test
-QUICK_GRID = StepGrid(decode_batches=(1, 8), decode_contexts=(32, 512), decode_steps=2, prefill_chunks=(16, 256, 1024),
-                      prefill_repeats=1, long_prompt=(1024, 512), mixed_batches=(4,), mixed_chunks=(64,))
+QUICK_GRID = StepGrid(decode_batches=(1, 8), decode_contexts=(32, 512), decode_steps=2,
+                      skewed_decodes=((7, 32, 512),), prefill_chunks=(16, 256, 1024), prefill_repeats=1,
+                      long_prompt=(1024, 512), mixed_batches=(4,), mixed_chunks=(64,))
 
 
 def _grid(loop: ServingLoop, rng: np.random.Generator, grid: StepGrid) -> list[tuple[int, float]]:
@@ -132,14 +136,15 @@ def _grid(loop: ServingLoop, rng: np.random.Generator, grid: StepGrid) -> list[t
     timed: list[tuple[int, float]] = []
     sched = loop.engine.scheduler
     sched.reconfigure(max_num_batched_tokens=GRID_BUDGET)
-    for context in grid.decode_contexts:
-        for batch in grid.decode_batches:
-            for _ in range(batch):  # generating past the prefill of the others (aborted once timed)
-                loop.add(rng, context, GRID_MAX_TOKENS)
-            loop.prefill_all()
-            for _ in range(grid.decode_steps):
-                loop.timed_step(timed)
-            loop.abort_all()
+    decode_sets = [[context] * batch for context in grid.decode_contexts for batch in grid.decode_batches]
+    decode_sets += [[short] * n + [long] for n, short, long in grid.skewed_decodes]
+    for contexts in decode_sets:
+        for context in contexts:  # generating past the prefill of the others (aborted once timed)
+            loop.add(rng, context, GRID_MAX_TOKENS)
+        loop.prefill_all()
+        for _ in range(grid.decode_steps):
+            loop.timed_step(timed)
+        loop.abort_all()
     for chunk in grid.prefill_chunks:
         for _ in range(grid.prefill_repeats):
             loop.add(rng, chunk, 1)  # its one step prefills the prompt and samples its only token

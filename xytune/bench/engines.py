@@ -119,6 +119,7 @@ def run(policies: dict[str, dict], llm_kwargs: dict, prompts: list[BenchPrompt],
     rows: dict[str, list[dict]] = {p: [] for p in policies}
     for rate in rates:
         pooled = {p: ([], 0.0, []) for p in policies}
+        each = {p: [] for p in policies}  # every repeat's own figures: how far the machine moves between runs
         for rep in range(repeats):
             for p, engine in engines.items():
                 if progress:
@@ -127,8 +128,10 @@ def run(policies: dict[str, dict], llm_kwargs: dict, prompts: list[BenchPrompt],
                 results, wall = replay(engine, prompts, rate, seed + rep)
                 results_so_far, wall_so_far, steps = pooled[p]
                 pooled[p] = (results_so_far + results, wall_so_far + wall, steps + engine.step_stats[first_step:])
+                each[p].append(summarize(results, wall, rate, slo_ttft_ms, slo_tpot_ms))
         for p, (results, wall, steps) in pooled.items():
-            rows[p].append({**summarize(results, wall, rate, slo_ttft_ms, slo_tpot_ms), "steps": step_summary(steps)})
+            row = {**summarize(results, wall, rate, slo_ttft_ms, slo_tpot_ms), "steps": step_summary(steps)}
+            rows[p].append({**row, "repeats": each[p]} if repeats > 1 else row)
     variants = []
     for p, engine in engines.items():
         err = engine.predictor.error_summary()["median_ape"] if engine.predictor is not None else None

@@ -27,6 +27,17 @@ def candidate_of(overrides: dict, max_num_batched_tokens: int, tbt_slo_ms: float
                      tbt_slo_ms=tbt_slo_ms)
 
 
+def real_spread(row: dict) -> dict:
+    """Per latency metric, how far the real engine's own repeats of one rate lie apart (max - min over the
+    pooled figure); empty for a single run. On a machine whose speed drifts from minute to minute this is the
+    floor under the simulator's error: the same trace, run twice, differs by this much."""
+    runs = row.get("repeats") or []
+    if len(runs) < 2:
+        return {}
+    return {m: (max(r[m] for r in runs) - min(r[m] for r in runs)) / row[m]
+            if row.get(m) and all(r.get(m) is not None for r in runs) else None for m in METRICS}
+
+
 def compare(real: dict, simulated: dict) -> dict:
     """Per variant and rate, the simulator's relative error on each latency metric; capacity in rate steps."""
     rates = real["rates"]
@@ -37,12 +48,15 @@ def compare(real: dict, simulated: dict) -> dict:
             errors = {m: (s[m] - r[m]) / r[m] if r.get(m) and s.get(m) is not None else None for m in METRICS}
             rows.append({"rate": r["request_rate"], "below_knee": r["slo_attainment"] >= ATTAINMENT,
                          "attainment": (r["slo_attainment"], s["slo_attainment"]), "errors": errors,
-                         "real": {m: r.get(m) for m in METRICS}, "sim": {m: s.get(m) for m in METRICS}})
+                         "real_spread": real_spread(r), "real": {m: r.get(m) for m in METRICS},
+                         "sim": {m: s.get(m) for m in METRICS}})
         rc, sc = real["capacity"][rv["name"]], simulated["capacity"][sv["name"]]
         steps = None if rc is None or sc is None else abs(rates.index(rc) - rates.index(sc))
         below = [abs(e) for row in rows if row["below_knee"] for e in row["errors"].values() if e is not None]
+        spread = [e for row in rows if row["below_knee"] for e in row["real_spread"].values() if e is not None]
         out[rv["name"]] = {"rows": rows, "capacity": (rc, sc), "capacity_rate_steps": steps,
                            "max_error_below_knee": max(below) if below else None,
+                           "max_real_spread_below_knee": max(spread) if spread else None,
                            "capacity_goal_met": (rc is None and sc is None) or steps is not None and steps <= 1,
                            "latency_goal_met": bool(below) and max(below) <= LATENCY_GOAL}
     return out
@@ -90,3 +104,6 @@ def render(result: dict, console) -> None:
                       f"req/s ({'within' if v['capacity_goal_met'] else 'NOT within'} one rate step); largest "
                       f"latency error below the knee {'-' if worst is None else f'{worst:.0%}'} (goal "
                       f"{LATENCY_GOAL:.0%}: {'met' if v['latency_goal_met'] else 'not met'})", highlight=False)
+        if (spread := v["max_real_spread_below_knee"]) is not None:
+            console.print(f"the real engine's own repeats below the knee lie up to {spread:.0%} apart (the same "
+                          "trace, run again on this machine)", highlight=False)
