@@ -74,9 +74,6 @@ class GGUFInt4Blocks:
         """Whether the file keeps these tensors in 8-bit blocks (Q8_0), which int4 would round further."""
         return bool(names) and all(n in self._eight_bit for n in names)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
     def codes(self, names) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``(q [N, K] uint8 in 0..15, d, m [N, K / 32] float32)`` of ``names`` stacked along N (a fused weight's
         parts), or None unless every one of them is stored in 4-bit blocks."""
