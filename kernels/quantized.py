@@ -134,7 +134,7 @@ def int4_weight(q: torch.Tensor, d: torch.Tensor, low: torch.Tensor, dtype: torc
     """Q4_1 codes ``q [N, K]`` (0..15) with each group's step ``d`` and minimum ``low`` ``[N, K / group]`` in the
     layout ``device``'s kernel takes, scales in ``dtype``: torch's packed int4 (CPU), torch_npu's int4 pack
     (Ascend) or nibble pairs (CUDA, ``triton_weight_quant_gemm``). The codes come from a float weight
-    (``int4_codes``) or straight from a GGUF file's Q4_0/Q4_1 blocks (``gguf_int4_codes``)."""
+    (``int4_codes``) or straight from a GGUF file's Q4_0/Q4_1/Q4_K blocks (``GGUFInt4Blocks``)."""
     n, k = q.shape
     group_size = k // d.shape[1]
     device = torch.device(device)

@@ -98,8 +98,8 @@ def load_quantized(model: LlamaModel, quantization: str, cost_model, dtype: str,
     for lin in linears:
         n, k = lin.out_features, lin.in_features
         formats = None
-        if quantization == "int4" and int4_blocks is not None and int4_blocks.stored_at_8_bits(lin.sources):
-            # the file keeps this weight at 8 bits (smollm2's Q8_0 embedding, its lm_head): int4 would round away
+        if quantization == "int4" and int4_blocks is not None and int4_blocks.stored_finer_than_4_bits(lin.sources):
+            # the file keeps this weight above 4 bits (smollm2's Q8_0 embedding, its lm_head): int4 would round away
             # what it kept (float32 perplexity 20.6 against 19.7), so it is served int8, as llama.cpp serves it
             try:
                 formats = weight_formats("int8", cost_model, n, k, dtype, planner_for is not None)
@@ -134,7 +134,7 @@ class LLM:
         ``gemm`` auto | packed | plain | smooth (SmoothGEMM planned from ``profile``; auto: smooth when a
         profile is given, else packed); ``quantization`` none (float weights: outputs equal transformers) |
         int8 | int4 | auto (see ``weight_formats``); ``weight_memory_gb`` auto's budget for the GEMM weights;
-        ``int4_from_checkpoint``: int4 weights are a GGUF file's own Q4_0/Q4_1 blocks where it has them (the
+        ``int4_from_checkpoint``: int4 weights are a GGUF file's own Q4_0/Q4_1/Q4_K blocks where it has them (the
         weights llama.cpp runs), else quantized from the float weights."""
         if threads is not None:
             torch.set_num_threads(threads)

@@ -3,6 +3,8 @@ the sweep, SmoothGEMM's choice per M across formats, and LLM(quantization=...)."
 
 import dataclasses
 
+import gguf
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from xytune.profiler.table import read_table
 from xytune.profiler.timing import TimingPolicy
 from xytune.runtime.llm import LLM, _planners, weight_formats, within_budget
 from xytune.runtime.model.linear import Linear
+from xytune.runtime.model.weights import GGUFInt4Blocks
 
 QUANTIZED = ("torch.int8pack_mm", "torch.int4pack_mm")
 
@@ -204,6 +207,47 @@ def test_a_gguf_files_own_q4_blocks_are_its_float_weights_exactly():
     lin.load_formats(["int4"], int4_codes=ckpt.int4_blocks.codes([down]))
     assert lin.int4_from_checkpoint
     torch.testing.assert_close(lin(x), x @ w.T, rtol=1e-4, atol=1e-4)  # float32 sums of 1536 in another order
+
+
+def k_quant_file(path, rows: int = 16, supers: int = 2, seed: int = 0):
+    """A GGUF file holding random Q4_K and Q6_K tensors [rows, supers * 256] (any bytes are valid blocks once
+    their float16 steps are finite), read back with gguf-py's reader."""
+    rng = np.random.default_rng(seed)
+    q4k = rng.integers(0, 256, (rows, supers, 144), dtype=np.uint8)
+    for lo in (0, 2):  # d and dmin
+        q4k[..., lo:lo + 2] = rng.uniform(1e-3, 2e-2, (rows, supers)).astype(np.float16)[..., None].view(np.uint8)
+    q6k = rng.integers(0, 256, (rows, supers, 210), dtype=np.uint8)
+    q6k[..., 208:210] = np.full((rows, supers), 1e-2, dtype=np.float16)[..., None].view(np.uint8)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("blk.0.ffn_down.weight", q4k.reshape(rows, -1), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    w.add_tensor("blk.0.attn_v.weight", q6k.reshape(rows, -1), raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_q4_k_super_blocks_are_groups_of_32_and_give_back_gguf_pys_weights_exactly(tmp_path):
+    tensors = k_quant_file(tmp_path / "k.gguf")
+    down, v = tensors["blk.0.ffn_down.weight"], tensors["blk.0.attn_v.weight"]
+    blocks = GGUFInt4Blocks()
+    blocks.add("down", down, None)
+    blocks.add("v", v, None)
+    q, d, m = blocks.codes(["down"])
+    assert q.shape == (16, 512) and d.shape == m.shape == (16, 16) and int(q.max()) <= 15
+    reference = torch.from_numpy(gguf.quants.dequantize(down.data, down.tensor_type).reshape(16, 512))
+    dequant = q.float() * d.repeat_interleave(32, dim=1) + m.repeat_interleave(32, dim=1)
+    assert torch.equal(dequant, reference)  # bit for bit
+    # Q6_K is kept above 4 bits: no int4 codes, and int4 serves it int8
+    assert blocks.codes(["v"]) is None and blocks.codes(["down", "v"]) is None
+    assert blocks.stored_finer_than_4_bits(["v"]) and not blocks.stored_finer_than_4_bits(["down"])
+    # the int4 kernel on those codes computes with the file's weight
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(1))
+    lin = Linear(reference.clone(), mode="plain", sources=("down",))
+    lin.load_formats(["int4"], int4_codes=(q, d, m))
+    assert lin.int4_from_checkpoint
+    torch.testing.assert_close(lin(x), x @ reference.T, rtol=1e-4, atol=1e-4)
 
 
 def test_llm_int4_serves_the_gguf_at_its_own_precision():
