@@ -17,6 +17,8 @@ from xytune.export import TuneSettings
 from xytune.profiler.cost_model import CostModel
 from xytune.profiler.devices import get_device
 from xytune.profiler.table import read_table, write_table
+from xytune.runtime.engine.engine import StepStats
+from xytune.runtime.engine.step_calibration import speed_ratio, step_features
 from xytune.runtime.engine.step_predictor import STEP_TERMS
 from xytune.tune import ATTAINMENT, GRID_LIMIT, Candidate, SearchSpace, Simulator, Workload, tune
 
@@ -106,6 +108,43 @@ def test_the_search_space_follows_the_table_and_optuna_takes_the_large_ones():
     assert Candidate("chunked", 2048, 256) in [s.candidate for s in runs[0].ranked]  # vLLM's defaults go first
 
 
+def test_a_machine_measured_slower_stretches_each_kind_of_simulated_step_by_its_factor():
+    model = CostModel(read_table(FITTED), formats=("float",))
+    sim = Simulator(model, "bfloat16")
+    work = Workload(synthetic_prompts(12, 128, 16, 49152, 0))
+    chunked = Candidate("chunked", 512, 256)
+    inf = float("inf")  # everything arrives at once: the same steps whatever they take, so every time scales
+    base = sim.sweep(chunked, work, [inf], 2000, 120)[0]
+    slow = sim.sweep(chunked, work, [inf], 2000, 120, speeds={inf: {"decode": 1.5, "prefill": 1.5}})[0]
+    assert slow["steps"]["steps"] == base["steps"]["steps"]
+    assert slow["steps"]["busy_s"] == pytest.approx(1.5 * base["steps"]["busy_s"])
+    for metric in ("median_ttft_ms", "p90_ttft_ms", "median_tpot_ms", "p90_tpot_ms"):
+        assert slow[metric] == pytest.approx(1.5 * base[metric])
+    decode_slow = sim.sweep(chunked, work, [inf], 2000, 120, speeds={inf: {"decode": 2.0, "prefill": 1.0}})[0]
+    assert decode_slow["steps"]["decode_only_step_ms_p50"] == pytest.approx(2 * base["steps"]["decode_only_step_ms_p50"])
+    assert decode_slow["steps"]["prefill_step_ms_p50"] == pytest.approx(base["steps"]["prefill_step_ms_p50"])
+    assert sim.sweep(chunked, work, [inf], 2000, 120)[0]["median_ttft_ms"] == pytest.approx(base["median_ttft_ms"])
+
+
+def test_speed_ratio_is_the_median_of_measured_over_the_fit_per_step_kind():
+    fit = Simulator(CostModel(read_table(FITTED), formats=("float",)), "bfloat16").truth
+
+    def step(prefill, decode):
+        n = prefill + decode
+        return StepStats(num_tokens=n, num_prefill_tokens=prefill, num_decode_tokens=decode, seconds=0.0,
+                         num_logit_rows=decode + 1, attention_pairs=float(n * 64))
+
+    steps = [step(0, 1), step(0, 8), step(0, 4), step(64, 0), step(256, 4)]
+    fitted = [float(step_features(fit, s) @ fit.coef) for s in steps]
+    assert speed_ratio([(s, 2.0 * f) for s, f in zip(steps, fitted)], fit) == \
+        {"decode": pytest.approx(2.0), "prefill": pytest.approx(2.0)}
+    measured = [0.5, 0.7, 3.0, 1.1, 1.3]
+    assert speed_ratio([(s, m * f) for s, m, f in zip(steps, measured, fitted)], fit) == \
+        {"decode": pytest.approx(0.7), "prefill": pytest.approx(1.2)}
+    decodes_only = [(s, m * f) for s, m, f in zip(steps[:3], measured, fitted)]
+    assert speed_ratio(decodes_only, fit) == {"decode": pytest.approx(0.7), "prefill": pytest.approx(0.7)}
+
+
 def test_compare_reports_errors_below_the_knee_and_capacity_in_rate_steps():
     def result(rows, cap):
         return {"rates": [1.0, 2.0, 4.0], "capacity": {"v": cap}, "variants": [{"name": "v", "rows": rows}]}
@@ -181,3 +220,13 @@ def test_sim_vs_real_runs_one_trace_through_both(tmp_path):
     assert [r["total_input_tokens"] for r in real] == [r["total_input_tokens"] for r in sim]
     assert [[rep["completed"] for rep in r["repeats"]] for r in real] == [[6, 6], [6, 6]]  # and each on its own
     assert "simulator against the real engine" in run.stdout and "capacity real" in run.stdout
+    # the machine's speed, probed before each of the four runs, and the trace simulated again at it
+    for r in real:
+        runs = [rep["machine_speed"] for rep in r["repeats"]]
+        assert all(0.05 < run[kind] < 20 for run in runs for kind in ("decode", "prefill"))
+        assert r["machine_speed"] == {k: pytest.approx((runs[0][k] + runs[1][k]) / 2) for k in runs[0]}  # median
+    at_speed = result["errors_at_measured_speed"]["chunked"]
+    assert [r["machine_speed"] for r in at_speed["rows"]] == [r["machine_speed"] for r in real]
+    sim_at = result["simulated_at_measured_speed"]["variants"][0]["rows"]
+    assert [r["completed"] for r in sim_at] == [12, 12]
+    assert "simulated at the machine's measured speed" in run.stdout

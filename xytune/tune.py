@@ -128,14 +128,17 @@ class Simulator:
                                acceptance_rate=workload.acceptance_rate, seed=workload.seed, truth=self.truth)
 
     def sweep(self, candidate: Candidate, workload: Workload, rates: list[float], slo_ttft_ms: float,
-              slo_tpot_ms: float, repeats: int = 1, stop_after_miss: bool = False) -> list[dict]:
+              slo_tpot_ms: float, repeats: int = 1, stop_after_miss: bool = False,
+              speeds: dict[float, dict[str, float]] | None = None) -> list[dict]:
         """One row per rate (``bench engines``' keys) for the candidate, its engine kept from rate to rate and
         warmed up first, as the real benchmark does. ``stop_after_miss``: stop at the first rate under the
-        attainment (a search does not need the rates past a candidate's knee)."""
+        attainment (a search does not need the rates past a candidate's knee). ``speeds``: per rate, a factor on
+        each kind of step's time (a machine measured that much slower than its table, ``machine_speed``)."""
         engine = self.engine(candidate, workload, slo_ttft_ms, slo_tpot_ms)
         engine.replay(workload.trace(math.inf, workload.seed, workload.prompts[:WARMUP_PROMPTS]))
         rows = []
         for rate in sorted(rates):
+            engine.speed = (speeds or {}).get(rate)
             results, duration, steps = [], 0.0, []
             for rep in range(repeats):
                 sim = engine.replay(workload.trace(rate, workload.seed + rep))

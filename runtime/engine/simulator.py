@@ -123,6 +123,9 @@ class SimulatedEngine:
         self.scheduler = Scheduler(scheduler_config, self.pool, self.predictor, speculative, self.max_model_len,
                                    clock=lambda: self.now, proposer=self._propose, attention=AttentionRequests(paths))
         self.spec = SpecStats()
+        # per step kind (step_calibration.STEP_KINDS), a factor on the step model's time: a machine measured that
+        # much slower than when the table's steps were timed (machine_speed); None: as the table has it
+        self.speed: dict[str, float] | None = None
         self.steps: list[StepStats] = []
         self._token_times: dict[int, list[float]] = {}  # id(request) -> when each of its tokens came out
 
@@ -180,6 +183,8 @@ class SimulatedEngine:
         host = self.scheduler.attention.count(tuple(id(r) for r, _ in scheduled), len(decode_keys) == len(scheduled))
         seconds = self.truth.predict(tokens, logits, pairs, decode_keys, *host)
         num_decode, num_verify = work.num_decode_tokens, work.num_verify_tokens
+        if self.speed is not None:
+            seconds *= self.speed["decode" if tokens == num_decode + num_verify else "prefill"]
         self.now += seconds
         predicted = self.predictor.observe(tokens, logits, seconds, pairs, decode_keys, *host)
         self.steps.append(StepStats(tokens, tokens - num_decode - num_verify, num_decode, seconds, predicted,

@@ -29,7 +29,7 @@ import numpy as np
 from xytune.profiler.devices import IDENTITY_KEYS, get_device
 from xytune.profiler.table import read_table, write_table
 
-from .engine import Engine, StepOutput
+from .engine import Engine, StepOutput, StepStats
 from .protocol import StepPublisher
 from .sampling import SamplingParams
 from .step_predictor import STEP_TERMS, StepPredictor
@@ -118,7 +118,7 @@ class StepGrid:
     # (short requests, their context, the long one's context)
     prefill_chunks: tuple[int, ...] = (16, 64, 256, 1024, 2048)
     prefill_repeats: int = 3
-    long_prompt: tuple[int, int] = (2048, 512)  # (prompt tokens, chunk)
+    long_prompt: tuple[int, int] | None = (2048, 512)  # (prompt tokens, chunk)
     mixed_batches: tuple[int, ...] = (4, 24)
     mixed_chunks: tuple[int, ...] = (64, 512)
     mixed_context: int = 256
@@ -129,6 +129,10 @@ FULL_GRID = StepGrid()
 QUICK_GRID = StepGrid(decode_batches=(1, 8), decode_contexts=(32, 512), decode_steps=2,
                       skewed_decodes=((7, 32, 512),), prefill_chunks=(16, 256, 1024), prefill_repeats=1,
                       long_prompt=(1024, 512), mixed_batches=(4,), mixed_chunks=(64,))
+# a few seconds of steps, half decode-only, half with prompt tokens, for ``machine_speed``
+SPEED_PROBE_GRID = StepGrid(decode_batches=(1, 8), decode_contexts=(64,), decode_steps=3, skewed_decodes=(),
+                            prefill_chunks=(64, 256), prefill_repeats=2, long_prompt=None, mixed_batches=(4,),
+                            mixed_chunks=(64, 256))
 
 
 def _grid(loop: ServingLoop, rng: np.random.Generator, grid: StepGrid) -> list[tuple[int, float]]:
@@ -157,12 +161,59 @@ def _grid(loop: ServingLoop, rng: np.random.Generator, grid: StepGrid) -> list[t
             loop.add(rng, chunk, 1)  # joins the decodes for one step
             loop.timed_step(timed)
         loop.abort_all()
-    prompt, chunk = grid.long_prompt
-    sched.reconfigure(max_num_batched_tokens=chunk)
-    loop.add(rng, prompt, 1)
-    for _ in range(-(-prompt // chunk)):
-        loop.timed_step(timed)
+    if grid.long_prompt is not None:
+        prompt, chunk = grid.long_prompt
+        sched.reconfigure(max_num_batched_tokens=chunk)
+        loop.add(rng, prompt, 1)
+        for _ in range(-(-prompt // chunk)):
+            loop.timed_step(timed)
     return timed
+
+
+def step_features(predictor: StepPredictor, s: StepStats) -> np.ndarray:
+    """The step predictor's terms of one recorded step."""
+    return predictor.features(s.num_tokens, s.num_logit_rows, s.attention_pairs, s.decode_tiles, s.decode_keys,
+                              s.planned_requests, s.looped_requests)
+
+
+STEP_KINDS = ("decode", "prefill")  # decode-only steps (memory-bound on a CPU), steps with prompt tokens
+
+
+def step_kind(s: StepStats) -> str:
+    return "prefill" if s.num_prefill_tokens else "decode"
+
+
+def speed_ratio(steps: list[tuple[StepStats, float]], fit: StepPredictor) -> dict[str, float]:
+    """Per step kind (``STEP_KINDS``), the median over ``(step, seconds)`` of measured over ``fit``'s prediction:
+    above 1, this machine now runs those steps slower than when the fit's steps were timed. A kind the steps lack
+    takes the median over all of them."""
+    ratios = {kind: [] for kind in STEP_KINDS}
+    for s, seconds in steps:
+        ratios[step_kind(s)].append(seconds / float(step_features(fit, s) @ fit.coef))
+    every = [r for kind in STEP_KINDS for r in ratios[kind]]
+    return {kind: float(np.median(ratios[kind] or every)) for kind in STEP_KINDS}
+
+
+def machine_speed(engine: Engine, fit: StepPredictor, seed: int | None = None) -> dict[str, float]:
+    """How fast this machine runs whole engine steps now, against ``fit`` (a table's engine-step fit, as the
+    simulator uses it): ``speed_ratio`` over a few seconds of steps of every kind (``SPEED_PROBE_GRID``).
+
+    A figure measured on a machine is a fact about that machine at that time; a VM whose speed drifts between
+    the calibration and a run makes any prediction from the table off by the drift, and memory-bound decode
+    steps and compute-bound prefills drift apart. Probing just before a run tells the drift apart from the
+    simulator's own error. The engine must be idle; its scheduler settings are restored afterwards (its live
+    step predictor sees the probe's steps, as it sees any other). Prompts are fresh random tokens each time
+    (``seed`` None), so a prefix cache cannot shorten the probe's prefills."""
+    if fit.coef is None:
+        raise ValueError("probing the machine's speed needs a table with an engine-step fit (calibrate-steps).")
+    config, loop = engine.scheduler.config, ServingLoop(engine)
+    try:
+        engine.scheduler.reconfigure(policy="chunked", max_num_seqs=max(config.max_num_seqs, 8))
+        timed = _grid(loop, np.random.default_rng(seed), SPEED_PROBE_GRID)
+    finally:
+        loop.abort_all()
+        engine.scheduler.config = config
+    return speed_ratio([(engine.step_stats[i], seconds) for i, seconds in timed], fit)
 
 
 def calibrate_engine_steps(engine: Engine, seed: int = 0, steps_per_load: int = STEPS_PER_LOAD,
@@ -191,11 +242,7 @@ def calibrate_engine_steps(engine: Engine, seed: int = 0, steps_per_load: int = 
                                              max_num_seqs=max(config.max_num_seqs, in_flight))
                 timed += _closed_loop(loop, rng, in_flight, steps_per_load)
             if measured:
-                for index, seconds in timed:
-                    s = engine.step_stats[index]
-                    rows.append((predictor.features(s.num_tokens, s.num_logit_rows, s.attention_pairs,
-                                                    s.decode_tiles, s.decode_keys, s.planned_requests,
-                                                    s.looped_requests), seconds))
+                rows += [(step_features(predictor, engine.step_stats[index]), seconds) for index, seconds in timed]
     finally:
         loop.abort_all()
         engine.scheduler.config = config

@@ -19,10 +19,12 @@ timestamps of its first and last token.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 
 from xytune.bench.serve import BenchPrompt, RequestResult, arrival_times, capacity, summarize
+from xytune.runtime.engine.engine import Engine
 from xytune.runtime.engine.protocol import AddRequest, RequestRejected, StepDone, StopEngine, drive
 from xytune.runtime.engine.sampling import SamplingParams
 from xytune.runtime.engine.scheduler import POLICIES
@@ -99,7 +101,8 @@ WARMUP_PROMPTS = 8
 
 
 def run(policies: dict[str, dict], llm_kwargs: dict, prompts: list[BenchPrompt], rates: list[float], seed: int,
-        slo_ttft_ms: float, slo_tpot_ms: float, progress=None, repeats: int = 1) -> dict:
+        slo_ttft_ms: float, slo_tpot_ms: float, progress=None, repeats: int = 1,
+        speed_probe: Callable[[Engine], dict[str, float]] | None = None) -> dict:
     """Capacity of each policy variant on one trace, in the result format of ``bench servers`` (so one renderer).
 
     ``policies``: variant name -> LLM keyword overrides (see ``parse_policies``).
@@ -107,6 +110,10 @@ def run(policies: dict[str, dict], llm_kwargs: dict, prompts: list[BenchPrompt],
     ``repeats``: each rate is replayed this many times (arrivals seeded ``seed``, ``seed + 1``, ...), the
     policies taking turns at every repeat, and a rate's figures pool all of its requests: on a machine
     whose speed drifts, one slow stretch then moves one share of a rate's requests, not all of them.
+
+    ``speed_probe(engine)``: run just before every replay (``step_calibration.machine_speed``); each run's
+    figures (per step kind) are kept beside its results and a rate's row carries their medians as
+    ``machine_speed``.
     """
     if progress:
         progress("loading one engine per policy...")
@@ -122,15 +129,23 @@ def run(policies: dict[str, dict], llm_kwargs: dict, prompts: list[BenchPrompt],
         each = {p: [] for p in policies}  # every repeat's own figures: how far the machine moves between runs
         for rep in range(repeats):
             for p, engine in engines.items():
+                speed = {}
+                if speed_probe is not None:
+                    if progress:
+                        progress(f"probing the machine's speed before {p} at {rate:g} req/s...")
+                    speed = {"machine_speed": speed_probe(engine)}
                 if progress:
                     progress(f"rate {rate:g} req/s on {p} ({rep + 1}/{repeats}): {len(prompts)} requests...")
                 first_step = len(engine.step_stats)
                 results, wall = replay(engine, prompts, rate, seed + rep)
                 results_so_far, wall_so_far, steps = pooled[p]
                 pooled[p] = (results_so_far + results, wall_so_far + wall, steps + engine.step_stats[first_step:])
-                each[p].append(summarize(results, wall, rate, slo_ttft_ms, slo_tpot_ms))
+                each[p].append({**summarize(results, wall, rate, slo_ttft_ms, slo_tpot_ms), **speed})
         for p, (results, wall, steps) in pooled.items():
             row = {**summarize(results, wall, rate, slo_ttft_ms, slo_tpot_ms), "steps": step_summary(steps)}
+            if speed_probe is not None:
+                row["machine_speed"] = {kind: float(np.median([r["machine_speed"][kind] for r in each[p]]))
+                                        for kind in each[p][0]["machine_speed"]}
             rows[p].append({**row, "repeats": each[p]} if repeats > 1 else row)
     variants = []
     for p, engine in engines.items():

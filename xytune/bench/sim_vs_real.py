@@ -7,6 +7,16 @@ simulator's error per rate on the latency percentiles and on capacity.
 The goals (issue "Autotune the serving settings"): capacity within one rate
 step, and TTFT/TPOT p50 and p90 within 15% at the rates below the knee
 (where the real engine meets the SLOs).
+
+The simulator predicts the machine as it was when the table's steps were
+timed. A VM's speed drifts, sometimes by more than the goal between the
+calibration and a run, so before every real run the bench also times a few
+seconds of fixed steps (``machine_speed``) and simulates the trace a second
+time with each rate's decode-only and prefill steps scaled by what that
+probe measured for each kind: the first
+errors say how well the table predicts this machine now, the second how well
+the simulator's model of steps and scheduling does once the machine's speed
+is taken out.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from rich.table import Table
 
 from xytune.bench import engines as engines_bench
 from xytune.bench.serve import BenchPrompt, capacity
+from xytune.runtime.engine.step_calibration import machine_speed
 from xytune.tune import ATTAINMENT, Candidate, Simulator, Workload
 
 METRICS = ("median_ttft_ms", "p90_ttft_ms", "median_tpot_ms", "p90_tpot_ms")
@@ -46,7 +57,8 @@ def compare(real: dict, simulated: dict) -> dict:
         rows = []
         for r, s in zip(rv["rows"], sv["rows"]):
             errors = {m: (s[m] - r[m]) / r[m] if r.get(m) and s.get(m) is not None else None for m in METRICS}
-            rows.append({"rate": r["request_rate"], "below_knee": r["slo_attainment"] >= ATTAINMENT,
+            rows.append({"rate": r["request_rate"], "machine_speed": r.get("machine_speed"),
+                         "below_knee": r["slo_attainment"] >= ATTAINMENT,
                          "attainment": (r["slo_attainment"], s["slo_attainment"]), "errors": errors,
                          "real_spread": real_spread(r), "real": {m: r.get(m) for m in METRICS},
                          "sim": {m: s.get(m) for m in METRICS}})
@@ -64,20 +76,33 @@ def compare(real: dict, simulated: dict) -> dict:
 
 def run(policies: dict[str, dict], llm_kwargs: dict, sim: Simulator, prompts: list[BenchPrompt],
         rates: list[float], seed: int, slo_ttft_ms: float, slo_tpot_ms: float, repeats: int = 1,
-        progress=None) -> dict:
-    """The real engines (``bench engines``), then the simulator on the same trace; both results and the errors."""
-    real = engines_bench.run(policies, llm_kwargs, prompts, rates, seed, slo_ttft_ms, slo_tpot_ms, progress, repeats)
+        progress=None, probe_speed: bool = True) -> dict:
+    """The real engines (``bench engines``), then the simulator on the same trace; both results and the errors.
+    ``probe_speed``: also probe the machine's speed before every real run and simulate again at it."""
+    probe = (lambda engine: machine_speed(engine, sim.truth)) if probe_speed else None
+    real = engines_bench.run(policies, llm_kwargs, prompts, rates, seed, slo_ttft_ms, slo_tpot_ms, progress, repeats,
+                             speed_probe=probe)
     if progress:
         progress("simulating the same trace...")
     workload = Workload(prompts, seed, kv_cache_gb=llm_kwargs.get("kv_cache_gb", 1.0),
                         enable_prefix_caching=llm_kwargs.get("enable_prefix_caching", False))
-    variants = []
-    for name, overrides in policies.items():
-        c = candidate_of(overrides, llm_kwargs["max_num_batched_tokens"], llm_kwargs.get("tbt_slo_ms"))
-        variants.append({"name": name, "rows": sim.sweep(c, workload, rates, slo_ttft_ms, slo_tpot_ms, repeats)})
-    simulated = {"rates": rates, "capacity": {v["name"]: capacity(v["rows"]) for v in variants},
-                 "variants": variants, "step_model": sim.source}
-    return {"real": real, "simulated": simulated, "errors": compare(real, simulated)}
+
+    def simulate(at_measured_speed: bool) -> dict:
+        variants = []
+        for (name, overrides), rv in zip(policies.items(), real["variants"]):
+            c = candidate_of(overrides, llm_kwargs["max_num_batched_tokens"], llm_kwargs.get("tbt_slo_ms"))
+            speeds = {r["request_rate"]: r["machine_speed"] for r in rv["rows"]} if at_measured_speed else None
+            variants.append({"name": name, "rows": sim.sweep(c, workload, rates, slo_ttft_ms, slo_tpot_ms, repeats,
+                                                             speeds=speeds)})
+        return {"rates": rates, "capacity": {v["name"]: capacity(v["rows"]) for v in variants},
+                "variants": variants, "step_model": sim.source}
+
+    simulated = simulate(False)
+    result = {"real": real, "simulated": simulated, "errors": compare(real, simulated)}
+    if probe_speed:
+        result["simulated_at_measured_speed"] = at_speed = simulate(True)
+        result["errors_at_measured_speed"] = compare(real, at_speed)
+    return result
 
 
 def render(result: dict, console) -> None:
@@ -107,3 +132,26 @@ def render(result: dict, console) -> None:
         if (spread := v["max_real_spread_below_knee"]) is not None:
             console.print(f"the real engine's own repeats below the knee lie up to {spread:.0%} apart (the same "
                           "trace, run again on this machine)", highlight=False)
+        if "errors_at_measured_speed" in result:
+            render_at_speed(name, result["errors_at_measured_speed"][name], v, console)
+
+
+def render_at_speed(name: str, v: dict, raw: dict, console) -> None:
+    """The second simulation's errors: each rate's steps scaled by the machine's speed probed before its runs."""
+    def pct(e):
+        return "-" if e is None else f"{e:+.0%}"
+
+    t = Table("rate req/s", "machine / table: decode / prefill steps", "TTFT p50 err", "TTFT p90 err", "TPOT p50 err", "TPOT p90 err",
+              title=f"{name}: simulated at the machine's measured speed")
+    for row in v["rows"]:
+        speed = row["machine_speed"]
+        t.add_row(f"{row['rate']:g}" + ("" if row["below_knee"] else " (past knee)"),
+                  f"x{speed['decode']:.2f} / x{speed['prefill']:.2f}", *(pct(row["errors"][m]) for m in METRICS))
+    console.print(t)
+    rc, sc = v["capacity"]
+    worst = v["max_error_below_knee"]
+    console.print(f"at the measured speed: capacity real {rc if rc is not None else 'none'} / simulated "
+                  f"{sc if sc is not None else 'none'} req/s ({'within' if v['capacity_goal_met'] else 'NOT within'} "
+                  f"one rate step); largest latency error below the knee {'-' if worst is None else f'{worst:.0%}'} "
+                  f"(goal {LATENCY_GOAL:.0%}: {'met' if v['latency_goal_met'] else 'not met'}; from the table "
+                  f"alone: {'met' if raw['latency_goal_met'] else 'not met'})", highlight=False)

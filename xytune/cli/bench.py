@@ -432,6 +432,8 @@ def bench_sim_vs_real(
     threads: int = typer.Option(None, help="CPU threads."),
     seed: int = typer.Option(0, help="Seed of lengths, tokens and arrivals."),
     repeats: int = typer.Option(1, help="Runs per rate (policies take turns each time); figures pool them."),
+    probe_speed: bool = typer.Option(True, help="Time a few seconds of fixed steps before every real run and "
+                                     "also simulate at the machine's speed they measured."),
     json_out: Path = typer.Option(None, "--json", help="Also write both results and the errors as JSON here."),
 ):
     """The serving simulator against the real engine on one trace: its error on TTFT/TPOT and capacity."""
@@ -461,7 +463,7 @@ def bench_sim_vs_real(
         prompts = token_prompts(dataset, num_prompts, input_len, output_len, seed, model=model)
         with console.status("loading...") as status:
             result = sim_vs_real.run(variants, kwargs, sim, prompts, rates, seed, slo_ttft_ms, slo_tpot_ms, repeats,
-                                     progress=status.update)
+                                     progress=status.update, probe_speed=probe_speed)
     except (ModelLoadError, CostModelError, TuneError, ValueError, OSError) as exc:
         fail(str(exc))
     sim_vs_real.render(result, console)
