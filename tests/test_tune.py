@@ -121,8 +121,9 @@ def test_a_machine_measured_slower_stretches_each_kind_of_simulated_step_by_its_
     for metric in ("median_ttft_ms", "p90_ttft_ms", "median_tpot_ms", "p90_tpot_ms"):
         assert slow[metric] == pytest.approx(1.5 * base[metric])
     decode_slow = sim.sweep(chunked, work, [inf], 2000, 120, speeds={inf: {"decode": 2.0, "prefill": 1.0}})[0]
-    assert decode_slow["steps"]["decode_only_step_ms_p50"] == pytest.approx(2 * base["steps"]["decode_only_step_ms_p50"])
-    assert decode_slow["steps"]["prefill_step_ms_p50"] == pytest.approx(base["steps"]["prefill_step_ms_p50"])
+    steps, base_steps = decode_slow["steps"], base["steps"]
+    assert steps["decode_only_step_ms_p50"] == pytest.approx(2 * base_steps["decode_only_step_ms_p50"])
+    assert steps["prefill_step_ms_p50"] == pytest.approx(base_steps["prefill_step_ms_p50"])
     assert sim.sweep(chunked, work, [inf], 2000, 120)[0]["median_ttft_ms"] == pytest.approx(base["median_ttft_ms"])
 
 

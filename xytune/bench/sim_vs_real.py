@@ -13,10 +13,9 @@ timed. A VM's speed drifts, sometimes by more than the goal between the
 calibration and a run, so before every real run the bench also times a few
 seconds of fixed steps (``machine_speed``) and simulates the trace a second
 time with each rate's decode-only and prefill steps scaled by what that
-probe measured for each kind: the first
-errors say how well the table predicts this machine now, the second how well
-the simulator's model of steps and scheduling does once the machine's speed
-is taken out.
+probe measured for each kind: the first errors say how well the table
+predicts this machine now, the second how well the simulator's model of
+steps and scheduling does once the machine's speed is taken out.
 """
 
 from __future__ import annotations
@@ -105,10 +104,11 @@ def run(policies: dict[str, dict], llm_kwargs: dict, sim: Simulator, prompts: li
     return result
 
 
-def render(result: dict, console) -> None:
-    def pct(e):
-        return "-" if e is None else f"{e:+.0%}"
+def pct(e: float | None) -> str:
+    return "-" if e is None else f"{e:+.0%}"
 
+
+def render(result: dict, console) -> None:
     def pair(a, b):
         return "-/-" if a is None or b is None else f"{a:.0f}/{b:.0f}"
 
@@ -138,11 +138,8 @@ def render(result: dict, console) -> None:
 
 def render_at_speed(name: str, v: dict, raw: dict, console) -> None:
     """The second simulation's errors: each rate's steps scaled by the machine's speed probed before its runs."""
-    def pct(e):
-        return "-" if e is None else f"{e:+.0%}"
-
-    t = Table("rate req/s", "machine / table: decode / prefill steps", "TTFT p50 err", "TTFT p90 err", "TPOT p50 err", "TPOT p90 err",
-              title=f"{name}: simulated at the machine's measured speed")
+    t = Table("rate req/s", "machine / table: decode / prefill steps", "TTFT p50 err", "TTFT p90 err",
+              "TPOT p50 err", "TPOT p90 err", title=f"{name}: simulated at the machine's measured speed")
     for row in v["rows"]:
         speed = row["machine_speed"]
         t.add_row(f"{row['rate']:g}" + ("" if row["below_knee"] else " (past knee)"),
