@@ -10,6 +10,7 @@ import yaml
 from conftest import PROFILES, REFERENCE_TABLE, require_default_model
 from typer.testing import CliRunner
 
+from xytune.bench import sim_vs_real
 from xytune.bench.serve import synthetic_prompts
 from xytune.bench.sim_vs_real import compare
 from xytune.cli import app
@@ -18,7 +19,7 @@ from xytune.profiler.cost_model import CostModel
 from xytune.profiler.devices import get_device
 from xytune.profiler.table import read_table, write_table
 from xytune.runtime.engine.engine import StepStats
-from xytune.runtime.engine.step_calibration import speed_ratio, step_features
+from xytune.runtime.engine.step_calibration import SPEED_PROBE_GRID, speed_ratio, step_features
 from xytune.runtime.engine.step_predictor import STEP_TERMS
 from xytune.tune import ATTAINMENT, GRID_LIMIT, Candidate, SearchSpace, Simulator, Workload, tune
 
@@ -231,3 +232,30 @@ def test_sim_vs_real_runs_one_trace_through_both(tmp_path):
     sim_at = result["simulated_at_measured_speed"]["variants"][0]["rows"]
     assert [r["completed"] for r in sim_at] == [12, 12]
     assert "simulated at the machine's measured speed" in run.stdout
+    assert result["fresh_fit"] is None  # simulated from the table's own fit
+
+
+def test_sim_vs_real_can_first_fit_steps_on_this_machine_now(tmp_path):
+    require_default_model()
+    table = made_here(FITTED, tmp_path / "here.parquet")
+    before = read_table(table).meta["engine_steps"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the table's own notes on this machine
+        sim = Simulator(CostModel.load(table).for_formats(("float",)), "float32")
+    prompts = synthetic_prompts(4, 32, 4, 49152, 0)
+    kwargs = dict(dtype="float32", profile=str(table), max_num_batched_tokens=512, kv_cache_gb=0.25,
+                  enable_prefix_caching=False)
+    # a small grid (the speed probe's) and four closed-loop steps per load: the path, not a good fit
+    result = sim_vs_real.run({"chunked": {"policy": "chunked"}}, kwargs, sim, prompts, [4.0], 0, 2000, 120,
+                             probe_speed=False, recalibrate=SPEED_PROBE_GRID, steps_per_load=4)
+    fit = result["fresh_fit"]
+    assert set(fit["coef"]) == set(STEP_TERMS) and fit["steps"] >= 6 * 4
+    assert fit["coef"] != before["float32"]["coef"]
+    assert f"engine-step fit ({fit['steps']} steps" in result["simulated"]["step_model"]
+    assert result["simulated"]["variants"][0]["rows"][0]["completed"] == 4
+    assert "errors_at_measured_speed" not in result
+    assert read_table(table).meta["engine_steps"] == before  # the table file is left as it was
+    bad = xytune("bench", "sim-vs-real", "--profile", table, "--recalibrate", "sometimes")
+    assert bad.exit_code == 2 and "--recalibrate must be one of none, quick, full" in bad.stderr
+    bad = xytune("bench", "sim-vs-real", "--profile", table, "--recalibrate", "quick", "--steps-per-load", "2")
+    assert bad.exit_code == 2 and "--steps-per-load must be at least 4" in bad.stderr

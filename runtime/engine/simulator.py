@@ -30,17 +30,19 @@ from .speculative import Draft, SpeculativeConfig
 from .step_predictor import STEP_TERMS, AttentionRequests, StepPredictor, attention_pairs, decode_terms
 
 
-def step_model(cost_model: CostModel, dtype: str) -> tuple[StepPredictor, str]:
+def step_model(cost_model: CostModel, dtype: str, fit: dict | None = None) -> tuple[StepPredictor, str]:
     """The step-time model the simulator advances its clock by, and where it came from.
 
     A table with an engine-step fit (``xytune calibrate-steps``; a full ``xytune profile`` makes one) predicts
-    whole steps as they ran on its machine. Without one, a step is its GEMM rows plus its attention at the
-    table's measured cost per (query, key) pair: norms, sampling and host work are missing, so steps come
-    out faster than they run, which a one-line warning says.
+    whole steps as they ran on its machine (``fit``: one made apart from the table, on this machine now).
+    Without one, a step is its GEMM rows plus its attention at the table's measured cost per (query, key)
+    pair: norms, sampling and host work are missing, so steps come out faster than they run, which a one-line
+    warning says.
     """
-    fit = cost_model.engine_steps(dtype)
+    fit = fit or cost_model.engine_steps(dtype)
     if fit is not None:
-        model = StepPredictor.from_table(cost_model, dtype, tile_kv=meta_tile_sizes(cost_model, dtype)["tile_kv"])
+        model = StepPredictor.from_fit(cost_model, dtype, fit,
+                                       tile_kv=meta_tile_sizes(cost_model, dtype)["tile_kv"])
         return model, f"engine-step fit ({fit['steps']} steps, median error {fit['median_ape']:.0%})"
     model = StepPredictor(cost_model, dtype)
     per_pair = cost_model.attention_seconds_per_pair(dtype) or 0.0

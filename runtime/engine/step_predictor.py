@@ -119,7 +119,12 @@ class StepPredictor:
         """A predictor that starts from the table's engine-step fit when it has one for ``dtype`` (so the xy
         policy sizes its first steps from what whole steps took on that machine), else from the GEMM rows
         alone; either way it refits to the steps it sees."""
-        fit = cost_model.engine_steps(dtype)
+        return cls.from_fit(cost_model, dtype, cost_model.engine_steps(dtype), **kwargs)
+
+    @classmethod
+    def from_fit(cls, cost_model: CostModel, dtype: str, fit: dict | None, **kwargs) -> "StepPredictor":
+        """A predictor that starts from ``fit`` (an engine-step fit as ``calibrate_engine_steps`` makes it), or
+        from the GEMM rows alone when None."""
         if fit is not None and "tile_kv" in fit:
             kwargs["tile_kv"] = int(fit["tile_kv"])  # the tiles the fit counted in
         predictor = cls(cost_model, dtype, **kwargs)

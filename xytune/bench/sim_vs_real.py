@@ -24,7 +24,9 @@ from rich.table import Table
 
 from xytune.bench import engines as engines_bench
 from xytune.bench.serve import BenchPrompt, capacity
-from xytune.runtime.engine.step_calibration import machine_speed
+from xytune.runtime.engine.simulator import step_model
+from xytune.runtime.engine.step_calibration import STEPS_PER_LOAD, StepGrid, calibrate_engine_steps, machine_speed
+from xytune.runtime.llm import LLM
 from xytune.tune import ATTAINMENT, Candidate, Simulator, Workload
 
 METRICS = ("median_ttft_ms", "p90_ttft_ms", "median_tpot_ms", "p90_tpot_ms")
@@ -75,9 +77,21 @@ def compare(real: dict, simulated: dict) -> dict:
 
 def run(policies: dict[str, dict], llm_kwargs: dict, sim: Simulator, prompts: list[BenchPrompt],
         rates: list[float], seed: int, slo_ttft_ms: float, slo_tpot_ms: float, repeats: int = 1,
-        progress=None, probe_speed: bool = True) -> dict:
+        progress=None, probe_speed: bool = True, recalibrate: StepGrid | None = None,
+        steps_per_load: int = STEPS_PER_LOAD) -> dict:
     """The real engines (``bench engines``), then the simulator on the same trace; both results and the errors.
-    ``probe_speed``: also probe the machine's speed before every real run and simulate again at it."""
+    ``probe_speed``: also probe the machine's speed before every real run and simulate again at it.
+    ``recalibrate``: first fit whole engine steps on this machine now over this grid (and ``steps_per_load``
+    closed-loop steps per load) and simulate from that fit instead of the table's (the table file is left as
+    it is)."""
+    fresh_fit = None
+    if recalibrate is not None:
+        if progress:
+            progress("fitting whole engine steps on this machine now...")
+        engine = LLM(**{**llm_kwargs, "policy": "chunked"}).engine
+        fresh_fit = calibrate_engine_steps(engine, steps_per_load=steps_per_load, grid=recalibrate)
+        del engine
+        sim = Simulator(sim.cost_model, sim.dtype, *step_model(sim.cost_model, sim.dtype, fresh_fit))
     probe = (lambda engine: machine_speed(engine, sim.truth)) if probe_speed else None
     real = engines_bench.run(policies, llm_kwargs, prompts, rates, seed, slo_ttft_ms, slo_tpot_ms, progress, repeats,
                              speed_probe=probe)
@@ -97,7 +111,7 @@ def run(policies: dict[str, dict], llm_kwargs: dict, sim: Simulator, prompts: li
                 "variants": variants, "step_model": sim.source}
 
     simulated = simulate(False)
-    result = {"real": real, "simulated": simulated, "errors": compare(real, simulated)}
+    result = {"real": real, "simulated": simulated, "errors": compare(real, simulated), "fresh_fit": fresh_fit}
     if probe_speed:
         result["simulated_at_measured_speed"] = at_speed = simulate(True)
         result["errors_at_measured_speed"] = compare(real, at_speed)

@@ -434,6 +434,10 @@ def bench_sim_vs_real(
     repeats: int = typer.Option(1, help="Runs per rate (policies take turns each time); figures pool them."),
     probe_speed: bool = typer.Option(True, help="Time a few seconds of fixed steps before every real run and "
                                      "also simulate at the machine's speed they measured."),
+    recalibrate: str = typer.Option("none", help="none | quick | full: first fit whole engine steps on this "
+                                    "machine now (that grid) and simulate from that fit, not the table's."),
+    steps_per_load: int = typer.Option(32, help="With --recalibrate: steps timed under each of the six loads, "
+                                       "as for calibrate-steps."),
     json_out: Path = typer.Option(None, "--json", help="Also write both results and the errors as JSON here."),
 ):
     """The serving simulator against the real engine on one trace: its error on TTFT/TPOT and capacity."""
@@ -444,6 +448,7 @@ def bench_sim_vs_real(
     from xytune.bench import sim_vs_real
     from xytune.model_config import ModelLoadError
     from xytune.profiler.cost_model import CostModel, CostModelError
+    from xytune.runtime.engine.step_calibration import FULL_GRID, QUICK_GRID
     from xytune.tune import Simulator, TuneError
 
     try:
@@ -451,6 +456,11 @@ def bench_sim_vs_real(
     except ValueError as exc:
         fail(str(exc))
     rates = _checked_rates(sweep_rates, num_prompts, input_len, output_len, repeats)
+    grids = {"none": None, "quick": QUICK_GRID, "full": FULL_GRID}
+    if recalibrate not in grids:
+        fail(f"--recalibrate must be one of {', '.join(grids)}, not {recalibrate!r}.")
+    if steps_per_load < 4:
+        fail("--steps-per-load must be at least 4.")
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -463,7 +473,8 @@ def bench_sim_vs_real(
         prompts = token_prompts(dataset, num_prompts, input_len, output_len, seed, model=model)
         with console.status("loading...") as status:
             result = sim_vs_real.run(variants, kwargs, sim, prompts, rates, seed, slo_ttft_ms, slo_tpot_ms, repeats,
-                                     progress=status.update, probe_speed=probe_speed)
+                                     progress=status.update, probe_speed=probe_speed,
+                                     recalibrate=grids[recalibrate], steps_per_load=steps_per_load)
     except (ModelLoadError, CostModelError, TuneError, ValueError, OSError) as exc:
         fail(str(exc))
     sim_vs_real.render(result, console)
