@@ -122,6 +122,16 @@ def pct(e: float | None) -> str:
     return "-" if e is None else f"{e:+.0%}"
 
 
+def verdict(v: dict) -> str:
+    """One variant's capacity and largest latency error below the knee, against the goals."""
+    rc, sc = v["capacity"]
+    worst = v["max_error_below_knee"]
+    return (f"capacity real {rc if rc is not None else 'none'} / simulated {sc if sc is not None else 'none'} "
+            f"req/s ({'within' if v['capacity_goal_met'] else 'NOT within'} one rate step); largest "
+            f"latency error below the knee {'-' if worst is None else f'{worst:.0%}'} (goal "
+            f"{LATENCY_GOAL:.0%}: {'met' if v['latency_goal_met'] else 'not met'})")
+
+
 def render(result: dict, console) -> None:
     def pair(a, b):
         return "-/-" if a is None or b is None else f"{a:.0f}/{b:.0f}"
@@ -137,12 +147,7 @@ def render(result: dict, console) -> None:
             ra, sa = row["attainment"]
             t.add_row(f"{row['rate']:g}" + ("" if row["below_knee"] else " (past knee)"), f"{ra:.0%}/{sa:.0%}", *cells)
         console.print(t)
-        rc, sc = v["capacity"]
-        worst = v["max_error_below_knee"]
-        console.print(f"capacity real {rc if rc is not None else 'none'} / simulated {sc if sc is not None else 'none'} "
-                      f"req/s ({'within' if v['capacity_goal_met'] else 'NOT within'} one rate step); largest "
-                      f"latency error below the knee {'-' if worst is None else f'{worst:.0%}'} (goal "
-                      f"{LATENCY_GOAL:.0%}: {'met' if v['latency_goal_met'] else 'not met'})", highlight=False)
+        console.print(verdict(v), highlight=False)
         if (spread := v["max_real_spread_below_knee"]) is not None:
             console.print(f"the real engine's own repeats below the knee lie up to {spread:.0%} apart (the same "
                           "trace, run again on this machine)", highlight=False)
@@ -159,10 +164,5 @@ def render_at_speed(name: str, v: dict, raw: dict, console) -> None:
         t.add_row(f"{row['rate']:g}" + ("" if row["below_knee"] else " (past knee)"),
                   f"x{speed['decode']:.2f} / x{speed['prefill']:.2f}", *(pct(row["errors"][m]) for m in METRICS))
     console.print(t)
-    rc, sc = v["capacity"]
-    worst = v["max_error_below_knee"]
-    console.print(f"at the measured speed: capacity real {rc if rc is not None else 'none'} / simulated "
-                  f"{sc if sc is not None else 'none'} req/s ({'within' if v['capacity_goal_met'] else 'NOT within'} "
-                  f"one rate step); largest latency error below the knee {'-' if worst is None else f'{worst:.0%}'} "
-                  f"(goal {LATENCY_GOAL:.0%}: {'met' if v['latency_goal_met'] else 'not met'}; from the table "
-                  f"alone: {'met' if raw['latency_goal_met'] else 'not met'})", highlight=False)
+    console.print(f"at the measured speed: {verdict(v)} (from the table alone: "
+                  f"{'met' if raw['latency_goal_met'] else 'not met'})", highlight=False)
