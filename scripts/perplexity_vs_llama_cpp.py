@@ -75,6 +75,11 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     gguf = args.gguf or smollm2_gguf_path()
+    missing = [tool for tool in ("llama-perplexity", "llama-tokenize") if not (args.llama_bin / tool).is_file()]
+    if missing:
+        raise SystemExit(f"error: {args.llama_bin} has no {' or '.join(missing)} (build llama.cpp's tools there).")
+    if not gguf.is_file():
+        raise SystemExit(f"error: {gguf} is not a file.")
     with tempfile.TemporaryDirectory() as tmp:
         text = "\n".join(zen())
         text_file = Path(tmp) / "zen.txt"
