@@ -46,17 +46,17 @@ def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-Q = gguf.GGMLQuantizationType
+GGML = gguf.GGMLQuantizationType
 # types that keep a weight at more than 4 bits: int4 would round away what the file kept, so such a weight is
 # served int8 when int4 is asked for (llama.cpp's Q4_K_M keeps attn_v, half of ffn_down and the output in Q6_K)
-FINER_THAN_4_BIT_TYPES = (Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0)
+FINER_THAN_4_BIT_TYPES = (GGML.Q5_0, GGML.Q5_1, GGML.Q5_K, GGML.Q6_K, GGML.Q8_0)
 # ggml's 4-bit blocks (ggml-common.h), each 4-bit code q dequantizing as w = q * d + m in groups of 32 along K:
 # - Q4_0 / Q4_1: 32 weights, a float16 step d (Q4_1: and a float16 minimum m; Q4_0: m = -8 d), then 16 bytes
 #   whose low nibbles are weights 0-15 and high nibbles weights 16-31;
 # - Q4_K: 256 weights, float16 d and dmin, twelve bytes of eight 6-bit (scale, min) pairs, then 128 bytes in
 #   four runs of 32 whose low nibbles are sub-block 2j and high nibbles sub-block 2j+1; sub-block i has
 #   d_i = d * scale_i and m_i = -dmin * min_i, so every group of 32 is a Q4_1 group.
-INT4_BLOCK_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
+INT4_BLOCK_TYPES = (GGML.Q4_0, GGML.Q4_1, GGML.Q4_K)
 GGUF_TYPES_DOCUMENTED = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q5_1", "Q4_K", "Q4_0", "Q4_1")
 
 
@@ -114,10 +114,10 @@ class GGUFInt4Blocks:
     @staticmethod
     def _codes(tensor, heads: int | None):
         rows = tensor.data.shape[0]
-        if tensor.tensor_type == Q.Q4_K:
+        if tensor.tensor_type == GGML.Q4_K:
             q, d, m = _q4_k_groups(np.asarray(tensor.data).reshape(rows, -1, 144))
         else:
-            has_min = tensor.tensor_type == Q.Q4_1
+            has_min = tensor.tensor_type == GGML.Q4_1
             q, d, m = _q4_01_groups(np.asarray(tensor.data).reshape(rows, -1, 20 if has_min else 18), has_min)
         q = q.reshape(rows, -1)
         if heads is not None:  # Q/K rows as the float weights have them
