@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from xytune.cli import app
 from xytune.kernels.quantized import GGUF_BLOCK, format_bytes, int4_codes, quantize_int4, quantize_int8, swept_formats
+from xytune.model_config import read_gguf
 from xytune.profiler.geometry import PRESETS
 from xytune.profiler.primitives import REGISTRY, gemm_kernels
 from xytune.profiler.probe import probe
@@ -260,3 +261,20 @@ def test_llm_int4_serves_the_gguf_at_its_own_precision():
     assert own.weight_bytes["int8"] == head.weight_bytes["int8"]
     every = LLM(dtype="float32", kv_cache_gb=0.05, quantization="int4", int4_from_checkpoint=False)
     assert every.int4_from_checkpoint == 0 and set(every.weight_bytes) == {"int4"}
+
+
+def test_a_gguf_is_parsed_once_per_version_of_the_file(tmp_path):
+    """The parsed reader is shared while the file stays the same, and a rewritten file is parsed anew."""
+    path = tmp_path / "k.gguf"
+    k_quant_file(path)
+    first = read_gguf(path)
+    assert read_gguf(str(path)) is first
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("output_norm.weight", np.arange(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    again = read_gguf(path)
+    assert again is not first and [t.name for t in again.tensors] == ["output_norm.weight"]
+    assert np.array_equal(again.tensors[0].data, np.arange(8, dtype=np.float32))

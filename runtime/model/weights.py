@@ -17,7 +17,7 @@ import torch
 from gguf.quants import dequantize
 from safetensors.torch import load_file
 
-from xytune.model_config import ModelConfig, ModelLoadError, gguf_config
+from xytune.model_config import ModelConfig, ModelLoadError, gguf_config, read_gguf
 
 _GGUF_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -128,7 +128,7 @@ class GGUFInt4Blocks:
 def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], object, GGUFInt4Blocks]:
     """(config, float32 state dict in HF names, the GGUFReader for the tokenizer, the 4-bit tensors' codes)."""
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = read_gguf(path)
     except Exception as exc:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}).") from None
     config = gguf_config(reader)

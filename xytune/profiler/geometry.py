@@ -11,9 +11,7 @@ from dataclasses import asdict, dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
-import gguf
-
-from xytune.model_config import ModelConfig, ModelLoadError, gguf_config
+from xytune.model_config import ModelConfig, ModelLoadError, gguf_config, read_gguf
 
 
 class GeometryError(ValueError):
@@ -126,7 +124,7 @@ def _from_hf_config(cfg: dict, name: str, tp: int) -> ModelGeometry:
 def _from_gguf(path: Path, tp: int) -> ModelGeometry:
 
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = read_gguf(path)
     except Exception as exc:
         raise GeometryError(f"{path} is not a readable GGUF file ({exc}).") from None
     try:
