@@ -25,7 +25,7 @@ from .engine.step_predictor import StepPredictor
 from .model.attention import attention_paths_from_table, make_attention, meta_tiles_from_table, reference_attention
 from .model.linear import GEMM_MODES, Linear
 from .model.llama import LlamaModel
-from .model.loader import load_checkpoint, resolve_dtype
+from .model.loader import load_checkpoint, resolve_dtype, resolve_model_path
 
 ATTENTION_KINDS = ("reference", "meta")
 log = logging.getLogger("xytune.runtime")
@@ -142,10 +142,10 @@ class LLM:
             raise ValueError(f"kv_cache_gb must be positive, got {kv_cache_gb}.")
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}.")
-        if quantization not in QUANTIZATIONS:  # before the slow load
+        if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}.")
+        resolve_model_path(model)  # a missing model is reported before the table, the dtype probe or the load
         dev = torch.device(device)
-        config, state, self.tokenizer, self.model_name, int4_blocks = load_checkpoint(model)
         cost_model = predictor = None
         if profile is not None:
             cost_model = CostModel.load(profile, device=device if dev.type != "cpu" else None,
@@ -173,6 +173,8 @@ class LLM:
         self.quantization = quantization
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, not {attention!r}.")
+        # every argument and the table are checked first: loading the checkpoint takes seconds
+        config, state, self.tokenizer, self.model_name, int4_blocks = load_checkpoint(model)
         self.meta_tiles = {**meta_tiles_from_table(cost_model, dtype_name), **(meta_tiles or {})}
         # where the table measured the SDPA path faster for a class of steps (plan cost included), take it
         self.attention_paths = attention_paths_from_table(cost_model, dtype_name, config.num_layers)
