@@ -81,9 +81,10 @@ def test_tokenizer_matches_transformers(smollm2):
 
 
 def test_one_at_a_time(smollm2):
+    """Batches of one (three prompts: every prompt goes through the same batch-1 path)."""
     llm, prompt_ids, expected = smollm2
-    got = [run(llm, [ids])[0] for ids in prompt_ids]
-    assert got == expected
+    got = [run(llm, [ids])[0] for ids in prompt_ids[:3]]
+    assert got == expected[:3]
 
 
 def test_all_in_one_batch(smollm2):
@@ -93,8 +94,10 @@ def test_all_in_one_batch(smollm2):
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_chunked_prefill(smollm2, chunk):
+    """A budget of one token runs every token in its own step (four prompts: a few hundred steps)."""
     llm, prompt_ids, expected = smollm2
-    assert run(llm, prompt_ids, chunk=chunk) == expected
+    prompts = prompt_ids[:4] if chunk == 1 else prompt_ids
+    assert run(llm, prompts, chunk=chunk) == expected[:len(prompts)]
     assert llm.engine.kv.allocator.num_free == llm.engine.kv.num_blocks
 
 

@@ -174,15 +174,18 @@ def test_compare_reports_errors_below_the_knee_and_capacity_in_rate_steps():
     assert v["max_real_spread_below_knee"] == pytest.approx(0.25)
 
 
-def test_calibrate_steps_stores_a_fit_the_engine_starts_from(tmp_path):
+def test_calibrate_steps_stores_a_fit_the_engine_starts_from(tmp_path, monkeypatch):
     require_default_model()
+    # the path, not a good fit: --quick's grid shrunk to the speed probe's, two light loads of four steps
+    monkeypatch.setattr(step_calibration, "QUICK_GRID", SPEED_PROBE_GRID)
+    monkeypatch.setattr(step_calibration, "CALIBRATION_LOADS", ((1, 512), (4, 512)))
     table = made_here(FITTED, tmp_path / "here.parquet")
     before = read_table(table).rows
     run = xytune("calibrate-steps", "--profile", table, "--dtypes", "float32", "--steps-per-load", "4", "--quick")
     assert run.exit_code == 0, run.output
     after = read_table(table)
     fit = after.meta["engine_steps"]["float32"]
-    assert set(fit["coef"]) == set(STEP_TERMS) and fit["steps"] >= 6 * 3 and fit["median_ape"] < 1.0
+    assert set(fit["coef"]) == set(STEP_TERMS) and fit["steps"] >= 12 + 2 * 4 and fit["median_ape"] < 1.0
     assert fit["grid"] == "quick"
     assert after.meta["engine_steps"]["bfloat16"] == read_table(FITTED).meta["engine_steps"]["bfloat16"]  # kept
     assert after.rows[before.columns].equals(before)  # the measurements are untouched
