@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import DOOMED_SEED, break_sampling_for_one_seed, require_default_model
 
+from xytune.runtime import llm as llm_module
 from xytune.runtime.engine.block_manager import BlockAllocator
 from xytune.runtime.engine.engine import Engine, RequestError
 from xytune.runtime.engine.protocol import (
@@ -170,6 +171,20 @@ def test_bad_requests(llm):
                 dict(min_tokens=5, max_tokens=2), dict(stop=[""])):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(dtype="int3"), "Unknown dtype"), (dict(gemm="fast"), "gemm must be one of"),
+    (dict(attention="flash"), "attention must be one of"), (dict(gemm="smooth"), "give profile=TABLE"),
+    (dict(quantization="int2"), "quantization must be one of"), (dict(weight_memory_gb=0), "weight_memory_gb"),
+    (dict(profile="/no/such/table.parquet"), "does not exist"), (dict(model="/no/such/model"), "not found")])
+def test_bad_arguments_are_refused_before_the_checkpoint_loads(monkeypatch, bad, message):
+    def load_checkpoint(model):
+        raise AssertionError("the checkpoint was loaded before the arguments were checked")
+
+    monkeypatch.setattr(llm_module, "load_checkpoint", load_checkpoint)
+    with pytest.raises(ValueError, match=message):
+        LLM(**{"dtype": "float32", **bad})
 
 
 def test_allocator_refuses_overdraw():
