@@ -22,7 +22,7 @@ from .engine.sampling import SamplingParams
 from .engine.scheduler import SchedulerConfig
 from .engine.speculative import SpeculativeConfig
 from .engine.step_predictor import StepPredictor
-from .model.attention import attention_paths_from_table, make_attention, meta_tiles_from_table, reference_attention
+from .model.attention import AttentionPaths, make_attention, meta_tiles_from_table, reference_attention
 from .model.linear import GEMM_MODES, Linear
 from .model.llama import LlamaModel
 from .model.loader import load_checkpoint, resolve_dtype, resolve_model_path
@@ -176,8 +176,8 @@ class LLM:
         # every argument and the table are checked first: loading the checkpoint takes seconds
         config, state, self.tokenizer, self.model_name, int4_blocks = load_checkpoint(model)
         self.meta_tiles = {**meta_tiles_from_table(cost_model, dtype_name), **(meta_tiles or {})}
-        # where the table measured the SDPA path faster for a class of steps (plan cost included), take it
-        self.attention_paths = attention_paths_from_table(cost_model, dtype_name, config.num_layers)
+        # where the table measured the SDPA loop faster for a step's class and request count (plan included), take it
+        self.attention_paths = AttentionPaths.from_table(cost_model, dtype_name, config.num_layers)
         attn = reference_attention if attention == "reference" else make_attention(self.attention_paths,
                                                                                    **self.meta_tiles)
         if gemm in ("packed", "smooth") and dev.type == "cpu" and (why := packing_failure(self.dtype)):
@@ -198,6 +198,8 @@ class LLM:
         if cost_model is not None:  # steps are predicted with the formats the weights were loaded in
             predictor = StepPredictor.from_table(cost_model.for_formats(tuple(self.weight_bytes)), dtype_name,
                                                  tile_kv=self.meta_tiles["tile_kv"])
+        if cost_model is not None:
+            log.info("attention per step, as the table measured (requests): %s", self.attention_paths.describe())
         self.int4_from_checkpoint = sum(lin.int4_from_checkpoint for lin in model_linears(self.model))
         log.info("GEMM weights (quantization %s): %s%s", quantization,
                  ", ".join(f"{fmt} {nbytes / 2**20:.1f} MiB" for fmt, nbytes in self.weight_bytes.items()),

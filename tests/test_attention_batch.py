@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+import pytest
 import torch
+from conftest import synthetic_cost_model, synthetic_rows
 
 from xytune.kernels.meta_attention import TREE, plan_meta_attention, run_meta_attention_torch
-from xytune.runtime.model.attention import AttentionBatch, make_meta_attention, reference_attention
+from xytune.profiler.geometry import PRESETS
+from xytune.profiler.table import canonical_json
+from xytune.runtime.model.attention import (
+    AttentionBatch,
+    AttentionPaths,
+    make_attention,
+    make_meta_attention,
+    reference_attention,
+)
 
 
 def _chunks(seed: int, block_size: int = 16):
@@ -103,28 +114,22 @@ def test_decode_steps_advance_the_previous_plan_and_attend_as_a_fresh_plan_does(
 def test_the_engine_runs_the_sdpa_loop_for_the_step_classes_the_table_says(tmp_path):
     """Per step class, the path the table measured faster: the loop's output equals the reference's, and a
     table whose loop rows are faster than Meta-Attention plus its plan sends that class to the loop."""
-    import pandas as pd
-    from conftest import synthetic_cost_model, synthetic_rows
-
-    from xytune.profiler.geometry import PRESETS
-    from xytune.profiler.table import canonical_json
-    from xytune.runtime.model.attention import attention_paths_from_table, make_attention
-
     chunks = _chunks(2)
     batch = AttentionBatch.build(16, chunks)
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(sum(c[2] for c in chunks), 9, 64, generator=gen)
     k, v = torch.randn(3, 400 * 16, 64, generator=gen), torch.randn(3, 400 * 16, 64, generator=gen)
-    loop = make_attention({"decode": "loop", "prefill": "loop"})
+    loop = make_attention(AttentionPaths.everywhere("loop"))
     torch.testing.assert_close(loop(q, k, v, batch, 0.125), reference_attention(q, k, v, batch, 0.125),
                                rtol=1e-4, atol=1e-4)
+
+    template = synthetic_rows(PRESETS["smollm2-135m"], lambda *a: 1e-5, primitives=("p",)).iloc[0].to_dict()
 
     def rows(target, seconds):  # one shape of the class: Meta-Attention's best tile, its plan, the loop
         shape = canonical_json({"m": 8, "n": 256, "k": 64, "heads": 9, "kv_heads": 3})
         return pd.DataFrame([{**template, "op": "attention", "target": target, "shape": shape, "primitive": prim,
                               "median_s": s, "config": canonical_json(cfg)} for prim, s, cfg in seconds])
 
-    template = synthetic_rows(PRESETS["smollm2-135m"], lambda *a: 1e-5, primitives=("p",)).iloc[0].to_dict()
     decode = rows("attention.decode", [("meta.attention_short", 1e-3, {"tile_q": 8, "tile_kv": 64}),
                                        ("meta.plan", 3e-3, {}), ("torch.sdpa_loop", 2e-3, {})])
     # prefill: the loop is faster than one layer of Meta-Attention alone (2 ms), and than with its plan's share
@@ -132,7 +137,45 @@ def test_the_engine_runs_the_sdpa_loop_for_the_step_classes_the_table_says(tmp_p
                                          ("meta.plan", 3e-3, {}), ("torch.sdpa_loop", 1.5e-3, {})])
     gemm = synthetic_rows(PRESETS["smollm2-135m"], lambda *a: 1e-5, primitives=("p",))
     model = synthetic_cost_model(tmp_path / "t.parquet", pd.concat([gemm, decode, prefill], ignore_index=True))
-    assert attention_paths_from_table(model, "float32", num_layers=30) == {"decode": "meta", "prefill": "loop"}
+    paths = AttentionPaths.from_table(model, "float32", num_layers=30)
+    assert {paths.path(True, n) for n in (1, 8, 100)} == {"meta"} and {paths.path(False, n) for n in (1, 8, 100)} \
+        == {"loop"}
     # one layer: the plan is no longer spread over 30, and Meta-Attention's decode (1 + 3 ms) loses too
-    assert attention_paths_from_table(model, "float32", num_layers=1) == {"decode": "loop", "prefill": "loop"}
-    assert model.attention_choice("attention.decode", "float32", 30)["ratio"] == 2e-3 / (1e-3 + 3e-3 / 30)
+    assert AttentionPaths.from_table(model, "float32", num_layers=1).only == "loop"
+    assert model.attention_ratios("attention.decode", "float32", 30) == {8: 2e-3 / (1e-3 + 3e-3 / 30)}
+    assert AttentionPaths.from_table(None, "float32", 30).only == "meta"  # no table: Meta-Attention
+
+
+def test_a_step_takes_the_path_measured_faster_at_the_request_count_nearest_its_own(tmp_path):
+    """A table where the loop wins for one request and Meta-Attention for 32: a lone decode loops, a batch of
+    many runs Meta-Attention, and the engine's attention does what the paths say, with the reference's output."""
+    template = synthetic_rows(PRESETS["smollm2-135m"], lambda *a: 1e-5, primitives=("p",)).iloc[0].to_dict()
+    rows = []
+    for requests, meta_s, loop_s in ((1, 1e-4, 4e-5), (32, 1e-3, 3e-3)):
+        shape = canonical_json({"m": requests, "n": 256, "k": 64, "heads": 9, "kv_heads": 3})
+        for prim, s, cfg in (("meta.attention_short", meta_s, {"tile_q": 8, "tile_kv": 64}), ("meta.plan", 3e-4, {}),
+                             ("torch.sdpa_loop", loop_s, {})):
+            rows.append({**template, "op": "attention", "target": "attention.decode", "shape": shape,
+                         "primitive": prim, "median_s": s, "config": canonical_json(cfg)})
+    gemm = synthetic_rows(PRESETS["smollm2-135m"], lambda *a: 1e-5, primitives=("p",))
+    model = synthetic_cost_model(tmp_path / "t.parquet", pd.concat([gemm, pd.DataFrame(rows)], ignore_index=True))
+    assert model.attention_ratios("attention.decode", "float32", 30) == pytest.approx(
+        {1: 4e-5 / (1e-4 + 1e-5), 32: 3e-3 / (1e-3 + 1e-5)}, rel=1e-12)
+    paths = AttentionPaths.from_table(model, "float32", 30)
+    assert paths.prefill == ()  # none measured: Meta-Attention
+    # log(ratio) runs from log(0.36) at 1 request to log(2.97) at 32, linear in log(requests): 0 at 5.3 requests
+    assert [paths.path(True, n) for n in (1, 2, 5, 6, 32, 500)] == ["loop", "loop", "loop", "meta", "meta", "meta"]
+    assert paths.path(False, 1) == "meta" and paths.only is None
+    assert paths.describe() == ("decode: loop for 1-5, meta for 6-256 requests; "
+                                "with prompt tokens: meta for 1-256 requests")
+
+    attention = make_attention(paths)
+    gen = torch.Generator().manual_seed(3)
+    k, v = torch.randn(3, 400 * 16, 64, generator=gen), torch.randn(3, 400 * 16, 64, generator=gen)
+    for count, path in ((1, "loop"), (8, "meta")):
+        chunks = [(list(range(r * 10, r * 10 + 8)), 100 + r, 1) for r in range(count)]
+        batch = AttentionBatch.build(16, chunks)
+        q = torch.randn(count, 9, 64, generator=gen)
+        torch.testing.assert_close(attention(q, k, v, batch, 0.125), reference_attention(q, k, v, batch, 0.125),
+                                   rtol=1e-4, atol=1e-4)
+        assert hasattr(batch, "_sdpa_masks") == (path == "loop") and hasattr(batch, "_meta_plan") == (path == "meta")

@@ -23,6 +23,7 @@ from xytune.runtime.engine.step_predictor import (
     decode_key_tiles,
     decode_terms,
 )
+from xytune.runtime.model.attention import AttentionPaths
 
 GEOMETRY = PRESETS["smollm2-135m"]
 
@@ -155,11 +156,19 @@ def test_a_decode_step_of_the_same_requests_as_the_last_reuses_its_plan():
 
 
 def test_a_step_on_the_sdpa_loop_path_runs_every_request_alone_and_keeps_no_plan():
-    mixed_loop = AttentionRequests({"decode": "meta", "prefill": "loop"})  # the model-167 table in bf16
+    mixed_loop = AttentionRequests(AttentionPaths(decode=((1, 2.0),), prefill=((1, 0.5),)))  # (requests, loop / meta)
     assert mixed_loop.count(("a", "b"), decode_only=True) == (2, 0)
     assert mixed_loop.count(("a", "b", "c"), decode_only=False) == (0, 3)
     assert mixed_loop.count(("a", "b"), decode_only=True) == (2, 0)
     assert mixed_loop.would_count(4, decode_only=False) == (0, 4) and mixed_loop.would_count(4, True) == (4, 0)
+    # decodes loop for a few requests and plan for many (the loop 0.8x Meta-Attention's time at 8, 1.2x at 32)
+    by_count = AttentionRequests(AttentionPaths(decode=((8, 0.8), (32, 1.2))))
+    assert by_count.count(("a",), decode_only=True) == (0, 1)
+    assert by_count.count(("a",), decode_only=True) == (0, 1)  # a loop step keeps no plan to advance
+    many = tuple("abcdefghijklmnopqrstuvwxyz")
+    assert by_count.count(many, decode_only=True) == (26, 0)
+    assert by_count.count(many, decode_only=True) == (0, 0)  # advanced
+    assert by_count.would_count(2, decode_only=True) == (0, 2) and by_count.would_count(40, True) == (40, 0)
 
 
 def test_reset_prefix_cache_forgets_only_blocks_nobody_holds():

@@ -1,4 +1,5 @@
 import itertools
+import json
 import threading
 import time
 
@@ -132,19 +133,23 @@ def test_attention_tiles_are_swept_and_chosen_from_the_table(tmp_path, cpu_devic
                              quick_attention=True)
     Sweep(cpu_device, PRESETS["smollm2-135m"], settings, out).run(progress=False)
     rows = read_table(out).rows
-    assert set(rows["target"]) == {"attention.decode", "attention.prefill"} and (rows["op"] == "attention").all()
+    assert set(rows["target"]) == {"attention.decode", "attention.decode_plain", "attention.prefill"}
+    assert (rows["op"] == "attention").all()
     short = REGISTRY["meta.attention_short"]
     decode = rows[(rows["target"] == "attention.decode") & (rows["primitive"] == short.name)]
     assert len(decode) == short.space_size()  # GQA group 3: every tile_q fits
     # what the engine weighs Meta-Attention against: the SDPA path and the plan's cost, on both classes
-    for target in ("attention.decode", "attention.prefill"):
+    for target in ("attention.decode", "attention.decode_plain", "attention.prefill"):
         assert {"torch.sdpa_loop", "meta.plan"} <= set(rows[rows["target"] == target]["primitive"])
+    plain = rows[rows["target"] == "attention.decode_plain"]  # decodes alone from one request up, for the path
+    assert sorted({json.loads(s)["m"] for s in plain["shape"]}) == [1, 4, 16]
+    assert {json.loads(s)["verify_every"] for s in plain["shape"]} == {0}
     assert "GQA group" in short.invalid({"heads": 28, "kv_heads": 4}, {"tile_q": 4, "tile_kv": 64}, "float32",
                                         cpu_device)  # a 7-head group does not fit 4 rows
     model = CostModel.load(out)
     tiles = meta_tiles_from_table(model, "float32")
     best = decode.loc[decode["median_s"].idxmin(), "config"]
-    assert {k: tiles[k] for k in ("tile_q", "tile_kv")} == __import__("json").loads(best)
+    assert {k: tiles[k] for k in ("tile_q", "tile_kv")} == json.loads(best)
     assert tiles["group_cost_scores"] == model.meta["tuning"]["float32"]["group_cost_scores"]  # measured, not assumed
     assert meta_tiles_from_table(None, "float32") == META_DEFAULTS
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from xytune.profiler.host_memory import keep_freed_memory
 
+from ..model.attention import AttentionPaths
 from ..model.llama import LlamaModel
 from ..model.tokenizer import OutputText, Tokenizer
 from .model_runner import ModelRunner, ModelRunnerOutput
@@ -123,9 +124,9 @@ class Engine:
     def __init__(self, model: LlamaModel, tokenizer: Tokenizer, num_blocks: int, block_size: int = 16,
                  scheduler_config: SchedulerConfig | None = None, predictor=None,
                  enable_prefix_caching: bool = False, speculative: SpeculativeConfig | None = None,
-                 attention_paths: dict[str, str] | None = None):
-        """``attention_paths``: the model's attention path per step class (``attention_paths_from_table``), so
-        the step predictor counts the requests a step handles one by one (``AttentionRequests``)."""
+                 attention_paths: AttentionPaths | None = None):
+        """``attention_paths``: the model's attention path per step (``AttentionPaths``), so the step predictor
+        counts the requests a step handles one by one (``AttentionRequests``)."""
         keep_freed_memory()
         self.model, self.tokenizer = model, tokenizer
         self.kv = model.new_kv_cache(num_blocks, block_size, enable_prefix_caching)

@@ -21,7 +21,7 @@ import numpy as np
 
 from xytune.profiler.cost_model import CostModel
 
-from ..model.attention import attention_paths_from_table, meta_tile_sizes
+from ..model.attention import AttentionPaths, meta_tile_sizes
 from .block_manager import BlockAllocator
 from .engine import SpecStats, StepStats, check_prompt
 from .sampling import SamplingParams
@@ -121,7 +121,7 @@ class SimulatedEngine:
         self.acceptance_rate, self.draft_rate = acceptance_rate, draft_rate
         self.rng = np.random.default_rng(seed)
         self.now = 0.0
-        paths = attention_paths_from_table(cost_model, dtype, cost_model.geometry.num_layers)
+        paths = AttentionPaths.from_table(cost_model, dtype, cost_model.geometry.num_layers)
         self.scheduler = Scheduler(scheduler_config, self.pool, self.predictor, speculative, self.max_model_len,
                                    clock=lambda: self.now, proposer=self._propose, attention=AttentionRequests(paths))
         self.spec = SpecStats()

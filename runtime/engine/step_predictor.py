@@ -27,6 +27,8 @@ from scipy.optimize import nnls
 
 from xytune.profiler.cost_model import CostModel
 
+from ..model.attention import AttentionPaths
+
 MIN_FIT_STEPS = 12
 DRIFT_STEPS = 4  # the last steps whose measured/fitted ratio scales the next prediction
 # the fitted coefficients, named as a table's engine-step fit stores them (``xytune calibrate-steps``)
@@ -69,26 +71,26 @@ class AttentionRequests:
     """The requests a step's attention handles one by one on the host, which its pairs do not count.
 
     The engine runs a step's attention on Meta-Attention or, where the table measured it faster for the
-    step's class (decode-only or with a prefill chunk), as one SDPA call per request
-    (``attention_paths_from_table``). A loop step pays a call per request and layer: on a 2-core Xeon in
-    bf16 (whose table loops steps with prefill) a step with 25 decodes beside a chunk took 96 ms where the
-    fit without this term said 74. A Meta-Attention step plans every request, unless it decodes exactly the
-    requests of the decode-only step before, whose plan it advances by one key each (``make_meta_attention``).
-    Engine and simulator both count with this."""
+    step's class (decode-only or with a prefill chunk) and request count, as one SDPA call per request
+    (``AttentionPaths``). A loop step pays a call per request and layer: on a 2-core Xeon in bf16 (whose table
+    loops steps with prefill) a step with 25 decodes beside a chunk took 96 ms where the fit without this term
+    said 74. A Meta-Attention step plans every request, unless it decodes exactly the requests of the
+    decode-only step before, whose plan it advances by one key each (``make_meta_attention``). Engine and
+    simulator both count with this."""
 
-    def __init__(self, paths: dict[str, str] | None = None):
-        """``paths``: step class (decode | prefill) -> meta | loop; default meta for both."""
-        self.paths = paths or {"decode": "meta", "prefill": "meta"}
+    def __init__(self, paths: AttentionPaths | None = None):
+        """``paths``: the model's (default: Meta-Attention for every step)."""
+        self.paths = paths or AttentionPaths()
         self.previous: tuple | None = None  # the last decode-only Meta-Attention step's requests
 
     def would_count(self, num_requests: int, decode_only: bool) -> tuple[int, int]:
         """``count`` for a step being sized (nothing remembered): a Meta-Attention step as if planned afresh."""
-        looped = self.paths["decode" if decode_only else "prefill"] == "loop"
+        looped = self.paths.path(decode_only, num_requests) == "loop"
         return (0, num_requests) if looped else (num_requests, 0)
 
     def count(self, request_ids: tuple, decode_only: bool) -> tuple[int, int]:
         """(requests planned afresh, requests run one call each) of this step."""
-        if self.paths["decode" if decode_only else "prefill"] == "loop":
+        if self.paths.path(decode_only, len(request_ids)) == "loop":
             self.previous = None
             return 0, len(request_ids)
         reused = decode_only and request_ids == self.previous

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,12 +225,64 @@ def meta_tiles_from_table(cost_model, dtype: str) -> dict:
     return tiles
 
 
-def attention_paths_from_table(cost_model, dtype: str, num_layers: int) -> dict[str, str]:
-    """Per step class (decode-only, with prefill), "meta" or "loop": whichever the table measured faster."""
-    if cost_model is None:
-        return {"decode": "meta", "prefill": "meta"}
-    return {cls: cost_model.attention_choice(f"attention.{cls}", dtype, num_layers)["use"]
-            for cls in ("decode", "prefill")}
+@dataclass(frozen=True)
+class AttentionPaths:
+    """Which attention runs a step: Meta-Attention ("meta") or one fused SDPA call per request ("loop"), per
+    step class (decode-only, or with prompt tokens) and number of requests.
+
+    The loop pays a call per request and layer, Meta-Attention a plan per step and its tiles' padding, so the
+    faster one changes with the step's request count: on a 2-core Xeon (family 6 model 167) in bf16 a lone
+    request's decode ran its 30 layers' attention in 1.2 ms on the loop against 3.1 ms on Meta-Attention,
+    while 8 or more requests ran faster on Meta-Attention. The table times both at a few request counts per class
+    (``CostModel.attention_ratios``; decode steps from its plain decodes, ``attention.decode_plain``, where it
+    has them: the decode class's own shapes mix in speculative verifies, which favour the loop); between the
+    counts the log of the loop's time over Meta-Attention's is interpolated in the log of the count (held
+    beyond the ends), and a step loops where it is below 0. Without a table: Meta-Attention for every step.
+    """
+
+    decode: tuple[tuple[int, float], ...] = ()  # (requests measured, loop time / Meta-Attention time) ascending
+    prefill: tuple[tuple[int, float], ...] = ()
+
+    @classmethod
+    def from_table(cls, cost_model, dtype: str, num_layers: int) -> "AttentionPaths":
+        if cost_model is None:
+            return cls()
+        def ratios(target: str) -> tuple[tuple[int, float], ...]:
+            return tuple(cost_model.attention_ratios(target, dtype, num_layers).items())
+
+        return cls(decode=ratios("attention.decode_plain") or ratios("attention.decode"),
+                   prefill=ratios("attention.prefill"))
+
+    @classmethod
+    def everywhere(cls, path: str) -> "AttentionPaths":
+        ratio = ((1, 0.5 if path == "loop" else 2.0),)  # a ratio that always picks ``path``
+        return cls(decode=ratio, prefill=ratio)
+
+    def path(self, decode_only: bool, num_requests: int) -> str:
+        measured = self.decode if decode_only else self.prefill
+        if not measured:
+            return "meta"
+        counts, ratios = zip(*measured)
+        log_ratio = np.interp(math.log(max(num_requests, 1)), np.log(counts), np.log(ratios))
+        return "loop" if log_ratio < 0 else "meta"
+
+    @property
+    def only(self) -> str | None:
+        """The one path every step takes, or None when it depends on the step."""
+        signs = {r < 1.0 for _, r in self.decode + self.prefill}
+        return "meta" if not signs or signs == {False} else "loop" if signs == {True} else None
+
+    def describe(self, up_to: int = 256) -> str:
+        """``decode: loop for 1-18 requests, meta for 19-256; ...``: the path each request count takes."""
+        def runs(decode_only: bool) -> str:
+            parts, start = [], 1
+            for n in range(2, up_to + 2):
+                if n > up_to or self.path(decode_only, n) != self.path(decode_only, start):
+                    span = f"{start}" if n - 1 == start else f"{start}-{n - 1}"
+                    parts.append(f"{self.path(decode_only, start)} for {span}")
+                    start = n
+            return ", ".join(parts)
+        return f"decode: {runs(True)} requests; with prompt tokens: {runs(False)} requests"
 
 
 def sdpa_loop_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
@@ -241,15 +294,15 @@ def sdpa_loop_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return run_sdpa_loop(batch.requests, masks, q, k_cache, v_cache, scale)
 
 
-def make_attention(paths: dict[str, str], **tiles):
+def make_attention(paths: AttentionPaths, **tiles):
     """The engine's attention: per step, Meta-Attention or the per-request SDPA loop, as ``paths`` says for the
-    step's class (the table's ``attention_choice``)."""
+    step's class and request count."""
     meta = make_meta_attention(**tiles)
-    if set(paths.values()) == {"meta"}:
+    if paths.only == "meta":
         return meta
 
     def attention(q, k_cache, v_cache, batch: AttentionBatch, scale: float) -> torch.Tensor:
-        use = paths["decode" if batch.all_decode else "prefill"]
+        use = paths.path(batch.all_decode, len(batch.requests))
         return (meta if use == "meta" else sdpa_loop_attention)(q, k_cache, v_cache, batch, scale)
 
     return attention

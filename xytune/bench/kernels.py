@@ -34,6 +34,7 @@ from xytune.kernels.smooth_gemm import SmoothGEMMPlanner, run_smooth_gemm
 from xytune.profiler.devices import llc_bytes
 from xytune.profiler.host_memory import keep_freed_memory
 from xytune.profiler.primitives import gemm_kernels
+from xytune.runtime.model.attention import AttentionPaths
 
 
 def mixed_batch(n: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int,
@@ -152,13 +153,14 @@ def _per_layer_alternating(fns: dict, caches: list, weight_bytes: int, repeats: 
 
 def bench_attention(sizes=(16, 32, 64), num_heads=9, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16,
                     tiles: dict | None = None, repeats=15, seed=0, layers=30, layer_weight_bytes=7_000_000,
-                    engine_path: str = "meta") -> list[dict]:
+                    engine_paths: AttentionPaths | None = None) -> list[dict]:
     """``layers`` and ``layer_weight_bytes``: the model's, so each call finds its data where a step would.
 
-    ``engine_path`` is what the table told the engine to run for a step with prefill ("meta" or "loop", the
-    per-request SDPA loop), and ``engine_vs_loop`` is that choice, Meta-Attention's plan spread over the step's
-    layers, against the loop.
+    ``engine_paths`` is what the table told the engine to run for a step with prefill of that many requests
+    ("meta" or "loop", the per-request SDPA loop; default Meta-Attention), and ``engine_vs_loop`` is that
+    choice, Meta-Attention's plan spread over the step's layers, against the loop.
     """
+    engine_paths = engine_paths or AttentionPaths()
     keep_freed_memory()  # as the engine does: no page faults on every call's fresh tensors
     rows = []
     scale = head_dim ** -0.5
@@ -183,6 +185,7 @@ def bench_attention(sizes=(16, 32, 64), num_heads=9, num_kv_heads=3, head_dim=64
         }, caches, layer_weight_bytes, repeats)
         del caches
         meta_step = t["meta"] + plan_s / layers  # per layer, the plan's share included
+        engine_path = engine_paths.path(decode_only=False, num_requests=n)  # mixed steps have prompt tokens
         engine = meta_step if engine_path == "meta" else t["loop"]
         rows.append({"requests": n, "tokens": int(q.shape[0]), "meta_ms": t["meta"] * 1e3, "loop_ms": t["loop"] * 1e3,
                      "padded_ms": t["padded"] * 1e3, "plan_ms": plan_s * 1e3,

@@ -234,7 +234,7 @@ def bench_kernels(
     from xytune.bench import kernels as kernels_bench
     from xytune.profiler.cost_model import CostModel, CostModelError
     from xytune.profiler.devices import DeviceError, get_device
-    from xytune.runtime.model.attention import attention_paths_from_table, meta_tiles_from_table
+    from xytune.runtime.model.attention import AttentionPaths, meta_tiles_from_table
 
     if threads:
         torch.set_num_threads(threads)
@@ -259,12 +259,12 @@ def bench_kernels(
         if not skip_attention:
             status.update("Meta-Attention vs SDPA...")
             layer_bytes = sum(g.n * g.k for g in geo.gemms() if g.name != "lm_head") * getattr(torch, dtype).itemsize
-            path = attention_paths_from_table(model, dtype, geo.num_layers)["prefill"]  # mixed steps have prefill
+            paths = AttentionPaths.from_table(model, dtype, geo.num_layers)
             if gemm_device.backend == "cpu":
                 attention = kernels_bench.bench_attention(sizes, geo.heads_per_rank, geo.kv_heads_per_rank,
                                                           geo.head_dim, getattr(torch, dtype), tiles, repeats,
                                                           layers=geo.num_layers, layer_weight_bytes=layer_bytes,
-                                                          engine_path=path)
+                                                          engine_paths=paths)
             else:
                 attention = kernels_bench.bench_attention_on_device(gemm_device, tiles, sizes, geo.heads_per_rank,
                                                                     geo.kv_heads_per_rank, geo.head_dim,

@@ -104,8 +104,8 @@ def float32_short_tiles(device: Device, dtype: str, heads: int, kv_heads: int, h
         return 0
     best = 0
     for n in requests:
-        shape = {"m": n, "n": 200, "k": head_dim, "heads": heads, "kv_heads": kv_heads}
-        reqs, q, k, v = attention_batch(shape, dtype, device, decode=True, verify_every=0)
+        shape = {"m": n, "n": 200, "k": head_dim, "heads": heads, "kv_heads": kv_heads, "verify_every": 0}
+        reqs, q, k, v = attention_batch(shape, dtype, device, decode=True)
         plans = [plan_meta_attention(reqs, heads, kv_heads, k.shape[1], tile_q=heads // kv_heads, tile_kv=256,
                                      float32_short_tiles=limit) for limit in (0, 1 << 30)]
         native, f32 = _medians([lambda p=p: run_meta_attention_torch(p, q, k, v, head_dim ** -0.5)

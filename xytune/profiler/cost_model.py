@@ -198,27 +198,25 @@ class CostModel:
         gemms = self.geometry.gemms()
         return all(("gemm", g.n, g.k, dtype) in self._curves for g in gemms)
 
-    def attention_choice(self, target: str, dtype: str, num_layers: int) -> dict:
-        """Meta-Attention or the per-request SDPA loop for a step of this class (``attention.decode`` or
-        ``attention.prefill``), as this table measured them.
-
-        Meta-Attention's time per layer is its best config's plus its plan's cost spread over the step's
-        ``num_layers`` (one plan serves every layer); the choice is the faster by the geometric mean of the
-        ratio over the class's measured shapes. ``{"use": "meta" | "loop", "ratio": loop / meta}``; a table
-        without both (older, or another backend) says meta, ratio None.
-        """
+    def attention_ratios(self, target: str, dtype: str, num_layers: int) -> dict[int, float]:
+        """For an attention target (``attention.decode_plain``, ``attention.decode`` or ``attention.prefill``),
+        per request count it was measured at (ascending), the per-request SDPA loop's time over Meta-Attention's:
+        below 1 the loop was faster for that many requests. Meta-Attention's time per layer is its best config's
+        plus its plan's cost spread over the step's ``num_layers`` (one plan serves every layer); shapes of the
+        same count are pooled by the geometric mean of their ratios. The loop pays a call per request and
+        Meta-Attention a plan per step, so the faster one changes with the count (``AttentionPaths``). Empty for
+        a table without both (older, or another backend)."""
         rows = self.table.rows
         rows = rows[(rows["op"] == "attention") & (rows["target"] == target) & (rows["dtype"] == dtype)]
         per = rows.groupby(["shape", "primitive"])["median_s"].min().unstack()
         meta_cols = [c for c in per.columns if c.startswith("meta.attention")]
         if not meta_cols or "torch.sdpa_loop" not in per or "meta.plan" not in per:
-            return {"use": "meta", "ratio": None}
+            return {}
         meta = per[meta_cols].min(axis=1) + per["meta.plan"] / max(num_layers, 1)
         ratio = (per["torch.sdpa_loop"] / meta).dropna()
-        if not len(ratio):
-            return {"use": "meta", "ratio": None}
-        gm = float(np.exp(np.log(ratio).mean()))
-        return {"use": "meta" if gm >= 1.0 else "loop", "ratio": gm}
+        requests = [json.loads(shape)["m"] for shape in ratio.index]
+        per_count = np.log(ratio).groupby(requests).mean()
+        return {int(m): float(np.exp(v)) for m, v in sorted(per_count.items())}
 
     def predict_step(self, num_tokens: int, num_logits: int | None = None, dtype: str | None = None) -> float:
         """Seconds of the model's whole GEMM stack for a step of ``num_tokens`` tokens.
@@ -250,7 +248,8 @@ class CostModel:
         A pair costs ``4 * heads * head_dim`` flops (scores and the weighted sum), which the rows record.
         """
         rows = self.table.rows
-        rows = rows[(rows["op"] == "attention") & (rows["dtype"] == dtype) & ~rows["primitive"].eq("meta.plan")]
+        rows = rows[(rows["op"] == "attention") & (rows["dtype"] == dtype) & ~rows["primitive"].eq("meta.plan")
+                    & ~rows["target"].eq("attention.decode_plain")]  # timed only to choose the path, tiny batches
         if not len(rows):
             return None
         g = self.geometry

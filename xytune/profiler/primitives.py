@@ -318,11 +318,13 @@ def attention_work(shape: Shape, dtype: str) -> tuple[float, float]:
     return flops, float(ELEM_BYTES[dtype] * (kv_bytes + 2 * rows * d * shape["heads"]))
 
 
-def attention_batch(shape: Shape, dtype: str, device: Device, decode: bool, verify_every: int = 8):
+def attention_batch(shape: Shape, dtype: str, device: Device, decode: bool):
     """Seeded requests, q and paged K/V caches for one attention shape (what the profiler times)."""
     gen = torch.Generator().manual_seed(shape["m"] * 31 + shape["n"])
+    verify_every = shape.get("verify_every", 8)
     if decode:  # m decodes with contexts spread over [n/8, n] (serving batches mix old and new requests),
-        # every eighth a 4-token speculative verify (where tile_q decides whether it joins the short class)
+        # every eighth a 4-token speculative verify (where tile_q decides whether it joins the short class;
+        # shapes with verify_every 0 have none)
         lens = torch.randint(max(1, shape["n"] // 8), shape["n"] + 1, (shape["m"],), generator=gen).tolist()
         specs = [(4 if verify_every and i % verify_every == verify_every - 1 else 1, c) for i, c in enumerate(lens)]
     else:  # m prefill chunks of q tokens after n cached ones
@@ -394,7 +396,8 @@ def _make_sdpa_loop(shape, config, dtype, device):
     return lambda: run_sdpa_loop(reqs, masks, q, k, v, shape["k"] ** -0.5)
 
 
-ATTENTION_TARGETS = ("attention.decode", "attention.prefill")
+# attention.decode_plain: decodes without verifies, timed only to choose the path (AttentionPaths), not the tiles
+ATTENTION_TARGETS = ("attention.decode", "attention.decode_plain", "attention.prefill")
 PROBE_DECODE = {"m": 2, "n": 32, "k": 16, "heads": 4, "kv_heads": 2}
 PROBE_PREFILL = {"m": 1, "q": 8, "n": 8, "k": 16, "heads": 4, "kv_heads": 2}
 
@@ -409,10 +412,10 @@ def register_attention(name: str, make: Callable, **fields) -> Primitive:
 
 register_attention("meta.attention_short", functools.partial(_make_meta_attention, decode=True),
                    space={"tile_q": (4, 8, 16), "tile_kv": (64, 128, 256, 512)}, invalid=_short_invalid,
-                   probe_shape=PROBE_DECODE, targets=("attention.decode",))
+                   probe_shape=PROBE_DECODE, targets=("attention.decode", "attention.decode_plain"))
 register_attention("meta.attention_long", functools.partial(_make_meta_attention, decode=False),
                    space=LONG_SPACE, invalid=_long_invalid, probe_shape=PROBE_PREFILL, targets=("attention.prefill",))
-# What the engine weighs Meta-Attention against for a step (plan cost included): see CostModel.attention_choice
+# What the engine weighs Meta-Attention against for a step (plan cost included): see CostModel.attention_ratios
 register_attention("meta.plan", _make_attention_plan, work=lambda shape, dtype: (0.0, 0.0),
                    probe_shape=PROBE_PREFILL, targets=ATTENTION_TARGETS)
 register_attention("torch.sdpa_loop", _make_sdpa_loop, probe_shape=PROBE_PREFILL, targets=ATTENTION_TARGETS)

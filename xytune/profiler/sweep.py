@@ -149,6 +149,9 @@ def plan_groups(geometry: ModelGeometry, settings: SweepSettings, backend: str,
 ATTENTION_DECODE = ((8, 256), (32, 512), (64, 2048))  # (requests, longest context) of the decode-class sweep
 # (requests, chunk tokens, cached before) of the prefill class: a long prompt, later chunks, a mixed step's chunks
 ATTENTION_PREFILL = ((1, 512, 0), (4, 128, 256), (6, 48, 200))
+# decodes alone (no speculative verify among them), from a lone request up: where the per-request SDPA loop
+# stops beating Meta-Attention for a decode step (AttentionPaths)
+PLAIN_DECODE = ((1, 256), (4, 256), (16, 256))
 QUICK_ATTENTION_DECODE, QUICK_ATTENTION_PREFILL = ((32, 512),), ((1, 512, 0),)
 
 
@@ -162,6 +165,7 @@ def _attention_groups(geometry: ModelGeometry, settings: SweepSettings, usable) 
         decode = QUICK_ATTENTION_DECODE if settings.quick_attention else ATTENTION_DECODE
         prefill = QUICK_ATTENTION_PREFILL if settings.quick_attention else ATTENTION_PREFILL
         shapes = {"attention.decode": [{"m": m, "n": n, **heads} for m, n in decode],
+                  "attention.decode_plain": [{"m": m, "n": n, "verify_every": 0, **heads} for m, n in PLAIN_DECODE],
                   "attention.prefill": [{"m": m, "q": q, "n": n, **heads} for m, q, n in prefill]}
         for p in usable("attention", dtype):
             for target in p.targets or tuple(shapes):
