@@ -233,11 +233,12 @@ class AttentionPaths:
     The loop pays a call per request and layer, Meta-Attention a plan per step and its tiles' padding, so the
     faster one changes with the step's request count: on a 2-core Xeon (family 6 model 167) in bf16 a lone
     request's decode ran its 30 layers' attention in 1.2 ms on the loop against 3.1 ms on Meta-Attention,
-    while 8 or more requests ran faster on Meta-Attention. The table times both at a few request counts per class
-    (``CostModel.attention_ratios``; decode steps from its plain decodes, ``attention.decode_plain``, where it
-    has them: the decode class's own shapes mix in speculative verifies, which favour the loop); between the
-    counts the log of the loop's time over Meta-Attention's is interpolated in the log of the count (held
-    beyond the ends), and a step loops where it is below 0. Without a table: Meta-Attention for every step.
+    while 8 or more requests ran faster on Meta-Attention. The table times both at a few request counts per
+    class (``CostModel.attention_ratios``; decode steps from its plain decodes, ``attention.decode_plain``,
+    where it has them: the decode class's own shapes mix in speculative verifies, which favour the loop);
+    between the counts the log of the loop's time over Meta-Attention's is interpolated in the log of the
+    count (held beyond the ends), and a step loops where it is below 0. Without a table: Meta-Attention for
+    every step.
     """
 
     decode: tuple[tuple[int, float], ...] = ()  # (requests measured, loop time / Meta-Attention time) ascending
@@ -247,6 +248,7 @@ class AttentionPaths:
     def from_table(cls, cost_model, dtype: str, num_layers: int) -> "AttentionPaths":
         if cost_model is None:
             return cls()
+
         def ratios(target: str) -> tuple[tuple[int, float], ...]:
             return tuple(cost_model.attention_ratios(target, dtype, num_layers).items())
 
@@ -259,12 +261,7 @@ class AttentionPaths:
         return cls(decode=ratio, prefill=ratio)
 
     def path(self, decode_only: bool, num_requests: int) -> str:
-        measured = self.decode if decode_only else self.prefill
-        if not measured:
-            return "meta"
-        counts, ratios = zip(*measured)
-        log_ratio = np.interp(math.log(max(num_requests, 1)), np.log(counts), np.log(ratios))
-        return "loop" if log_ratio < 0 else "meta"
+        return _interpolated_path(self.decode if decode_only else self.prefill, max(num_requests, 1))
 
     @property
     def only(self) -> str | None:
@@ -274,6 +271,7 @@ class AttentionPaths:
 
     def describe(self, up_to: int = 256) -> str:
         """``decode: loop for 1-18 requests, meta for 19-256; ...``: the path each request count takes."""
+
         def runs(decode_only: bool) -> str:
             parts, start = [], 1
             for n in range(2, up_to + 2):
@@ -283,6 +281,16 @@ class AttentionPaths:
                     start = n
             return ", ".join(parts)
         return f"decode: {runs(True)} requests; with prompt tokens: {runs(False)} requests"
+
+
+@functools.lru_cache(maxsize=4096)
+def _interpolated_path(measured: tuple[tuple[int, float], ...], num_requests: int) -> str:
+    """Kept per (ratios, count): every layer of a step asks, and ``np.interp`` costs microseconds."""
+    if not measured:
+        return "meta"
+    counts, ratios = zip(*measured)
+    log_ratio = np.interp(math.log(num_requests), np.log(counts), np.log(ratios))
+    return "loop" if log_ratio < 0 else "meta"
 
 
 def sdpa_loop_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
