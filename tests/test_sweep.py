@@ -20,7 +20,7 @@ from xytune.profiler.sweep import (
     quick_buckets,
     valid_grid,
 )
-from xytune.profiler.table import KEY_COLUMNS, canonical_json, read_table
+from xytune.profiler.table import KEY_COLUMNS, canonical_json, read_table, write_table
 from xytune.profiler.timing import TimingPolicy
 
 TINY = TimingPolicy(warmup=1, budget_s=0.0, min_samples=3, max_samples=3)
@@ -317,3 +317,28 @@ def test_a_weight_is_copied_and_its_layout_prepared_once_for_every_m(cpu_device)
         assert len(bound) == copies + 2 * weight_copies(32 * 64 * 4, cpu_device)
     finally:
         unregister(prim.name)
+
+
+def test_a_resumed_table_times_only_the_shape_groups_it_lacks(tmp_path, cpu_device):
+    """A table from before a shape group was added (serve's cached quick profile after an upgrade): resuming it
+    plans the new group alone and leaves the rows it had as they were."""
+    out = tmp_path / "attn.parquet"
+
+    def settings():
+        return SweepSettings(dtypes=["float32"], buckets=[1], targets=["attention"], timing=TINY,
+                             quick_attention=True)
+
+    Sweep(cpu_device, PRESETS["smollm2-135m"], settings(), out).run(progress=False)
+    table = read_table(out)
+    older = table.rows[table.rows["target"] != "attention.decode_plain"].reset_index(drop=True)
+    table.rows = older
+    write_table(out, table)
+    sweep = Sweep(cpu_device, PRESETS["smollm2-135m"], settings(), out, resume=True)
+    assert {g.target for g in sweep.unmeasured()} == {"attention.decode_plain"}
+    sweep.run(progress=False)
+    after = read_table(out)
+    plain = after.rows["target"] == "attention.decode_plain"
+    assert after.complete and set(after.rows[plain]["primitive"]) == {"meta.attention_short", "meta.plan",
+                                                                       "torch.sdpa_loop"}
+    assert after.rows[~plain].reset_index(drop=True)[older.columns].equals(older)
+    assert Sweep(cpu_device, PRESETS["smollm2-135m"], settings(), out, resume=True).unmeasured() == []

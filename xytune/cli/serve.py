@@ -112,7 +112,7 @@ def _cached_quick_profile(dev, model: str, quantization: str) -> Path:
     # heavy (torch, the runtime): imported when the command runs, so `xytune --help` starts at once
     from xytune.kernels.quantized import swept_formats
     from xytune.profiler.geometry import resolve_geometry
-    from xytune.profiler.sweep import Sweep, SweepSettings, default_dtypes
+    from xytune.profiler.sweep import Sweep, SweepError, SweepSettings, default_dtypes
     from xytune.profiler.table import TableError, read_table
 
     geometry = resolve_geometry(model)
@@ -123,16 +123,22 @@ def _cached_quick_profile(dev, model: str, quantization: str) -> Path:
                                  + [list(formats)] * (formats != ("float",))).encode()).hexdigest()[:12]
     cache = Path(os.environ.get("XYTUNE_CACHE", Path.home() / ".cache" / "xytune")) / "profiles"
     path = cache / f"{dev.backend}-{geometry.name}-{key}.parquet"
+    settings = SweepSettings.quick(default_dtypes(dev.backend), weight_formats=formats)
     if path.exists():
         try:
             if read_table(path).complete:
+                # made by an older xytune, it may lack shapes the sweep has since gained: those are timed now
+                sweep = Sweep(dev, geometry, settings, path, resume=True)
+                if missing := sweep.unmeasured():
+                    err_console.print(f"the cached quick profile {path} lacks {len(missing)} shape groups this "
+                                      "version profiles: timing them", highlight=False)
+                    sweep.run(progress=False)
                 err_console.print(f"using the cached quick profile {path}", highlight=False)
                 return path
-        except TableError:
+        except (TableError, SweepError):
             pass
     err_console.print(f"no --profile given: profiling {geometry.name} on {dev.name} quickly (about half a minute) "
                       f"into {path}; pass --profile to use a full table", highlight=False)
-    settings = SweepSettings.quick(default_dtypes(dev.backend), weight_formats=formats)
     Sweep(dev, geometry, settings, path, overwrite=True).run(progress=False)
     return path
 

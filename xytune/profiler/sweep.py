@@ -315,6 +315,11 @@ class Sweep:
             return min(self.settings.trials, len(valid_grid(group, self.device)))
         return len(valid_grid(group, self.device))
 
+    def unmeasured(self) -> list[ShapeGroup]:
+        """The planned groups the table has no row of yet: all of them for a new table; for a resumed one, what
+        the sweep plans now and the table lacks (a group added since it was made, or one not reached)."""
+        return [g for g in self.groups if self._group_rows(g).empty]
+
     def _group_rows(self, group: ShapeGroup) -> pd.DataFrame:
         op, target, shape, prim, dtype, _ = self._key(group, {})
         r = self.table.rows
