@@ -30,24 +30,37 @@ def median_step_ms(engine, steps: int = 20) -> float:
     return float(np.median(times)) * 1e3
 
 
+def positive_ints(text: str) -> list[int]:
+    """``1,2,4``: a comma list of positive integers (argparse turns the ValueError into one line, exit 2)."""
+    values = [int(x) for x in text.split(",")]
+    if min(values) < 1:
+        raise ValueError(text)
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", required=True)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--batches", default="1,2,4,8,16,32")
+    parser.add_argument("--batches", type=positive_ints, default="1,2,4,8,16,32")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the table's notes on this machine
-        llm = LLM(dtype=args.dtype, profile=args.profile, kv_cache_gb=0.5, enable_prefix_caching=False)
+    if args.prompt_len < 1 or args.rounds < 1:
+        parser.error("--prompt-len and --rounds must be positive.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the table's notes on this machine
+            llm = LLM(dtype=args.dtype, profile=args.profile, kv_cache_gb=0.5, enable_prefix_caching=False)
+    except ValueError as exc:  # a missing or foreign table, an unknown dtype: what LLM says, in one line
+        parser.exit(2, f"error: {exc}\n")
     engine, tiles = llm.engine, llm.meta_tiles
     variants = {"table": make_attention(llm.attention_paths, **tiles),
                 "meta": make_attention(AttentionPaths.everywhere("meta"), **tiles),
                 "loop": make_attention(AttentionPaths.everywhere("loop"), **tiles)}
     print(f"{args.dtype}, table {args.profile}: {llm.attention_paths.describe()}")
     print("requests  table's path  table ms  meta ms  loop ms  (medians of rounds, min-max)")
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in args.batches:
         rng = np.random.default_rng(batch)
         params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
         vocab = llm.model.config.vocab_size
