@@ -20,7 +20,13 @@ from xytune.profiler.devices import get_device
 from xytune.profiler.table import read_table, write_table
 from xytune.runtime.engine import step_calibration
 from xytune.runtime.engine.engine import StepStats
-from xytune.runtime.engine.step_calibration import SPEED_PROBE_GRID, speed_ratio, step_features
+from xytune.runtime.engine.step_calibration import (
+    SPEED_PROBE_GRID,
+    STEP_KINDS,
+    machine_speed,
+    speed_ratio,
+    step_features,
+)
 from xytune.runtime.engine.step_predictor import STEP_TERMS
 from xytune.tune import ATTAINMENT, GRID_LIMIT, Candidate, SearchSpace, Simulator, Workload, tune
 
@@ -148,6 +154,18 @@ def test_speed_ratio_is_the_median_of_measured_over_the_fit_per_step_kind():
     assert speed_ratio(decodes_only, fit) == {"decode": pytest.approx(0.7), "prefill": pytest.approx(0.7)}
 
 
+def test_machine_speed_is_the_probe_over_its_reading_right_after_the_fit(monkeypatch):
+    """The fit's own error on the probe's few step shapes is not drift: a probe reading what it read at fit time
+    says the machine runs at the fit's speed."""
+    fit = Simulator(CostModel(read_table(FITTED), formats=("float",)), "bfloat16").truth
+    read = {"decode": 0.99, "prefill": 0.8}
+    monkeypatch.setattr(step_calibration, "probe_steps", lambda engine, fit, seed=None: dict(read))
+    fit.probe_at_fit = None  # a fit made before the reading was stored: taken as read
+    assert machine_speed(None, fit) == read
+    fit.probe_at_fit = {"decode": 0.9, "prefill": 0.8}
+    assert machine_speed(None, fit) == {"decode": pytest.approx(1.1), "prefill": pytest.approx(1.0)}
+
+
 def test_compare_reports_errors_below_the_knee_and_capacity_in_rate_steps():
     def result(rows, cap):
         return {"rates": [1.0, 2.0, 4.0], "capacity": {"v": cap}, "variants": [{"name": "v", "rows": rows}]}
@@ -179,6 +197,7 @@ def test_calibrate_steps_stores_a_fit_the_engine_starts_from(tmp_path, monkeypat
     # the path, not a good fit: --quick's grid shrunk to the speed probe's, two light loads of four steps
     monkeypatch.setattr(step_calibration, "QUICK_GRID", SPEED_PROBE_GRID)
     monkeypatch.setattr(step_calibration, "CALIBRATION_LOADS", ((1, 512), (4, 512)))
+    monkeypatch.setattr(step_calibration, "PROBES_AT_FIT", 1)
     table = made_here(FITTED, tmp_path / "here.parquet")
     before = read_table(table).rows
     run = xytune("calibrate-steps", "--profile", table, "--dtypes", "float32", "--steps-per-load", "4", "--quick")
@@ -187,6 +206,7 @@ def test_calibrate_steps_stores_a_fit_the_engine_starts_from(tmp_path, monkeypat
     fit = after.meta["engine_steps"]["float32"]
     assert set(fit["coef"]) == set(STEP_TERMS) and fit["steps"] >= 12 + 2 * 4 and fit["median_ape"] < 1.0
     assert fit["grid"] == "quick"
+    assert set(fit["probe_at_fit"]) == set(STEP_KINDS) and all(0.05 < r < 20 for r in fit["probe_at_fit"].values())
     assert after.meta["engine_steps"]["bfloat16"] == read_table(FITTED).meta["engine_steps"]["bfloat16"]  # kept
     assert after.rows[before.columns].equals(before)  # the measurements are untouched
     with warnings.catch_warnings():
@@ -195,6 +215,7 @@ def test_calibrate_steps_stores_a_fit_the_engine_starts_from(tmp_path, monkeypat
 
         llm = LLM(dtype="float32", profile=str(table), kv_cache_gb=0.25)
     assert list(llm.engine.predictor.coef) == [fit["coef"][t] for t in STEP_TERMS]
+    assert llm.engine.predictor.probe_at_fit == fit["probe_at_fit"]  # what later probes are divided by
 
 
 @pytest.mark.parametrize("change", [{"isa": ["sse2"], "cpu_model": "family 0 model 0"},  # another machine
@@ -243,6 +264,7 @@ def test_sim_vs_real_can_first_fit_steps_on_this_machine_now(tmp_path, monkeypat
     require_default_model()
     # the path, not a good fit: a small grid (the speed probe's), two light loads, four steps each
     monkeypatch.setattr(step_calibration, "CALIBRATION_LOADS", ((1, 512), (4, 512)))
+    monkeypatch.setattr(step_calibration, "PROBES_AT_FIT", 1)
     table = made_here(FITTED, tmp_path / "here.parquet")
     before = read_table(table).meta["engine_steps"]
     with warnings.catch_warnings():

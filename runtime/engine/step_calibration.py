@@ -38,6 +38,7 @@ from .step_predictor import STEP_TERMS, StepPredictor
 # them: new prompts join while others decode, so steps mix chunks and decodes of every age
 CALIBRATION_LOADS = ((1, 512), (4, 512), (16, 512), (48, 512), (8, 2048), (32, 2048))
 STEPS_PER_LOAD = 32
+PROBES_AT_FIT = 3  # speed probes right after a fit; their median per step kind is stored with it
 GRID_MAX_TOKENS = 256  # a grid request's limit: it still decodes when the last of its batch is prefilled
 GRID_BUDGET = 2048
 PROMPT_TOKENS = (16, 1024)  # prompt lengths, log-uniform
@@ -194,16 +195,11 @@ def speed_ratio(steps: list[tuple[StepStats, float]], fit: StepPredictor) -> dic
     return {kind: float(np.median(ratios[kind] or every)) for kind in STEP_KINDS}
 
 
-def machine_speed(engine: Engine, fit: StepPredictor, seed: int | None = None) -> dict[str, float]:
-    """How fast this machine runs whole engine steps now, against ``fit`` (a table's engine-step fit, as the
-    simulator uses it): ``speed_ratio`` over a few seconds of steps of every kind (``SPEED_PROBE_GRID``).
-
-    A figure measured on a machine is a fact about that machine at that time; a VM whose speed drifts between
-    the calibration and a run makes any prediction from the table off by the drift, and memory-bound decode
-    steps and compute-bound prefills drift apart. Probing just before a run tells the drift apart from the
-    simulator's own error. The engine must be idle; its scheduler settings are restored afterwards (its live
-    step predictor sees the probe's steps, as it sees any other). Prompts are fresh random tokens each time
-    (``seed`` None), so a prefix cache cannot shorten the probe's prefills."""
+def probe_steps(engine: Engine, fit: StepPredictor, seed: int | None = None) -> dict[str, float]:
+    """``speed_ratio`` of a few seconds of steps of every kind (``SPEED_PROBE_GRID``) against ``fit``, as read.
+    The engine must be idle; its scheduler settings are restored afterwards (its live step predictor sees the
+    probe's steps, as it sees any other). Prompts are fresh random tokens each time (``seed`` None), so a prefix
+    cache cannot shorten the probe's prefills."""
     if fit.coef is None:
         raise ValueError("probing the machine's speed needs a table with an engine-step fit (calibrate-steps).")
     config, loop = engine.scheduler.config, ServingLoop(engine)
@@ -214,6 +210,21 @@ def machine_speed(engine: Engine, fit: StepPredictor, seed: int | None = None) -
         loop.abort_all()
         engine.scheduler.config = config
     return speed_ratio([(engine.step_stats[i], seconds) for i, seconds in timed], fit)
+
+
+def machine_speed(engine: Engine, fit: StepPredictor, seed: int | None = None) -> dict[str, float]:
+    """How fast this machine runs whole engine steps now against when ``fit`` (a table's engine-step fit, as the
+    simulator uses it) was made, per step kind: above 1, slower now.
+
+    A figure measured on a machine is a fact about that machine at that time; a VM whose speed drifts between
+    the calibration and a run makes any prediction from the table off by the drift, and memory-bound decode
+    steps and compute-bound prefills drift apart. Probing just before a run tells the drift apart from the
+    simulator's own error. The probe's reading is divided by what the same probe read right after the fit
+    (``probe_at_fit``): the fit's own error on the probe's few step shapes (about 10% on the model-167 Xeon)
+    is not drift. A fit made before that was stored is read as is."""
+    ratios = probe_steps(engine, fit, seed)
+    at_fit = fit.probe_at_fit or {}
+    return {kind: ratio / at_fit.get(kind, 1.0) for kind, ratio in ratios.items()}
 
 
 def calibrate_engine_steps(engine: Engine, seed: int = 0, steps_per_load: int = STEPS_PER_LOAD,
@@ -250,9 +261,12 @@ def calibrate_engine_steps(engine: Engine, seed: int = 0, steps_per_load: int = 
     fitted = np.array([float(f @ coef) for f, _ in rows])
     actual = np.array([a for _, a in rows])
     ape = np.abs(fitted - actual) / actual
+    # the speed probe's reading now, the reference later probes are divided by (``machine_speed``)
+    readings = [probe_steps(engine, predictor) for _ in range(PROBES_AT_FIT)]
+    probe_at_fit = {kind: float(np.median([r[kind] for r in readings])) for kind in STEP_KINDS}
     return {"coef": dict(zip(STEP_TERMS, map(float, coef))), "steps": len(rows),
             "median_ape": float(np.median(ape)), "p90_ape": float(np.percentile(ape, 90)), "tile_kv": tile_kv,
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "probe_at_fit": probe_at_fit, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def calibrate_table(path: str, model: str | None = None, device: str | None = None, dtypes: list[str] | None = None,

@@ -109,6 +109,8 @@ class StepPredictor:
         self.scale = 1.0  # measured / table, a running ratio (the fallback and a health figure)
         self.calibrated = False
         self.coef: np.ndarray | None = None  # fitted, one per STEP_TERMS
+        # the speed probe's reading right after the fit, per step kind (``step_calibration.machine_speed``)
+        self.probe_at_fit: dict[str, float] | None = None
         self.refit_every = refit_every
         self._table_cache: dict[tuple[int, int], float] = {}
         self._fit_rows: deque[tuple[np.ndarray, float]] = deque(maxlen=fit_window)
@@ -132,6 +134,8 @@ class StepPredictor:
         predictor = cls(cost_model, dtype, **kwargs)
         if fit is not None:
             predictor.coef = np.array([float(fit["coef"].get(t, 0.0)) for t in STEP_TERMS])
+            if fit.get("probe_at_fit"):
+                predictor.probe_at_fit = {kind: float(r) for kind, r in fit["probe_at_fit"].items()}
         return predictor
 
     def fit(self, rows: list[tuple[np.ndarray, float]]) -> np.ndarray:

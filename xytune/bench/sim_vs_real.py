@@ -11,9 +11,10 @@ step, and TTFT/TPOT p50 and p90 within 15% at the rates below the knee
 The simulator predicts the machine as it was when the table's steps were
 timed. A VM's speed drifts, sometimes by more than the goal between the
 calibration and a run, so before every real run the bench also times a few
-seconds of fixed steps (``machine_speed``) and simulates the trace a second
-time with each rate's decode-only and prefill steps scaled by what that
-probe measured for each kind: the first errors say how well the table
+seconds of fixed steps (``machine_speed``: their time over what the same
+probe took right after the fit) and simulates the trace a second time with
+each rate's decode-only and prefill steps scaled by what that probe
+measured for each kind: the first errors say how well the table
 predicts this machine now, the second how well the simulator's model of
 steps and scheduling does once the machine's speed is taken out.
 """
@@ -157,7 +158,7 @@ def render(result: dict, console) -> None:
 
 def render_at_speed(name: str, v: dict, raw: dict, console) -> None:
     """The second simulation's errors: each rate's steps scaled by the machine's speed probed before its runs."""
-    t = Table("rate req/s", "machine / table: decode / prefill steps", "TTFT p50 err", "TTFT p90 err",
+    t = Table("rate req/s", "machine now / at the fit: decode / prefill steps", "TTFT p50 err", "TTFT p90 err",
               "TPOT p50 err", "TPOT p90 err", title=f"{name}: simulated at the machine's measured speed")
     for row in v["rows"]:
         speed = row["machine_speed"]
