@@ -10,17 +10,14 @@ step plus its process hop, detokenizing, SSE and HTTP); the in-process one is th
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 
-import httpx
 from openai import OpenAI
 
+from xytune.bench import servers
 from xytune.runtime.engine.sampling import SamplingParams
 from xytune.runtime.llm import LLM
 
@@ -31,32 +28,6 @@ def fail(message: str) -> None:
     """Bad input or a server that cannot start: one line and exit 2, as the xytune commands do."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "xytune.cli", "serve", "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            fail(f"the server exited: {log.read().strip().splitlines()[-1]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    fail("the server did not come up in 300 s")
 
 
 def served_gap_ms(client: OpenAI, model: str) -> float:
@@ -100,17 +71,20 @@ def main() -> None:
                       kv_cache_gb=0.25)
         except (ValueError, OSError) as exc:
             fail(str(exc))
-    proc, base = start_server(engine_args)
+    server = servers.Variant("xytune", engine_args)
     try:
-        client = OpenAI(base_url=f"{base}/v1", api_key="none")
+        servers.start(server, [])
+    except RuntimeError as exc:
+        fail(str(exc).splitlines()[-1])
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="none")
         model = client.models.list().data[0].id
         for _ in range(args.rounds):  # the two take turns: the machine's speed drifts
             served, alone = served_gap_ms(client, model), in_process_step_ms(llm)
             print(f"served chunk gap p50 {served:.1f} ms, in-process step p50 {alone:.1f} ms, "
                   f"served / in-process {served / alone:.2f}", flush=True)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        servers.stop(server)
 
 
 if __name__ == "__main__":
