@@ -247,11 +247,18 @@ def test_sim_vs_real_runs_one_trace_through_both(tmp_path):
     assert [r["total_input_tokens"] for r in real] == [r["total_input_tokens"] for r in sim]
     assert [[rep["completed"] for rep in r["repeats"]] for r in real] == [[6, 6], [6, 6]]  # and each on its own
     assert "simulator against the real engine" in run.stdout and "capacity real" in run.stdout
-    # the machine's speed, probed before each of the four runs, and the trace simulated again at it
+    # the machine's speed, probed before the first of the four runs and after each, and the trace simulated
+    # again at it: every run lies between two probes, each one's reading the mean of the two
+    runs = [rep for r in real for rep in r["repeats"]]
+    for run_, next_run in zip(runs, runs[1:]):
+        assert next_run["machine_speed_before"] == run_["machine_speed_after"]
+    for run_ in runs:
+        before, after = run_["machine_speed_before"], run_["machine_speed_after"]
+        assert all(0.05 < probe[kind] < 20 for probe in (before, after) for kind in ("decode", "prefill"))
+        assert run_["machine_speed"] == {k: pytest.approx((before[k] + after[k]) / 2) for k in before}
     for r in real:
-        runs = [rep["machine_speed"] for rep in r["repeats"]]
-        assert all(0.05 < run[kind] < 20 for run in runs for kind in ("decode", "prefill"))
-        assert r["machine_speed"] == {k: pytest.approx((runs[0][k] + runs[1][k]) / 2) for k in runs[0]}  # median
+        speeds = [rep["machine_speed"] for rep in r["repeats"]]
+        assert r["machine_speed"] == {k: pytest.approx((speeds[0][k] + speeds[1][k]) / 2) for k in speeds[0]}
     at_speed = result["errors_at_measured_speed"]["chunked"]
     assert [r["machine_speed"] for r in at_speed["rows"]] == [r["machine_speed"] for r in real]
     sim_at = result["simulated_at_measured_speed"]["variants"][0]["rows"]

@@ -111,9 +111,10 @@ def run(policies: dict[str, dict], llm_kwargs: dict, prompts: list[BenchPrompt],
     policies taking turns at every repeat, and a rate's figures pool all of its requests: on a machine
     whose speed drifts, one slow stretch then moves one share of a rate's requests, not all of them.
 
-    ``speed_probe(engine)``: run just before every replay (``step_calibration.machine_speed``); each run's
-    figures (per step kind) are kept beside its results and a rate's row carries their medians as
-    ``machine_speed``.
+    ``speed_probe(engine)``: run before the first replay and after every one (``step_calibration.machine_speed``),
+    so that each run lies between two probes. A VM's speed can move within a run; the mean of the probes on
+    either side (per step kind) is the run's ``machine_speed``, kept beside its results with the two readings,
+    and a rate's row carries the median over its runs.
     """
     if progress:
         progress("loading one engine per policy...")
@@ -124,22 +125,30 @@ def run(policies: dict[str, dict], llm_kwargs: dict, prompts: list[BenchPrompt],
         replay(engine, prompts[:WARMUP_PROMPTS], float("inf"), seed)
         engine.step_stats.clear()
     rows: dict[str, list[dict]] = {p: [] for p in policies}
+    before = None
+    if speed_probe is not None:
+        if progress:
+            progress("probing the machine's speed before the first run...")
+        before = speed_probe(next(iter(engines.values())))
     for rate in rates:
         pooled = {p: ([], 0.0, []) for p in policies}
         each = {p: [] for p in policies}  # every repeat's own figures: how far the machine moves between runs
         for rep in range(repeats):
             for p, engine in engines.items():
-                speed = {}
-                if speed_probe is not None:
-                    if progress:
-                        progress(f"probing the machine's speed before {p} at {rate:g} req/s...")
-                    speed = {"machine_speed": speed_probe(engine)}
                 if progress:
                     progress(f"rate {rate:g} req/s on {p} ({rep + 1}/{repeats}): {len(prompts)} requests...")
                 first_step = len(engine.step_stats)
                 results, wall = replay(engine, prompts, rate, seed + rep)
                 results_so_far, wall_so_far, steps = pooled[p]
                 pooled[p] = (results_so_far + results, wall_so_far + wall, steps + engine.step_stats[first_step:])
+                speed = {}
+                if speed_probe is not None:
+                    if progress:
+                        progress(f"probing the machine's speed after {p} at {rate:g} req/s...")
+                    after = speed_probe(engine)
+                    speed = {"machine_speed": {kind: (before[kind] + after[kind]) / 2 for kind in before},
+                             "machine_speed_before": before, "machine_speed_after": after}
+                    before = after
                 each[p].append({**summarize(results, wall, rate, slo_ttft_ms, slo_tpot_ms), **speed})
         for p, (results, wall, steps) in pooled.items():
             row = {**summarize(results, wall, rate, slo_ttft_ms, slo_tpot_ms), "steps": step_summary(steps)}

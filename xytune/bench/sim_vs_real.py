@@ -10,11 +10,12 @@ step, and TTFT/TPOT p50 and p90 within 15% at the rates below the knee
 
 The simulator predicts the machine as it was when the table's steps were
 timed. A VM's speed drifts, sometimes by more than the goal between the
-calibration and a run, so before every real run the bench also times a few
-seconds of fixed steps (``machine_speed``: their time over what the same
-probe took right after the fit) and simulates the trace a second time with
-each rate's decode-only and prefill steps scaled by what that probe
-measured for each kind: the first errors say how well the table
+calibration and a run and within a run, so before the first real run and
+after every one the bench also times a second of fixed steps
+(``machine_speed``: their time over what the same probe took right after
+the fit) and simulates the trace a second time with each rate's
+decode-only and prefill steps scaled by the mean of the probes on either
+side of its runs, per kind: the first errors say how well the table
 predicts this machine now, the second how well the simulator's model of
 steps and scheduling does once the machine's speed is taken out.
 """
@@ -81,7 +82,7 @@ def run(policies: dict[str, dict], llm_kwargs: dict, sim: Simulator, prompts: li
         progress=None, probe_speed: bool = True, recalibrate: StepGrid | None = None,
         steps_per_load: int = STEPS_PER_LOAD) -> dict:
     """The real engines (``bench engines``), then the simulator on the same trace; both results and the errors.
-    ``probe_speed``: also probe the machine's speed before every real run and simulate again at it.
+    ``probe_speed``: also probe the machine's speed on either side of every real run and simulate again at it.
     ``recalibrate``: first fit whole engine steps on this machine now over this grid (and ``steps_per_load``
     closed-loop steps per load) and simulate from that fit instead of the table's (the table file is left as
     it is)."""
@@ -157,7 +158,7 @@ def render(result: dict, console) -> None:
 
 
 def render_at_speed(name: str, v: dict, raw: dict, console) -> None:
-    """The second simulation's errors: each rate's steps scaled by the machine's speed probed before its runs."""
+    """The second simulation's errors: each rate's steps scaled by the machine's speed probed around its runs."""
     t = Table("rate req/s", "machine now / at the fit: decode / prefill steps", "TTFT p50 err", "TTFT p90 err",
               "TPOT p50 err", "TPOT p90 err", title=f"{name}: simulated at the machine's measured speed")
     for row in v["rows"]:

@@ -432,8 +432,9 @@ def bench_sim_vs_real(
     threads: int = typer.Option(None, help="CPU threads."),
     seed: int = typer.Option(0, help="Seed of lengths, tokens and arrivals."),
     repeats: int = typer.Option(1, help="Runs per rate (policies take turns each time); figures pool them."),
-    probe_speed: bool = typer.Option(True, help="Time a few seconds of fixed steps before every real run and "
-                                     "also simulate at the machine's speed they measured."),
+    probe_speed: bool = typer.Option(True, help="Time a second of fixed steps before the first real run and "
+                                     "after every one, and also simulate at the machine's speed they measured "
+                                     "around each run."),
     recalibrate: str = typer.Option("none", help="none | quick | full: first fit whole engine steps on this "
                                     "machine now (that grid) and simulate from that fit, not the table's."),
     steps_per_load: int = typer.Option(32, help="With --recalibrate: steps timed under each of the six loads, "
