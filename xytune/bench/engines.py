@@ -113,8 +113,8 @@ def run(policies: dict[str, dict], llm_kwargs: dict, prompts: list[BenchPrompt],
 
     ``speed_probe(engine)``: run before the first replay and after every one (``step_calibration.machine_speed``),
     so that each run lies between two probes. A VM's speed can move within a run; the mean of the probes on
-    either side (per step kind) is the run's ``machine_speed``, kept beside its results with the two readings,
-    and a rate's row carries the median over its runs.
+    either side (per step kind) is the run's ``machine_speed``, and a rate's row carries the median over its
+    runs; with ``repeats`` above 1 each run's entry in the row's ``repeats`` also keeps the two readings.
     """
     if progress:
         progress("loading one engine per policy...")
