@@ -127,7 +127,7 @@ def test_without_an_engine_step_fit_a_step_is_its_gemm_and_attention_rows():
 
 def test_a_fit_stored_with_the_table_is_what_the_simulator_and_the_engine_start_from():
     model = table({"step_s": 0.02, "split_tile_s_per_100": 0.5, "decode_key_s_per_m": 2.0,
-                   "plan_s_per_k_requests": 1.0, "loop_s_per_k_requests": 3.0})
+                   "plan_s_per_k_requests": 1.0, "loop_s_per_k_requests": 3.0, "plan_step_s": 0.004})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a table with a fit warns of nothing
         truth, source = step_model(model, "float32")
@@ -138,9 +138,9 @@ def test_a_fit_stored_with_the_table_is_what_the_simulator_and_the_engine_start_
     assert spanned == 256 * (1 + 2 + 3)  # every tile as wide as the longest range allows: 256
     assert decode_terms([40, 70], 256) == (0.0, 80 * 2)  # short contexts shrink the tile to the longest, 16-aligned
     assert decode_terms([40, 70], 256, padded=False) == (0.0, 40 + 70)  # one call per request: its own keys
-    expected = 0.02 + 0.005 * tiles + 2.0e-6 * spanned + 1.0e-3 * 3
+    expected = 0.02 + 0.005 * tiles + 2.0e-6 * spanned + 1.0e-3 * 3 + 0.004  # three requests planned, once
     assert truth.predict(3, 3, 0.0, keys, planned=3) == pytest.approx(expected, rel=1e-12)
-    looped = 0.02 + 0.005 * tiles + 2.0e-6 * sum(keys) + 3.0e-3 * 3
+    looped = 0.02 + 0.005 * tiles + 2.0e-6 * sum(keys) + 3.0e-3 * 3  # nothing planned: no plan's step cost
     assert truth.predict(3, 3, 0.0, keys, looped=3) == pytest.approx(looped, rel=1e-12)
     started = StepPredictor.from_table(model, "float32")
     assert started.tile_kv == 256 and started.predict(3, 3, 0.0, keys, 3) == truth.predict(3, 3, 0.0, keys, 3)

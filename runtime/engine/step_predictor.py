@@ -5,7 +5,8 @@ attention (which grows with context), norms and per-step overheads it does
 not. So a step's latency is modelled as
 
     seconds = a * table_gemm_seconds(tokens) + b * attention_pairs + c * tokens + e * sampled + d
-              + t * decode_key_tiles + k * decode_keys + r * planned_requests + l * looped_requests
+              + t * decode_key_tiles + k * decode_keys + r * planned_requests + p * [planned_requests > 0]
+              + l * looped_requests
 
 with non-negative coefficients fitted (scipy's NNLS, relative error) to the
 most recent measured steps and refitted as steps come in. The fit spans
@@ -33,7 +34,8 @@ MIN_FIT_STEPS = 12
 DRIFT_STEPS = 4  # the last steps whose measured/fitted ratio scales the next prediction
 # the fitted coefficients, named as a table's engine-step fit stores them (``xytune calibrate-steps``)
 STEP_TERMS = ("gemm_table_scale", "attention_s_per_mpair", "token_s_per_k", "logit_s_per_k", "step_s",
-              "split_tile_s_per_100", "decode_key_s_per_m", "plan_s_per_k_requests", "loop_s_per_k_requests")
+              "split_tile_s_per_100", "decode_key_s_per_m", "plan_s_per_k_requests", "loop_s_per_k_requests",
+              "plan_step_s")
 
 
 def attention_pairs(chunks: list[tuple[int, int]]) -> float:
@@ -160,11 +162,18 @@ class StepPredictor:
     def features(self, num_tokens: int, num_logits: int, attn_pairs: float, decode_tiles: float = 0.0,
                  decode_keys: float = 0.0, planned: int = 0, looped: int = 0) -> np.ndarray:
         """Table GEMM seconds, attention pairs, tokens (norms, rotary...), sampled rows (sampling, per-request
-        host work), one (per-step overhead), the decodes' split tiles and keys (``decode_terms``), and the
-        requests the attention plans afresh or runs one by one (``AttentionRequests``)."""
+        host work), one (per-step overhead), the decodes' split tiles and keys (``decode_terms``), the
+        requests the attention plans afresh or runs one by one (``AttentionRequests``), and whether it plans
+        at all.
+
+        A plan costs much the same for 4 requests as for 48. On a 2-core Xeon (family 6 model 167) in bf16,
+        with a per-request plan term alone, steps mixing a fresh chunk with 1-8 decodes ran 8-30% above the fit
+        and those with 32-64 decodes 4-10% below it (beside the same run's decode-only steps, three serving
+        traces); with a term per planning step as well, 3-16% above and 0-7% below (docs/benchmarks.md,
+        eleventh round)."""
         return np.array([self.table_seconds(num_tokens, num_logits), attn_pairs * 1e-6, num_tokens * 1e-3,
                          num_logits * 1e-3, 1.0, decode_tiles * 1e-2, decode_keys * 1e-6, planned * 1e-3,
-                         looped * 1e-3])
+                         looped * 1e-3, 1.0 if planned else 0.0])
 
     def _features(self, num_tokens: int, num_logits: int, attn_pairs: float, decode_keys: Sequence[int],
                   planned: int, looped: int):
