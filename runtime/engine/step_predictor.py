@@ -167,8 +167,8 @@ class StepPredictor:
         at all.
 
         A plan costs much the same for 4 requests as for 48. On a 2-core Xeon (family 6 model 167) in bf16,
-        with a per-request plan term alone, steps mixing a fresh chunk with 1-8 decodes ran 8-30% above the fit
-        and those with 32-64 decodes 4-10% below it (beside the same run's decode-only steps, three serving
+        with a per-request plan term alone, steps mixing a fresh chunk with 1-7 decodes ran 8-30% above the fit
+        and those with 32-63 decodes 4-10% below it (beside the same run's decode-only steps, three serving
         traces); with a term per planning step as well, 3-16% above and 0-7% below (docs/benchmarks.md,
         eleventh round)."""
         return np.array([self.table_seconds(num_tokens, num_logits), attn_pairs * 1e-6, num_tokens * 1e-3,
